@@ -1,0 +1,73 @@
+"""
+The one error tree of pluresync.
+
+Every message is written for the person who will read it: it says what went
+wrong and what to do, and it never carries a key, topic, psk or full
+rendezvous id (a short prefix at most).
+"""
+
+
+class PluresyncError(Exception):
+    """Base of every error pluresync raises on purpose."""
+
+
+class ConfigurationError(PluresyncError, ValueError):
+    """A parameter, endpoint string or key file is wrong; nothing was sent."""
+
+
+class KeyFileError(ConfigurationError):
+    """A sync key or identity file is missing, unreadable or malformed."""
+
+
+class HandshakeError(PluresyncError):
+    """The end-to-end handshake with the peer did not complete."""
+
+
+class WrongKeyError(HandshakeError):
+    """The peer does not share our sync key (or topic)."""
+
+    def __init__(self, detail: str = "") -> None:
+        message = (
+            "handshake failed: the peer does not share this sync key "
+            "(check that both sides use the same key file and topic)"
+        )
+        if detail:
+            message = f"{message}; {detail}"
+        super().__init__(message)
+
+
+class PeerMismatchError(HandshakeError):
+    """The peer proved a different identity from the one we asked for."""
+
+
+class RecordError(PluresyncError):
+    """A record failed authentication or is malformed: the stream was tampered with."""
+
+
+class TruncatedStreamError(PluresyncError):
+    """The stream ended without the peer's authenticated close record."""
+
+
+class PeerGoneError(TruncatedStreamError):
+    """The peer vanished (its side of the relay pair closed without a clean close)."""
+
+
+class ConnectionTimeoutError(PluresyncError):
+    """No peer connection was established within the configured timeout."""
+
+
+class RelayError(PluresyncError):
+    """
+    The relay refused or ended our request.
+
+    @ivar code: the relay's error code (C{no-listener}, C{timeout}, ...), or
+        C{None} when the relay could not be reached at all.
+    """
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RelayUnreachableError(RelayError):
+    """We could not open a WebSocket to the relay (DNS, TCP, TLS or HTTP upgrade)."""
