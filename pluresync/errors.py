@@ -6,6 +6,8 @@ wrong and what to do, and it never carries a key, topic, psk or full
 rendezvous id (a short prefix at most).
 """
 
+from twisted.internet.error import ConnectionLost
+
 
 class PluresyncError(Exception):
     """Base of every error pluresync raises on purpose."""
@@ -44,12 +46,23 @@ class RecordError(PluresyncError):
     """A record failed authentication or is malformed: the stream was tampered with."""
 
 
-class TruncatedStreamError(PluresyncError):
-    """The stream ended without the peer's authenticated close record."""
+class TruncatedStreamError(PluresyncError, ConnectionLost):
+    """
+    The stream ended without the peer's authenticated close record, so data
+    may be missing. It is a C{ConnectionLost}, never a C{ConnectionDone}, so
+    Twisted protocols that only know Twisted's errors still see an unclean end.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else self.__class__.__doc__.split("\n")[0]
 
 
 class PeerGoneError(TruncatedStreamError):
     """The peer vanished (its side of the relay pair closed without a clean close)."""
+
+
+class RelayLostError(TruncatedStreamError):
+    """The connection to the relay was lost (the relay died, restarted or was cut off)."""
 
 
 class ConnectionTimeoutError(PluresyncError):

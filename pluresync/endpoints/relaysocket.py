@@ -1,0 +1,316 @@
+"""
+The client side of relay protocol v1: one WebSocket to a relay.
+
+This is the only client module that knows Autobahn. It opens a WebSocket
+(through TLS for C{wss://}, verifying the relay's certificate), sends the one
+control message, and reports the relay's answer:
+
+ - a listener's control socket fires C{ready}, then calls C{on_incoming} for
+   each connector;
+ - a connector's (or an accepting listener's) socket fires C{paired}, after
+   which it is an L{IPipe} for the end-to-end layer, one binary WebSocket
+   message per write.
+
+Failures become L{RelayError}s that say what the relay said (its code), or
+L{RelayUnreachableError} when no WebSocket could be opened at all.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.types import ConnectionResponse
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionDone
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pluresync.errors import (
+    ConfigurationError,
+    PeerGoneError,
+    RelayError,
+    RelayLostError,
+    RelayUnreachableError,
+)
+from pluresync.interfaces import IPipe
+
+SUBPROTOCOL = "pluresync.v1"
+#: Largest WebSocket message we accept from the relay: one record frame
+#: (64 KiB) with room to spare; anything larger is not ours.
+MAX_INCOMING_MESSAGE = 256 * 1024
+
+_CLOSE_PEER_GONE = 4010
+_CLOSE_GOING_AWAY = 1001
+
+
+@dataclass(frozen=True)
+class RelayURL:
+    """A parsed relay URL: where to connect and what to show in messages."""
+
+    url: str
+    secure: bool
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> RelayURL:
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss"):
+            raise ConfigurationError(f"relay url must start with wss:// (or ws:// for a local relay), got {url!r}")
+        if not parts.hostname:
+            raise ConfigurationError(f"relay url has no host: {url!r}")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ConfigurationError("relay url must not carry credentials, a query or a fragment")
+        try:
+            port = parts.port or (443 if parts.scheme == "wss" else 80)
+        except ValueError:
+            raise ConfigurationError(f"relay url has a bad port: {url!r}") from None
+        path = parts.path or "/"
+        host = parts.hostname
+        netloc = f"[{host}]" if ":" in host else host
+        return cls(f"{parts.scheme}://{netloc}:{port}{path}", parts.scheme == "wss", host, port)
+
+    def __str__(self) -> str:
+        return self.url
+
+
+@implementer(IPipe)
+class _WebSocketPipe:
+    """A paired relay WebSocket seen as an L{IPipe}: one message per write."""
+
+    __slots__ = ("_protocol", "_transport")
+
+    def __init__(self, protocol: RelaySocketProtocol) -> None:
+        self._protocol = protocol
+        self._transport = protocol.transport
+
+    def write(self, data: bytes) -> None:
+        self._protocol.sendMessage(data, isBinary=True)
+
+    def pauseReading(self) -> None:
+        self._transport.pauseProducing()
+
+    def resumeReading(self) -> None:
+        self._transport.resumeProducing()
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self._transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._transport.unregisterProducer()
+
+    def close(self) -> None:
+        self._protocol.sendClose(1000)
+
+    def abort(self) -> None:
+        self._transport.abortConnection()
+
+
+class RelaySocketProtocol(WebSocketClientProtocol):
+    """One WebSocket to the relay, from the upgrade to the close."""
+
+    factory: RelaySocketFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._opened = False
+        self._answered = False
+        self._relay_error: RelayError | None = None
+        self._channel = None
+
+    def onConnect(self, response: ConnectionResponse) -> None:
+        if response.protocol != SUBPROTOCOL:
+            self._relay_error = RelayUnreachableError(
+                f"{self.factory.relay.host} is not a pluresync relay (it did not accept {SUBPROTOCOL})"
+            )
+            self.dropConnection(abort=True)
+
+    def onOpen(self) -> None:
+        self._opened = True
+        self.sendMessage(json.dumps(self.factory.hello).encode("utf-8"), isBinary=False)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            if self._channel is not None:
+                self._channel.pipeDataReceived(payload)
+            else:
+                self._protocolError("the relay sent data before pairing")
+            return
+        try:
+            message = json.loads(payload)
+            op = message["op"]
+        except (ValueError, TypeError, KeyError):
+            self._protocolError("the relay sent a malformed control message")
+            return
+        if op == "error":
+            code = str(message.get("code"))
+            text = str(message.get("message", ""))[:200]
+            self._relay_error = RelayError(f"the relay at {self.factory.relay.host} refused: {code}: {text}", code)
+        elif op == "incoming" and self._answered and self.factory.on_incoming is not None:
+            session, peer = message.get("session"), message.get("peer")
+            if isinstance(session, str):
+                self.factory.on_incoming(session, peer if isinstance(peer, str) else None)
+        elif op in ("ready", "paired") and not self._answered:
+            self._answered = True
+            self.factory.answered(self, message)
+        else:
+            self._protocolError(f"the relay sent an unexpected {op!r} message")
+
+    def _protocolError(self, text: str) -> None:
+        self._relay_error = RelayError(f"protocol error: {text}", "bad-request")
+        self.dropConnection(abort=True)
+
+    def becomePipe(self, channel) -> _WebSocketPipe:
+        """After C{paired}: deliver binary messages to C{channel} from now on."""
+        self._channel = channel
+        return _WebSocketPipe(self)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._channel is not None:
+            channel, self._channel = self._channel, None
+            channel.pipeLost(self._pipeEnd(wasClean, code))
+            return
+        if not self._answered:
+            self.factory.failed(self._refusal(code, reason))
+        elif self.factory.on_lost is not None:
+            self.factory.on_lost(Failure(self._pipeEnd(wasClean, code).value))
+
+    def _refusal(self, code: int | None, reason: str | None) -> RelayError:
+        relay = self.factory.relay
+        if self._relay_error is not None:
+            return self._relay_error
+        if not self._opened:
+            detail = getattr(self, "wasNotCleanReason", None) or reason or "connection failed"
+            return RelayUnreachableError(f"could not open a WebSocket to the relay at {relay.host}: {detail}")
+        if code == _CLOSE_GOING_AWAY:
+            return RelayError(f"the relay at {relay.host} is shutting down", "going-away")
+        return RelayError(f"the relay at {relay.host} closed the connection (code {code}: {reason})")
+
+    def _pipeEnd(self, wasClean: bool, code: int | None) -> Failure:
+        relay = self.factory.relay.host
+        if wasClean and code == 1000:
+            return Failure(ConnectionDone())
+        if code == _CLOSE_PEER_GONE:
+            return Failure(PeerGoneError("the peer vanished (its connection to the relay ended without a clean close)"))
+        if self._relay_error is not None:
+            return Failure(RelayLostError(str(self._relay_error)))
+        if code == _CLOSE_GOING_AWAY:
+            return Failure(RelayLostError(f"the relay at {relay} is shutting down (going away)"))
+        return Failure(RelayLostError(f"the connection to the relay at {relay} was lost (close code {code})"))
+
+
+class RelaySocketFactory(WebSocketClientFactory):
+    """Makes one L{RelaySocketProtocol} that sends C{hello} and reports the answer."""
+
+    protocol = RelaySocketProtocol
+
+    def __init__(
+        self,
+        reactor,
+        relay: RelayURL,
+        hello: dict,
+        *,
+        ping_interval: float,
+        ping_timeout: float,
+        on_incoming: Callable[[str, str | None], None] | None = None,
+        on_lost: Callable[[Failure], None] | None = None,
+    ) -> None:
+        super().__init__(relay.url, protocols=[SUBPROTOCOL], reactor=reactor)
+        self.setProtocolOptions(
+            maxFramePayloadSize=MAX_INCOMING_MESSAGE,
+            maxMessagePayloadSize=MAX_INCOMING_MESSAGE,
+            autoFragmentSize=0,
+            openHandshakeTimeout=0,
+            closeHandshakeTimeout=5,
+            autoPingInterval=ping_interval,
+            autoPingTimeout=ping_timeout,
+            autoPingRestartOnAnyTraffic=True,
+            perMessageCompressionOffers=[],
+            tcpNoDelay=True,
+        )
+        self.relay = relay
+        self.hello = hello
+        self.on_incoming = on_incoming
+        self.on_lost = on_lost
+        self.answer: Deferred[tuple[RelaySocketProtocol, dict]] = Deferred()
+
+    def answered(self, protocol: RelaySocketProtocol, message: dict) -> None:
+        if not self.answer.called:
+            self.answer.callback((protocol, message))
+
+    def failed(self, error: Exception) -> None:
+        if not self.answer.called:
+            self.answer.errback(Failure(error))
+
+
+def open_relay_socket(
+    reactor,
+    relay: RelayURL,
+    hello: dict,
+    *,
+    ca: list[Certificate] | None = None,
+    ping_interval: float = 25.0,
+    ping_timeout: float = 10.0,
+    on_incoming: Callable[[str, str | None], None] | None = None,
+    on_lost: Callable[[Failure], None] | None = None,
+) -> Deferred[tuple[RelaySocketProtocol, dict]]:
+    """
+    Open a WebSocket to C{relay}, send C{hello}, and wait for the relay's
+    C{ready} or C{paired}.
+
+    @param ca: trust these CA certificates instead of the system's (for a
+        private relay). Verification is never switched off.
+    @return: a Deferred firing with the protocol and the relay's answer;
+        cancelling it aborts the socket.
+    """
+    factory = RelaySocketFactory(
+        reactor,
+        relay,
+        hello,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        on_incoming=on_incoming,
+        on_lost=on_lost,
+    )
+    endpoint = HostnameEndpoint(reactor, relay.host, relay.port)
+    if relay.secure:
+        trust = None
+        if ca:
+            from twisted.internet.ssl import trustRootFromCertificates
+
+            trust = trustRootFromCertificates(ca)
+        endpoint = wrapClientTLS(optionsForClientTLS(relay.host, trustRoot=trust), endpoint)
+    connecting = endpoint.connect(factory)
+    protocols: list[RelaySocketProtocol] = []
+
+    def cancel(_: Deferred) -> None:
+        connecting.cancel()
+        for protocol in protocols:
+            protocol.transport.abortConnection()
+
+    result: Deferred[tuple[RelaySocketProtocol, dict]] = Deferred(cancel)
+
+    def connected(protocol: RelaySocketProtocol) -> None:
+        protocols.append(protocol)
+        factory.answer.chainDeferred(result)
+
+    def unreachable(failure: Failure) -> None:
+        if result.called:
+            return
+        result.errback(
+            Failure(
+                RelayUnreachableError(
+                    f"could not reach the relay at {relay.host}:{relay.port}: "
+                    f"{failure.getErrorMessage()}"
+                )
+            )
+        )
+
+    connecting.addCallbacks(connected, unreachable)
+    return result

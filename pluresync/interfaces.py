@@ -1,0 +1,108 @@
+"""
+The interfaces users program against; everything else is an implementation.
+
+Endpoint users see only Twisted's own interfaces (IStreamClientEndpoint,
+ITransport, ...); these two are for the message-oriented API in L{pluresync.api}.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class ISyncConnection(Interface):
+    """
+    One end-to-end encrypted connection to one peer, carrying whole messages.
+
+    Message boundaries are preserved: each C{send(data)} arrives as exactly one
+    item of C{receive()}.
+    """
+
+    peer_id = Attribute("The peer's id (hex of its static public key), proven by the handshake.")
+    transport_name = Attribute("Which transport carries it, e.g. 'relay:azure'.")
+
+    def send(data):
+        """
+        Send one message.
+
+        @return: a Deferred that fires when the message has been handed to the
+            network and the connection is ready for more (it waits while the
+            peer or the relay applies backpressure), or fails if the
+            connection is lost first.
+        """
+
+    def receive():
+        """
+        @return: an async iterator of received messages (C{bytes}); it ends
+            after the peer's clean close and raises if the stream was cut.
+        """
+
+    def close():
+        """
+        Close cleanly (an authenticated close record), after sending what was
+        queued.
+
+        @return: a Deferred that fires when the connection is closed.
+        """
+
+
+class ISyncTransport(Interface):
+    """A way of reaching peers that share the sync key (the seed's SyncTransport)."""
+
+    name = Attribute("The transport's name, e.g. 'azure-relay'.")
+
+    def connect(peer=None):
+        """
+        Connect to a listening peer (to one with this peer id, if given).
+
+        @return: a Deferred firing with an L{ISyncConnection}.
+        """
+
+    def listen(on_connection):
+        """
+        Accept connections from peers; C{on_connection(conn)} is called with
+        each L{ISyncConnection} (it may return a Deferred or coroutine; errors
+        are logged, not raised).
+
+        @return: a Deferred firing when the listener is registered.
+        """
+
+    def close():
+        """
+        Stop listening and close every connection of this transport.
+
+        @return: a Deferred firing when all are closed.
+        """
+
+
+class IPipe(Interface):
+    """
+    What the end-to-end layer needs from whatever carries its bytes (a
+    relay's WebSocket today, a direct TCP or QUIC stream later).
+
+    Keeping the carrier behind this narrow interface is what lets a
+    connection move from one pipe to another without the user's protocol
+    noticing. A pipe delivers to its channel with
+    C{channel.pipeDataReceived(data)} and, once, C{channel.pipeLost(reason)},
+    where C{reason} is a Failure of C{ConnectionDone} for an orderly end of
+    the carrier and of a L{pluresync.errors.PluresyncError} otherwise.
+    """
+
+    def write(data):
+        """Send bytes, in order; buffered by the carrier's transport."""
+
+    def pauseReading():
+        """Stop delivering received bytes (backpressure towards the peer)."""
+
+    def resumeReading():
+        """Deliver received bytes again."""
+
+    def registerProducer(producer, streaming):
+        """Throttle C{producer} by the carrier's outgoing buffer."""
+
+    def unregisterProducer():
+        """Undo L{registerProducer}."""
+
+    def close():
+        """End the carrier in an orderly way after what was written is sent."""
+
+    def abort():
+        """Drop the carrier at once."""

@@ -1,0 +1,98 @@
+"""
+Framing of the end-to-end byte stream: length-prefixed frames, then records.
+
+Every transport below (a relay's WebSocket, later a TCP or QUIC stream) is
+treated as a plain byte stream, so one framing serves them all and a pipe can
+be swapped without the peers noticing.
+
+Wire format (all integers big-endian)::
+
+    frame   = length:u16 body[length]
+    handshake phase:  body = a Noise handshake message (>= 32 bytes)
+                      or an abort notice: 1 byte reason code
+    record phase:     body = seq:u64 ciphertext
+                      ciphertext = ChaChaPoly(k, nonce=seq, ad="", type:u8 payload)
+
+The sequence number is the Noise nonce, sent in clear so that after a pipe
+swap a receiver can recognise records it already has.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+
+from pluresync.errors import RecordError
+
+MAX_FRAME_BODY = 0xFFFF
+SEQ = struct.Struct(">Q")
+LENGTH = struct.Struct(">H")
+TAG_LENGTH = 16
+#: The largest payload one record can carry (Noise's 65535-byte message limit
+#: minus the sequence number, the type byte and the AEAD tag).
+MAX_RECORD_PAYLOAD = MAX_FRAME_BODY - SEQ.size - 1 - TAG_LENGTH
+#: Shortest possible record body: a sequence number and an empty sealed type byte.
+MIN_RECORD_BODY = SEQ.size + 1 + TAG_LENGTH
+
+
+class RecordType(IntEnum):
+    """The first plaintext byte of each record."""
+
+    DATA = 0x00  #: part of the byte stream / of a message that goes on
+    END = 0x01  #: the last part of a message (message-oriented API)
+    CLOSE = 0x02  #: authenticated clean close: nothing follows
+    READY = 0x03  #: the responder accepted the handshake (first record it sends)
+
+
+class AbortReason(IntEnum):
+    """Why a peer gave up a handshake (sent in clear; advisory only)."""
+
+    WRONG_KEY = 0x01
+    REFUSED = 0x02
+    MALFORMED = 0x03
+
+
+def frame(body: bytes) -> bytes:
+    """Prefix C{body} with its length."""
+    return LENGTH.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """
+    Split a byte stream into frame bodies.
+
+    Memory is bounded: at most one partial frame (64 KiB) is held besides
+    whatever the caller has not yet taken.
+    """
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next(self) -> bytes | None:
+        """The next complete frame body, or C{None} if more bytes are needed."""
+        buf = self._buffer
+        if len(buf) < 2:
+            return None
+        length = (buf[0] << 8) | buf[1]
+        end = 2 + length
+        if len(buf) < end:
+            return None
+        body = bytes(buf[2:end])
+        del buf[:end]
+        return body
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+
+def split_record(body: bytes) -> tuple[int, bytes]:
+    """Separate a record body into its sequence number and ciphertext."""
+    if len(body) < MIN_RECORD_BODY:
+        raise RecordError(f"malformed record: {len(body)} bytes is too short")
+    return SEQ.unpack_from(body)[0], body[SEQ.size:]

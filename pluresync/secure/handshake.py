@@ -1,0 +1,158 @@
+"""
+The end-to-end handshake: C{Noise_XXpsk3_25519_ChaChaPoly_BLAKE2b}.
+
+XX lets each side learn and authenticate the other's static key (its peer
+id); psk3 mixes the topic's pre-shared key into the last message, so only a
+peer holding the same sync key and topic completes it. The connecting side is
+the initiator::
+
+    initiator                                  responder
+    -> e                                     (frame 1)
+                           <- e, ee, s, es   (frame 2)
+    -> s, se, psk                            (frame 3)
+                           <- READY record   (or an abort frame)
+
+The initiator waits for READY before it reports success, so a wrong key
+fails C{connect()} on both sides instead of failing a connection that looked
+established.
+
+This module is pure (no I/O): L{Handshake} takes frame bodies and returns
+frame bodies to send; L{pluresync.secure.channel} drives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pluresync.errors import HandshakeError, PeerMismatchError, WrongKeyError
+from pluresync.keys import PeerIdentity, Topic, format_peer_id
+from pluresync.noise import CipherState, HandshakeState, NoiseError
+from pluresync.secure.frames import AbortReason
+
+PROTOCOL_NAME = "Noise_XXpsk3_25519_ChaChaPoly_BLAKE2b"
+PROLOGUE = b"pluresync.v1"
+_MIN_NOISE_MESSAGE = 32
+
+
+@dataclass
+class Secured:
+    """The outcome of a completed handshake."""
+
+    send: CipherState
+    receive: CipherState
+    remote_static: bytes
+
+
+class HandshakeAborted(Exception):
+    """Raised by L{Handshake.receive} with the abort frame to send, then the error."""
+
+    def __init__(self, notice: bytes | None, error: HandshakeError) -> None:
+        super().__init__(str(error))
+        self.notice = notice
+        self.error = error
+
+
+class Handshake:
+    """
+    One side of the handshake.
+
+    @param expected_peer: (initiator) the responder's static public key we
+        insist on, from C{peer=}; any other identity is refused.
+    @param firewall: (responder) called with the initiator's peer id once it
+        is proven; return C{False} to refuse the peer.
+    """
+
+    def __init__(
+        self,
+        initiator: bool,
+        identity: PeerIdentity,
+        topic: Topic,
+        *,
+        expected_peer: bytes | None = None,
+        firewall: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.initiator = initiator
+        self._expected_peer = expected_peer
+        self._firewall = firewall
+        self._noise = HandshakeState(
+            PROTOCOL_NAME,
+            initiator,
+            prologue=PROLOGUE,
+            s=identity.private,
+            psks=[topic.psk],
+        )
+        self._secured: Secured | None = None
+        self._reads = 0
+
+    def start(self) -> list[bytes]:
+        """The frame bodies to send first (the initiator's opening message)."""
+        return [self._noise.write_message()] if self.initiator else []
+
+    def receive(self, body: bytes) -> tuple[list[bytes], Secured | None]:
+        """
+        Take one frame body from the peer.
+
+        @return: the frame bodies to send, and the L{Secured} result when
+            this side is done (the responder after frame 3; the initiator
+            reports READY through L{confirm} instead).
+        @raise HandshakeAborted: the handshake failed; send its notice (if
+            any), then close.
+        """
+        if len(body) < _MIN_NOISE_MESSAGE:
+            raise HandshakeAborted(None, _abort_error(body))
+        self._reads += 1
+        try:
+            self._noise.read_message(body)
+        except NoiseError:
+            # Only frame 3 (the responder's second read) depends on the psk,
+            # so only there does a failure mean the keys differ.
+            if not self.initiator and self._reads == 2:
+                raise HandshakeAborted(bytes([AbortReason.WRONG_KEY]), WrongKeyError()) from None
+            raise HandshakeAborted(
+                bytes([AbortReason.MALFORMED]),
+                HandshakeError("handshake failed: the peer sent a malformed or tampered message"),
+            ) from None
+        remote = self._noise.remote_static
+        if self.initiator:
+            if self._expected_peer is not None and remote != self._expected_peer:
+                raise HandshakeAborted(
+                    bytes([AbortReason.REFUSED]),
+                    PeerMismatchError(
+                        f"the listener is peer {format_peer_id(remote)[:12]}…, "
+                        f"not the requested {format_peer_id(self._expected_peer)[:12]}…"
+                    ),
+                )
+            out = [self._noise.write_message()]
+            send, receive = self._noise.split()
+            self._secured = Secured(send, receive, remote)
+            return out, None
+        if not self._noise.finished:
+            return [self._noise.write_message()], None
+        if self._firewall is not None and not self._firewall(format_peer_id(remote)):
+            raise HandshakeAborted(
+                bytes([AbortReason.REFUSED]),
+                HandshakeError(f"peer {format_peer_id(remote)[:12]}… refused by the firewall"),
+            )
+        send, receive = self._noise.split()
+        return [], Secured(send, receive, remote)
+
+    def pending(self) -> Secured:
+        """(initiator) the keys, to decrypt the READY record that confirms them."""
+        assert self._secured is not None
+        return self._secured
+
+
+def _abort_error(body: bytes) -> HandshakeError:
+    if len(body) == 1:
+        try:
+            reason = AbortReason(body[0])
+        except ValueError:
+            reason = None
+        if reason is AbortReason.WRONG_KEY:
+            return WrongKeyError("the peer could not authenticate our handshake")
+        if reason is AbortReason.REFUSED:
+            return HandshakeError("handshake refused: the peer does not accept this peer id")
+    return HandshakeError(
+        "handshake failed: the peer gave up (it may not share this sync key, or be a different program)"
+    )
