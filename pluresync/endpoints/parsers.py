@@ -1,0 +1,131 @@
+"""
+Endpoint-string parsers: what makes C{clientFromString(reactor, "relay:azure:keyfile=...")} work.
+
+This module is imported by Twisted's plugin scan, so it imports nothing heavy
+(no Autobahn, no NaCl, no reactor): a failing import there is swallowed by
+Twisted and surfaces much later as "Unknown endpoint type". The real work is
+imported when a string is parsed.
+
+Each parser forwards C{*args, **kwargs} to a function with a real signature,
+which coerces the strings and rejects what it does not know with a
+C{ValueError} that names it.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import (
+    IStreamClientEndpointStringParserWithReactor,
+    IStreamServerEndpointStringParser,
+)
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+_RELAY_PARAMETERS = frozenset(
+    {"url", "keyfile", "key", "topic", "peer", "identity", "wait", "timeout", "ca", "ping"}
+)
+
+
+def _number(name: str, value: str | None, default: float, minimum: float = 0.0) -> float:
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"relay endpoint: {name}= must be a number of seconds, got {value!r}") from None
+    if not (number >= minimum) or number == float("inf"):
+        raise ValueError(f"relay endpoint: {name}= must be at least {minimum:g}, got {value!r}")
+    return number
+
+
+def _load_ca(path: str):
+    from pathlib import Path
+
+    from twisted.internet.ssl import Certificate
+
+    try:
+        text = Path(path).expanduser().read_text("ascii")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"relay endpoint: cannot read ca={path!r}: {getattr(e, 'strerror', e)}") from None
+    marker = "-----BEGIN CERTIFICATE-----"
+    blocks = [marker + block for block in text.split(marker)[1:]]
+    if not blocks:
+        raise ValueError(f"relay endpoint: ca={path!r} holds no PEM certificate")
+    try:
+        return tuple(Certificate.loadPEM(block) for block in blocks)
+    except Exception:
+        raise ValueError(f"relay endpoint: ca={path!r} holds a malformed certificate") from None
+
+
+def relay_config(*args: str, **kwargs: str):
+    """
+    Build a L{pluresync.endpoints.relay.RelayConfig} from an endpoint
+    string's arguments: C{relay:azure:keyfile=...}, C{relay:vercel:...},
+    C{relay:url=wss\\://host/:...}.
+    """
+    from pluresync.endpoints.relay import PRESETS, RelayConfig
+    from pluresync.endpoints.relaysocket import RelayURL
+    from pluresync.keys import PeerIdentity, load_sync_key, parse_peer_id
+
+    unknown = sorted(set(kwargs) - _RELAY_PARAMETERS)
+    if unknown:
+        raise ValueError(
+            f"relay endpoint: unknown parameter(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(_RELAY_PARAMETERS))}"
+        )
+    if len(args) > 1:
+        raise ValueError(f"relay endpoint: expected at most one relay name, got {':'.join(args)!r}")
+    preset = args[0] if args else None
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"relay endpoint: unknown relay {preset!r}; use {' or '.join(PRESETS)} or url=")
+    url = kwargs.get("url") or (PRESETS[preset] if preset else None)
+    if url is None:
+        raise ValueError("relay endpoint: name a relay (relay:azure, relay:vercel) or give url=")
+    relay = RelayURL.parse(url)
+    name = f"relay:{preset}" if preset else f"relay:{relay.host}"
+    sync_key = load_sync_key(keyfile=kwargs.get("keyfile"), key=kwargs.get("key"))
+    peer = kwargs.get("peer")
+    try:
+        peer_bytes = parse_peer_id(peer) if peer is not None else None
+    except ValueError as e:
+        raise ValueError(f"relay endpoint: peer= {e}") from None
+    identity_path = kwargs.get("identity")
+    identity = (
+        PeerIdentity.from_file(identity_path, create=True) if identity_path else PeerIdentity.generate()
+    )
+    ping = _number("ping", kwargs.get("ping"), 25.0)
+    return RelayConfig(
+        name=name,
+        relay=relay,
+        topic=sync_key.topic(kwargs.get("topic", "")),
+        identity=identity,
+        peer=peer_bytes,
+        wait=_number("wait", kwargs.get("wait"), 30.0),
+        timeout=_number("timeout", kwargs.get("timeout"), 30.0, minimum=0.001),
+        ca=_load_ca(kwargs["ca"]) if "ca" in kwargs else None,
+        ping_interval=ping,
+        ping_timeout=min(10.0, ping) if ping else 0.0,
+    )
+
+
+@implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
+class RelayClientParser:
+    """C{relay:} client endpoints."""
+
+    prefix = "relay"
+
+    def parseStreamClient(self, reactor, *args, **kwargs):
+        from pluresync.endpoints.relay import RelayClientEndpoint
+
+        return RelayClientEndpoint(reactor, relay_config(*args, **kwargs))
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class RelayServerParser:
+    """C{relay:} server endpoints (listeners)."""
+
+    prefix = "relay"
+
+    def parseStreamServer(self, reactor, *args, **kwargs):
+        from pluresync.endpoints.relay import RelayServerEndpoint
+
+        return RelayServerEndpoint(reactor, relay_config(*args, **kwargs))

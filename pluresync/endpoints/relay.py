@@ -1,0 +1,319 @@
+"""
+C{relay:} endpoints: end-to-end encrypted streams through a pluresync relay.
+
+A client endpoint asks the relay to pair it with a listener of the same
+rendezvous id, then runs the Noise handshake through the pair as initiator.
+A server endpoint registers a listener (a control WebSocket); for each
+connector the relay announces, it opens a new WebSocket, accepts the session
+and runs the handshake as responder. User protocols are built only once the
+peer is authenticated, and get a L{SecureChannel} as their transport.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint, IStreamServerEndpoint
+from twisted.internet.ssl import Certificate
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pluresync.address import PeerAddress
+from pluresync.errors import ConnectionTimeoutError, PluresyncError
+from pluresync.keys import PeerIdentity, Topic, format_peer_id
+from pluresync.secure.channel import SecureChannel
+from pluresync.secure.handshake import Handshake
+from pluresync.endpoints.relaysocket import RelayURL, open_relay_socket
+
+#: The seed's relays. C{url=} overrides either.
+PRESETS = {
+    "azure": "wss://pluresdb-relay.azurewebsites.net",
+    "vercel": "wss://pluresdb-relay.vercel.app",
+}
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """
+    Everything a relay endpoint needs, already validated.
+
+    @ivar name: the transport's name as peers' addresses report it, e.g.
+        C{"relay:azure"}.
+    @ivar wait: how long the relay should hold a connector waiting for a
+        listener to appear.
+    @ivar timeout: how long a whole connection attempt (relay, pairing and
+        handshake) may take.
+    """
+
+    name: str
+    relay: RelayURL
+    topic: Topic
+    identity: PeerIdentity
+    peer: bytes | None = None
+    wait: float = 30.0
+    timeout: float = 30.0
+    ca: tuple[Certificate, ...] | None = None
+    ping_interval: float = 25.0
+    ping_timeout: float = 10.0
+
+    def open(self, reactor, hello: dict, **callbacks) -> Deferred:
+        return open_relay_socket(
+            reactor,
+            self.relay,
+            hello,
+            ca=list(self.ca) if self.ca else None,
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            **callbacks,
+        )
+
+    @property
+    def rendezvous_hex(self) -> str:
+        return self.topic.rendezvous_id.hex()
+
+
+def _with_timeout(reactor, d: Deferred, seconds: float, what: str, address) -> Deferred:
+    """
+    Give C{d} a deadline, and turn its cancellation into the errors Twisted
+    programs expect: L{ConnectionTimeoutError} when the deadline passed,
+    C{ConnectingCancelledError} when the caller cancelled.
+    """
+    timed_out = []
+
+    def expire() -> None:
+        timed_out.append(True)
+        d.cancel()
+
+    timer = reactor.callLater(seconds, expire)
+
+    def finish(result):
+        if timer.active():
+            timer.cancel()
+        if isinstance(result, Failure) and result.check(CancelledError):
+            if timed_out:
+                return Failure(ConnectionTimeoutError(f"{what} timed out after {seconds:g} s"))
+            return Failure(ConnectingCancelledError(address))
+        return result
+
+    d.addBoth(finish)
+    return d
+
+
+async def _secure(config: RelayConfig, protocol, initiator: bool) -> SecureChannel:
+    handshake = Handshake(initiator, config.identity, config.topic, expected_peer=config.peer)
+    channel = SecureChannel(handshake, config.name, config.identity.peer_id)
+    channel.startPipe(protocol.becomePipe(channel))
+    await channel.secured
+    return channel
+
+
+def _attach(channel: SecureChannel, factory, config: RelayConfig):
+    protocol = factory.buildProtocol(PeerAddress(config.name, channel.peer_id))
+    if protocol is None:
+        channel.abortConnection()
+        raise PluresyncError("the protocol factory refused the connection (buildProtocol returned None)")
+    channel.attach(protocol)
+    return protocol
+
+
+@implementer(IStreamClientEndpoint)
+class RelayClientEndpoint:
+    """Connects to a peer listening through a relay."""
+
+    def __init__(self, reactor, config: RelayConfig) -> None:
+        self._reactor = reactor
+        self._config = config
+
+    def connect(self, protocolFactory):
+        try:
+            d = Deferred.fromCoroutine(self._connect(protocolFactory))
+        except BaseException:
+            return fail()
+        return _with_timeout(
+            self._reactor,
+            d,
+            self._config.timeout,
+            f"connecting through {self._config.name}",
+            PeerAddress(self._config.name, None),
+        )
+
+    async def _connect(self, factory):
+        config = self._config
+        hello = {
+            "v": 1,
+            "op": "connect",
+            "rdv": config.rendezvous_hex,
+            "from": config.identity.peer_id,
+            "wait": config.wait,
+        }
+        if config.peer is not None:
+            hello["peer"] = format_peer_id(config.peer)
+        protocol, _ = await config.open(self._reactor, hello)
+        channel = await _secure(config, protocol, initiator=True)
+        return _attach(channel, factory, config)
+
+
+@implementer(IStreamServerEndpoint)
+class RelayServerEndpoint:
+    """Listens for peers through a relay."""
+
+    def __init__(self, reactor, config: RelayConfig) -> None:
+        self._reactor = reactor
+        self._config = config
+
+    def listen(self, protocolFactory):
+        port = RelayListeningPort(self._reactor, self._config, protocolFactory)
+        return port.startListening()
+
+
+@implementer(IListeningPort)
+class RelayListeningPort:
+    """
+    A listener registered at a relay.
+
+    It holds the control WebSocket, answers every C{incoming} with a new
+    paired WebSocket and a handshake, and, if the relay drops or restarts,
+    registers again with exponential backoff and jitter until
+    L{stopListening}. Connections already established are not affected by
+    either.
+    """
+
+    _log = Logger()
+    initial_delay = 1.0
+    max_delay = 60.0
+
+    def __init__(self, reactor, config: RelayConfig, factory) -> None:
+        self._reactor = reactor
+        self._config = config
+        self._factory = factory
+        self._control = None
+        self._registering: Deferred | None = None
+        self._retry = None
+        self._delay = self.initial_delay
+        self._accepting: set[Deferred] = set()
+        self._stopping = False
+        self._stopped: Deferred | None = None
+        self.connected = False
+
+    def getHost(self) -> PeerAddress:
+        return PeerAddress(self._config.name, self._config.identity.peer_id)
+
+    def startListening(self) -> Deferred:
+        """Register at the relay; fires with this port once the relay is ready."""
+        d = self._register()
+        d.addCallback(lambda _: self)
+        return d
+
+    def _register(self) -> Deferred:
+        config = self._config
+        hello = {"v": 1, "op": "listen", "rdv": config.rendezvous_hex, "peer": config.identity.peer_id}
+        d = config.open(self._reactor, hello, on_incoming=self._incoming, on_lost=self._controlLost)
+        d = _with_timeout(self._reactor, d, config.timeout, f"registering at {config.name}", self.getHost())
+        self._registering = d
+
+        def ready(result):
+            self._registering = None
+            self._control, _ = result
+            self._delay = self.initial_delay
+            self.connected = True
+            self._log.info(
+                "listening through {relay} as peer {peer}",
+                relay=config.relay.host,
+                peer=config.identity.peer_id[:12],
+            )
+            if self._stopping:
+                self._control.sendClose(1000)
+
+        def failed(failure):
+            self._registering = None
+            return failure
+
+        d.addCallbacks(ready, failed)
+        return d
+
+    def _controlLost(self, reason: Failure) -> None:
+        self._control = None
+        self.connected = False
+        if self._stopping:
+            if self._stopped is not None and not self._stopped.called:
+                self._stopped.callback(None)
+            return
+        self._log.warn(
+            "lost the listener registration at {relay} ({why}); registering again in {delay:.1f} s",
+            relay=self._config.relay.host,
+            why=reason.getErrorMessage(),
+            delay=self._delay,
+        )
+        self._scheduleRetry()
+
+    def _scheduleRetry(self) -> None:
+        delay = self._delay * random.uniform(0.8, 1.2)
+        self._delay = min(self._delay * 2, self.max_delay)
+        self._retry = self._reactor.callLater(delay, self._retryNow)
+
+    def _retryNow(self) -> None:
+        self._retry = None
+
+        def again(failure):
+            if self._stopping:
+                return None
+            self._log.warn(
+                "registering at {relay} failed ({why}); next try in {delay:.1f} s",
+                relay=self._config.relay.host,
+                why=failure.getErrorMessage(),
+                delay=self._delay,
+            )
+            self._scheduleRetry()
+
+        self._register().addErrback(again)
+
+    def _incoming(self, session: str, peer: str | None) -> None:
+        if self._stopping:
+            return
+        d = Deferred.fromCoroutine(self._accept(session))
+        d = _with_timeout(self._reactor, d, self._config.timeout, "accepting a peer", self.getHost())
+        self._accepting.add(d)
+
+        def done(result):
+            self._accepting.discard(d)
+            if isinstance(result, Failure) and not self._stopping:
+                self._log.warn(
+                    "an incoming connection through {relay} failed: {why}",
+                    relay=self._config.relay.host,
+                    why=result.getErrorMessage(),
+                )
+            return None
+
+        d.addBoth(done)
+
+    async def _accept(self, session: str):
+        config = self._config
+        protocol, _ = await config.open(self._reactor, {"v": 1, "op": "accept", "session": session})
+        channel = await _secure(config, protocol, initiator=False)
+        return _attach(channel, self._factory, config)
+
+    def stopListening(self) -> Deferred:
+        """
+        Unregister from the relay and abandon connections still in their
+        handshake; established connections stay open.
+        """
+        if self._stopping:
+            return self._stopped if self._stopped is not None else succeed(None)
+        self._stopping = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._registering is not None:
+            self._registering.cancel()
+        for d in list(self._accepting):
+            d.cancel()
+        if self._control is None:
+            self._stopped = succeed(None)
+        else:
+            self._stopped = Deferred()
+            self._control.sendClose(1000)
+        return self._stopped

@@ -1,0 +1,323 @@
+"""
+The end-to-end layer over in-memory pipes: handshake, records, closes,
+flow control, and the errors a user sees.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from pluresync.errors import (
+    HandshakeError,
+    PeerMismatchError,
+    RecordError,
+    TruncatedStreamError,
+    WrongKeyError,
+)
+from pluresync.keys import PeerIdentity, SyncKey
+from pluresync.secure.channel import IMessageTransport, IRecordReceiver, SecureChannel
+from pluresync.secure.frames import MAX_RECORD_PAYLOAD
+from pluresync.secure.handshake import Handshake
+
+from .memorypipe import connected_pipes, pump
+
+
+class Recorder(Protocol):
+    """Keeps everything that happens to it."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.lost: Failure | None = None
+        self.made = False
+
+    def connectionMade(self) -> None:
+        self.made = True
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost = reason
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.received)
+
+
+@implementer(IRecordReceiver)
+class MessageRecorder(Recorder):
+    """Wants message boundaries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[bytes] = []
+        self._partial: list[bytes] = []
+
+    def recordReceived(self, payload: bytes, end: bool) -> None:
+        self._partial.append(payload)
+        if end:
+            self.messages.append(b"".join(self._partial))
+            self._partial = []
+
+
+def make_pair(test, *, responder_key=None, expected_peer=None, firewall=None):
+    """Two channels joined by memory pipes, handshake started, nothing pumped."""
+    key = SyncKey.generate()
+    other_key = responder_key or key
+    initiator_id, responder_id = PeerIdentity.generate(), PeerIdentity.generate()
+    initiator = SecureChannel(
+        Handshake(True, initiator_id, key.topic("t"), expected_peer=expected_peer), "test", initiator_id.peer_id
+    )
+    responder = SecureChannel(
+        Handshake(False, responder_id, other_key.topic("t"), firewall=firewall), "test", responder_id.peer_id
+    )
+    a, b = connected_pipes()
+    a.channel, b.channel = initiator, responder
+    results = {"initiator": [], "responder": []}
+    initiator.secured.addBoth(results["initiator"].append)
+    responder.secured.addBoth(results["responder"].append)
+    initiator.startPipe(a)
+    responder.startPipe(b)
+    return initiator, responder, a, b, results, initiator_id, responder_id
+
+
+def open_pair(test, protocol_class=Recorder):
+    initiator, responder, a, b, results, iid, rid = make_pair(test)
+    pump(a, b)
+    test.assertEqual(results["initiator"], [rid.peer_id])
+    test.assertEqual(results["responder"], [iid.peer_id])
+    left, right = protocol_class(), protocol_class()
+    initiator.attach(left)
+    responder.attach(right)
+    return initiator, responder, a, b, left, right
+
+
+class HandshakeTests(SynchronousTestCase):
+    """The Noise handshake as run over a pipe."""
+
+    def test_both_sides_learn_the_proven_peer_id(self):
+        """Each side's secured Deferred fires with the other side's public key."""
+        open_pair(self)
+
+    def test_wrong_key_fails_both_sides_with_a_clear_error(self):
+        """
+        A responder with a different sync key refuses frame 3, and both
+        sides get a WrongKeyError whose message says the key is not shared.
+        """
+        _, _, a, b, results, _, _ = make_pair(self, responder_key=SyncKey.generate())
+        pump(a, b)
+        for side in ("initiator", "responder"):
+            [failure] = results[side]
+            self.assertIsInstance(failure, Failure)
+            failure.trap(WrongKeyError)
+            self.assertIn("does not share this sync key", str(failure.value))
+
+    def test_expected_peer_mismatch(self):
+        """A client that asked for a particular peer refuses any other."""
+        other = PeerIdentity.generate()
+        _, _, a, b, results, _, _ = make_pair(self, expected_peer=other.public)
+        pump(a, b)
+        results["initiator"][0].trap(PeerMismatchError)
+        results["responder"][0].trap(HandshakeError)
+        self.assertIn("refused", str(results["responder"][0].value))
+
+    def test_firewall_refuses(self):
+        """A responder's firewall callback can refuse an authenticated peer."""
+        seen = []
+
+        def firewall(peer_id):
+            seen.append(peer_id)
+            return False
+
+        _, _, a, b, results, iid, _ = make_pair(self, firewall=firewall)
+        pump(a, b)
+        self.assertEqual(seen, [iid.peer_id])
+        results["initiator"][0].trap(HandshakeError)
+        results["responder"][0].trap(HandshakeError)
+
+    def test_garbage_instead_of_a_handshake(self):
+        """Bytes that are not a Noise message fail the handshake, not the process."""
+        key = SyncKey.generate()
+        rid = PeerIdentity.generate()
+        responder = SecureChannel(Handshake(False, rid, key.topic()), "test", rid.peer_id)
+        _, b = connected_pipes()
+        b.channel = responder
+        results = []
+        responder.secured.addBoth(results.append)
+        responder.startPipe(b)
+        responder.pipeDataReceived(b"\x00\x40" + b"\xff" * 64)
+        results[0].trap(HandshakeError)
+        self.assertTrue(b.closed)
+
+    def test_carrier_ends_during_handshake(self):
+        """A pipe that ends mid-handshake fails the handshake with a HandshakeError."""
+        _, _, a, b, results, _, _ = make_pair(self)
+        a.end(Failure(ConnectionDone()))
+        results["initiator"][0].trap(HandshakeError)
+
+    def test_cancel_aborts_the_pipe(self):
+        """Cancelling the secured Deferred drops the pipe."""
+        initiator, _, a, b, results, _, _ = make_pair(self)
+        initiator.secured.cancel()
+        self.assertTrue(a.aborted)
+
+
+class RecordTests(SynchronousTestCase):
+    """Data, messages and closes after the handshake."""
+
+    def test_interfaces(self):
+        """The transport given to protocols provides what Twisted programs expect."""
+        initiator, _, _, _, left, _ = open_pair(self)
+        self.assertIs(left.transport, initiator)
+        for iface in (ITransport, IPushProducer, IConsumer, IMessageTransport):
+            self.assertTrue(verifyObject(iface, initiator))
+        self.assertEqual(initiator.getPeer().transport, "test")
+
+    def test_bytes_both_ways(self):
+        """Writes arrive in order on the other side, both directions."""
+        _, _, a, b, left, right = open_pair(self)
+        left.transport.write(b"hello ")
+        left.transport.writeSequence([b"wor", b"ld"])
+        right.transport.write(b"back")
+        pump(a, b)
+        self.assertEqual(right.data, b"hello world")
+        self.assertEqual(left.data, b"back")
+
+    def test_large_write_is_split_into_records(self):
+        """A write larger than one record arrives whole, in several records."""
+        _, _, a, b, left, right = open_pair(self)
+        blob = bytes(range(256)) * 1100  # > 4 records
+        left.transport.write(blob)
+        self.assertGreater(len(a.outgoing), 4)
+        pump(a, b)
+        self.assertEqual(right.data, blob)
+        self.assertTrue(all(len(chunk) <= MAX_RECORD_PAYLOAD for chunk in right.received))
+
+    def test_message_boundaries(self):
+        """writeMessage boundaries survive, including empty and multi-record messages."""
+        _, _, a, b, left, right = open_pair(self, MessageRecorder)
+        messages = [b"one", b"", b"x" * (MAX_RECORD_PAYLOAD * 2 + 5), b"last"]
+        for m in messages:
+            left.transport.writeMessage(m)
+        pump(a, b)
+        self.assertEqual(right.messages, messages)
+
+    def test_no_plaintext_on_the_wire(self):
+        """Every byte the carrier sees is ciphertext: the plaintext is nowhere in it."""
+        _, _, a, b, left, right = open_pair(self)
+        secret = b"the quarterly numbers are up 12 percent"
+        left.transport.write(secret)
+        right.transport.write(secret)
+        pump(a, b)
+        wire = b"".join(a.tap) + b"".join(b.tap)
+        self.assertNotIn(secret, wire)
+        self.assertNotIn(secret[:12], wire)
+        self.assertEqual(right.data, secret)
+
+    def test_clean_close(self):
+        """loseConnection sends an authenticated close: both sides see ConnectionDone."""
+        _, _, a, b, left, right = open_pair(self)
+        left.transport.write(b"last words")
+        left.transport.loseConnection()
+        pump(a, b)
+        self.assertEqual(right.data, b"last words")
+        right.lost.trap(ConnectionDone)
+        left.lost.trap(ConnectionDone)
+
+    def test_truncation_is_an_error(self):
+        """A carrier that ends cleanly without the close record is a truncation."""
+        _, _, a, b, left, right = open_pair(self)
+        left.transport.write(b"partial")
+        pump(a, b)
+        b.end(Failure(ConnectionDone()))
+        right.lost.trap(TruncatedStreamError)
+        self.assertFalse(right.lost.check(ConnectionDone))
+        self.assertIn("authenticated close", str(right.lost.value))
+
+    def test_tampered_record(self):
+        """A flipped bit in a record is a RecordError and the pipe is dropped."""
+        _, _, a, b, left, right = open_pair(self)
+        left.transport.write(b"payload")
+        [wire] = a.outgoing
+        a.outgoing[0] = wire[:-1] + bytes([wire[-1] ^ 1])
+        pump(a, b)
+        right.lost.trap(RecordError)
+        self.assertTrue(b.aborted)
+        self.assertEqual(right.data, b"")
+
+    def test_replayed_record(self):
+        """A record delivered twice is refused (its sequence number is stale)."""
+        _, _, a, b, left, right = open_pair(self)
+        left.transport.write(b"once")
+        [wire] = a.outgoing
+        a.outgoing.append(wire)
+        pump(a, b)
+        self.assertEqual(right.data, b"once")
+        right.lost.trap(RecordError)
+
+    def test_abort(self):
+        """abortConnection drops the pipe and reports ConnectionAborted."""
+        _, _, a, b, left, right = open_pair(self)
+        left.transport.abortConnection()
+        self.assertTrue(a.aborted)
+        left.lost.trap(ConnectionAborted)
+
+    def test_writes_after_close_are_ignored(self):
+        """As with TCP, writing after loseConnection sends nothing."""
+        _, _, a, b, left, right = open_pair(self)
+        left.transport.loseConnection()
+        sent = len(a.outgoing)
+        left.transport.write(b"too late")
+        self.assertEqual(len(a.outgoing), sent)
+
+
+class FlowControlTests(SynchronousTestCase):
+    """Pausing and producers pass through to the pipe."""
+
+    def test_pause_stops_reading_and_delivery(self):
+        """
+        A paused protocol gets nothing, the pipe stops reading (so the relay
+        stops the sender), and resuming delivers what was held.
+        """
+        _, _, a, b, left, right = open_pair(self)
+        right.transport.pauseProducing()
+        self.assertFalse(b.reading)
+        left.transport.write(b"held")
+        pump(a, b)
+        self.assertEqual(right.data, b"")
+        right.transport.resumeProducing()
+        self.assertTrue(b.reading)
+        pump(a, b)
+        self.assertEqual(right.data, b"held")
+
+    def test_pause_inside_dataReceived(self):
+        """Records already received are held when the protocol pauses mid-delivery."""
+        _, _, a, b, left, right = open_pair(self)
+
+        def pausing(data, original=right.dataReceived):
+            original(data)
+            right.transport.pauseProducing()
+
+        right.dataReceived = pausing
+        left.transport.write(b"1")
+        left.transport.write(b"2")
+        pump(a, b)
+        self.assertEqual(right.received, [b"1"])
+        right.transport.resumeProducing()
+        self.assertEqual(right.received, [b"1", b"2"])
+
+    def test_register_producer(self):
+        """A producer registered on the channel is throttled by the pipe."""
+        _, _, a, b, left, right = open_pair(self)
+        producer = object()
+        left.transport.registerProducer(producer, True)
+        self.assertIs(a.producer, producer)
+        self.assertTrue(a.streaming)
+        left.transport.unregisterProducer()
+        self.assertIsNone(a.producer)

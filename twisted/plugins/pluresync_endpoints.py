@@ -1,0 +1,4 @@
+from pluresync.endpoints.parsers import RelayClientParser, RelayServerParser
+
+relayClientParser = RelayClientParser()
+relayServerParser = RelayServerParser()
