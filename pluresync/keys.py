@@ -48,8 +48,13 @@ def _blake2b(data: bytes, person: bytes, key: bytes = b"", size: int = 32) -> by
     return hashlib.blake2b(data, digest_size=size, key=key, person=person).digest()
 
 
+def _checksum(prefix: str, raw: bytes) -> bytes:
+    # Keyed by the prefix, so a key pasted where an identity belongs fails.
+    return _blake2b(raw, _PERSON_CHECK, key=prefix.encode("ascii"), size=2)
+
+
 def _encode(prefix: str, raw: bytes) -> str:
-    check = _blake2b(raw, _PERSON_CHECK + prefix.encode("ascii"), size=2)
+    check = _checksum(prefix, raw)
     text = base64.b32encode(raw + check).decode("ascii").rstrip("=").lower()
     return prefix + text
 
@@ -64,7 +69,7 @@ def _decode(prefix: str, text: str, what: str) -> bytes:
     except ValueError:
         raise KeyFileError(f"this {what} is malformed (not base32)") from None
     raw, check = decoded[:-2], decoded[-2:]
-    if len(raw) != KEY_LENGTH or _blake2b(raw, _PERSON_CHECK + prefix.encode("ascii"), size=2) != check:
+    if len(raw) != KEY_LENGTH or _checksum(prefix, raw) != check:
         raise KeyFileError(f"this {what} is malformed or mistyped (checksum mismatch)")
     return raw
 
