@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pluresync.address import PeerAddress
-from pluresync.errors import ConnectionTimeoutError, PluresyncError
+from pluresync.errors import ConnectionTimeoutError, PluresyncError, RelayError
 from pluresync.keys import PeerIdentity, Topic, format_peer_id
 from pluresync.secure.channel import SecureChannel
 from pluresync.secure.handshake import Handshake
@@ -152,7 +152,19 @@ class RelayClientEndpoint:
         }
         if config.peer is not None:
             hello["peer"] = format_peer_id(config.peer)
-        protocol, _ = await config.open(self._reactor, hello)
+        try:
+            protocol, _ = await config.open(self._reactor, hello)
+        except RelayError as e:
+            if e.code == "no-listener":
+                # Peers with different keys have different rendezvous ids, so
+                # they never meet at a relay: a wrong key looks exactly like this.
+                raise RelayError(
+                    f"no peer {'with that peer id ' if config.peer else ''}is listening with this "
+                    f"sync key and topic at {config.relay.host} (waited {config.wait:g} s); "
+                    "check that the listener runs and that both sides use the same key file and topic",
+                    "no-listener",
+                ) from None
+            raise
         channel = await _secure(config, protocol, initiator=True)
         return _attach(channel, factory, config)
 

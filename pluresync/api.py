@@ -1,0 +1,328 @@
+"""
+The seed's message-oriented API: C{create_transport()}, C{send} / C{receive} / C{close}.
+
+It sits on the same endpoints as everything else; what it adds is message
+boundaries (each C{send} is one C{receive} item), C{send} Deferreds that wait
+for backpressure, and a bounded receive queue that pauses the peer when the
+application reads slowly. Everything returns Deferreds, so it is awaitable
+from C{async def} code run with C{Deferred.fromCoroutine} or C{task.react}.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
+
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pluresync.errors import ConfigurationError, PluresyncError
+from pluresync.interfaces import ISyncConnection, ISyncTransport
+from pluresync.keys import PeerIdentity, SyncKey, parse_peer_id
+from pluresync.secure.channel import IRecordReceiver
+
+#: The seed's mode names, and the relay preset each one uses.
+RELAY_MODES = {"azure-relay": "azure", "vercel-relay": "vercel"}
+#: Modes the seed names that later releases implement.
+PLANNED_MODES = ("auto", "direct")
+
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+DEFAULT_RECEIVE_BUFFER = 4 * 1024 * 1024
+
+
+class MessageTooLargeError(PluresyncError):
+    """The peer sent a message larger than C{max_message_size}."""
+
+
+@implementer(ISyncConnection, IRecordReceiver, IPushProducer)
+class SyncConnection(Protocol):
+    """
+    One connection of the message API.
+
+    It is the user protocol on top of the end-to-end channel, and registers
+    itself as the channel's producer: when the network cannot take more,
+    C{send} Deferreds wait. Received messages queue up to C{receive_buffer}
+    bytes; past that the channel is paused, which stops the peer's sending
+    through the relay.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        max_message_size: int,
+        receive_buffer: int,
+        on_connection: Callable[[SyncConnection], object] | None = None,
+    ) -> None:
+        self._on_connection = on_connection
+        self._max_message = max_message_size
+        self._receive_buffer = receive_buffer
+        self._partial: list[bytes] = []
+        self._partial_size = 0
+        self._messages: deque[bytes] = deque()
+        self._queued = 0
+        self._readers: deque[Deferred] = deque()
+        self._writable = True
+        self._senders: deque[Deferred] = deque()
+        self._reading_paused = False
+        self._ended: Failure | None = None
+        self._closed = Deferred()
+        self.peer_id: str | None = None
+        self.transport_name: str | None = None
+
+    # Protocol
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer_id, self.transport_name = peer.peer_id, peer.transport
+        self.transport.registerProducer(self, True)
+        if self._on_connection is not None:
+            _call_handler(self._on_connection, self)
+
+    def recordReceived(self, payload: bytes, end: bool) -> None:
+        self._partial_size += len(payload)
+        if self._partial_size > self._max_message:
+            self._log.warn(
+                "peer {peer} sent a message over {limit} bytes; closing",
+                peer=(self.peer_id or "")[:12],
+                limit=self._max_message,
+            )
+            self._ended = Failure(MessageTooLargeError(f"the peer sent a message over {self._max_message} bytes"))
+            self.transport.abortConnection()
+            return
+        self._partial.append(payload)
+        if not end:
+            return
+        message = b"".join(self._partial)
+        self._partial, self._partial_size = [], 0
+        if self._readers:
+            self._readers.popleft().callback(message)
+            return
+        self._messages.append(message)
+        self._queued += len(message)
+        if self._queued > self._receive_buffer and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._ended is None:
+            self._ended = reason
+        for d in self._senders:
+            d.errback(self._ended if not self._ended.check(ConnectionDone) else Failure(ConnectionDone()))
+        self._senders.clear()
+        while self._readers:
+            self._readers.popleft().callback(None)
+        self._closed.callback(None)
+
+    # IPushProducer: the channel tells us when the network is full.
+
+    def pauseProducing(self) -> None:
+        self._writable = False
+
+    def resumeProducing(self) -> None:
+        self._writable = True
+        while self._senders and self._writable:
+            self._senders.popleft().callback(None)
+
+    def stopProducing(self) -> None:
+        self._writable = False
+
+    # ISyncConnection
+
+    def send(self, data: bytes) -> Deferred[None]:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            return fail(TypeError(f"send() takes bytes, not {type(data).__name__}"))
+        if self._ended is not None:
+            return fail(self._ended)
+        self.transport.writeMessage(bytes(data))
+        if self._writable:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._senders.append(d)
+        return d
+
+    def receive(self) -> _Messages:
+        return _Messages(self)
+
+    def close(self) -> Deferred[None]:
+        if self._ended is None:
+            self.transport.loseConnection()
+        d: Deferred[None] = Deferred()
+        self._closed.addBoth(lambda result: (d.callback(None), result)[1])
+        return d
+
+    def _next(self) -> Deferred[bytes | None]:
+        """The next message, or C{None} after a clean end."""
+        if self._messages:
+            message = self._messages.popleft()
+            self._queued -= len(message)
+            if self._reading_paused and self._queued <= self._receive_buffer // 2:
+                self._reading_paused = False
+                self.transport.resumeProducing()
+            return succeed(message)
+        if self._ended is not None:
+            if self._ended.check(ConnectionDone):
+                return succeed(None)
+            return fail(self._ended)
+        d: Deferred[bytes | None] = Deferred()
+        self._readers.append(d)
+        return d
+
+
+class _Messages:
+    """The async iterator returned by L{SyncConnection.receive}."""
+
+    def __init__(self, connection: SyncConnection) -> None:
+        self._connection = connection
+
+    def __aiter__(self) -> _Messages:
+        return self
+
+    async def __anext__(self) -> bytes:
+        message = await self._connection._next()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+
+class _ConnectionFactory(Factory):
+    """Builds L{SyncConnection}s and remembers the open ones, for C{close()}."""
+
+    def __init__(self, on_connection=None, **options) -> None:
+        self._options = dict(options, on_connection=on_connection)
+        self.connections: set[SyncConnection] = set()
+
+    def buildProtocol(self, addr) -> SyncConnection:
+        connection = SyncConnection(**self._options)
+        connection.factory = self
+        self.connections.add(connection)
+        connection._closed.addBoth(lambda _: self.connections.discard(connection))
+        return connection
+
+
+_log = Logger()
+
+
+def _call_handler(handler: Callable, connection: SyncConnection) -> None:
+    """Run the user's C{on_connection} (plain or async); log what it raises."""
+
+    def run():
+        result = handler(connection)
+        if inspect.iscoroutine(result):
+            return Deferred.fromCoroutine(result)
+        return result
+
+    maybeDeferred(run).addErrback(lambda f: _log.failure("the on_connection handler failed", failure=f))
+
+
+@implementer(ISyncTransport)
+class RelayTransport:
+    """L{ISyncTransport} over one relay (the seed's C{azure-relay} / C{vercel-relay})."""
+
+    def __init__(self, reactor, name: str, config, *, max_message_size: int, receive_buffer: int) -> None:
+        self.name = name
+        self._reactor = reactor
+        self._config = config
+        self._options = dict(max_message_size=max_message_size, receive_buffer=receive_buffer)
+        self._ports: list = []
+        self._factories: list[_ConnectionFactory] = []
+
+    def connect(self, peer: str | None = None) -> Deferred[SyncConnection]:
+        from pluresync.endpoints.relay import RelayClientEndpoint
+
+        try:
+            config = self._config if peer is None else replace(self._config, peer=parse_peer_id(peer))
+        except ValueError as e:
+            return fail(ConfigurationError(f"connect(peer=...): {e}"))
+        factory = _ConnectionFactory(**self._options)
+        self._factories.append(factory)
+        return RelayClientEndpoint(self._reactor, config).connect(factory)
+
+    def listen(self, on_connection: Callable) -> Deferred[None]:
+        from pluresync.endpoints.relay import RelayServerEndpoint
+
+        factory = _ConnectionFactory(on_connection, **self._options)
+        self._factories.append(factory)
+        d = RelayServerEndpoint(self._reactor, self._config).listen(factory)
+        d.addCallback(self._ports.append)
+        return d
+
+    def close(self) -> Deferred[None]:
+        closing = [port.stopListening() for port in self._ports]
+        self._ports.clear()
+        for factory in self._factories:
+            closing.extend(connection.close() for connection in list(factory.connections))
+        self._factories.clear()
+        return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
+
+
+def _sync_key(sync_key) -> SyncKey:
+    if isinstance(sync_key, SyncKey):
+        return sync_key
+    if isinstance(sync_key, str) and sync_key.strip():
+        if sync_key.strip().lower().startswith("psk1-"):
+            return SyncKey.from_text(sync_key)
+        return SyncKey.from_passphrase(sync_key)
+    raise ConfigurationError(
+        "sync_key must be a SyncKey, a key's text (psk1-...) or a passphrase; "
+        "make a key with `pluresync keygen`"
+    )
+
+
+def create_transport(
+    mode: str = "azure-relay",
+    *,
+    sync_key,
+    azure_relay_url: str | None = None,
+    vercel_relay_url: str | None = None,
+    connection_timeout: float = 30.0,
+    topic: str = "",
+    identity: PeerIdentity | str | None = None,
+    ca: str | None = None,
+    max_message_size: int = DEFAULT_MAX_MESSAGE,
+    receive_buffer: int = DEFAULT_RECEIVE_BUFFER,
+    reactor=None,
+) -> ISyncTransport:
+    """
+    Make the seed's C{SyncTransport}.
+
+    @param mode: C{"azure-relay"} or C{"vercel-relay"} (C{"auto"} and
+        C{"direct"} arrive in later releases and are refused for now).
+    @param sync_key: a L{SyncKey}, its text form, or a passphrase (stretched
+        with Argon2id; slow once, on purpose).
+    @param identity: this peer's identity, or a path to its identity file
+        (created on first use); a fresh one per transport if omitted.
+    @param reactor: the reactor to use; the global one if omitted (the one
+        place pluresync reaches for it, so scripts stay short).
+    """
+    if mode in PLANNED_MODES:
+        raise ConfigurationError(f"mode {mode!r} is not available yet; use 'azure-relay' or 'vercel-relay'")
+    if mode not in RELAY_MODES:
+        raise ConfigurationError(f"unknown mode {mode!r}; use one of {', '.join(RELAY_MODES)}")
+    if reactor is None:
+        from twisted.internet import reactor
+    from pluresync.endpoints.parsers import relay_config
+
+    preset = RELAY_MODES[mode]
+    url = azure_relay_url if preset == "azure" else vercel_relay_url
+    key = _sync_key(sync_key)
+    params = {"key": key.to_text(), "timeout": str(connection_timeout), "topic": topic}
+    if url:
+        params["url"] = url
+    if ca:
+        params["ca"] = ca
+    if isinstance(identity, str):
+        params["identity"] = identity
+    config = relay_config(preset, **params)
+    if isinstance(identity, PeerIdentity):
+        config = replace(config, identity=identity)
+    return RelayTransport(
+        reactor, mode, config, max_message_size=max_message_size, receive_buffer=receive_buffer
+    )
