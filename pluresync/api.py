@@ -114,11 +114,16 @@ class SyncConnection(Protocol):
     def connectionLost(self, reason: Failure) -> None:
         if self._ended is None:
             self._ended = reason
+        clean = self._ended.check(ConnectionDone) is not None
         for d in self._senders:
-            d.errback(self._ended if not self._ended.check(ConnectionDone) else Failure(ConnectionDone()))
+            d.errback(self._ended)
         self._senders.clear()
         while self._readers:
-            self._readers.popleft().callback(None)
+            reader = self._readers.popleft()
+            if clean:
+                reader.callback(None)
+            else:
+                reader.errback(self._ended)
         self._closed.callback(None)
 
     # IPushProducer: the channel tells us when the network is full.

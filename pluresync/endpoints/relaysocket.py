@@ -172,6 +172,11 @@ class RelaySocketProtocol(WebSocketClientProtocol):
         return _WebSocketPipe(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        # Autobahn keeps its close-handshake timer when the TCP connection
+        # ends before the relay's close reply; nothing is left to time out.
+        if self.closeHandshakeTimeoutCall is not None:
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
         if self._channel is not None:
             channel, self._channel = self._channel, None
             channel.pipeLost(self._pipeEnd(wasClean, code))
@@ -205,6 +210,36 @@ class RelaySocketProtocol(WebSocketClientProtocol):
         return Failure(RelayLostError(f"the connection to the relay at {relay} was lost (close code {code})"))
 
 
+class _Timer:
+    """A cancellable call that tolerates being cancelled after it ran."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call) -> None:
+        self._call = call
+
+    def cancel(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
+class ReactorTimers:
+    """
+    Autobahn's timer hook (C{factory._batched_timer}) on our own reactor.
+
+    Autobahn batches its timers on the global reactor, and a cancelled timer
+    leaves its bucket's DelayedCall behind; both break tests on a fake clock
+    or trial's clean-reactor check, and a client holds only a few sockets, so
+    batching buys nothing here.
+    """
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+
+    def call_later(self, delay, func, *args, **kwargs) -> _Timer:
+        return _Timer(self._reactor.callLater(delay, func, *args, **kwargs))
+
+
 class RelaySocketFactory(WebSocketClientFactory):
     """Makes one L{RelaySocketProtocol} that sends C{hello} and reports the answer."""
 
@@ -234,6 +269,7 @@ class RelaySocketFactory(WebSocketClientFactory):
             perMessageCompressionOffers=[],
             tcpNoDelay=True,
         )
+        self._batched_timer = ReactorTimers(reactor)
         self.relay = relay
         self.hello = hello
         self.on_incoming = on_incoming

@@ -1,0 +1,179 @@
+"""The seed's message API, through a real relay on 127.0.0.1."""
+
+from __future__ import annotations
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from pluresync import create_transport
+from pluresync.api import MessageTooLargeError, SyncConnection
+from pluresync.errors import ConfigurationError, TruncatedStreamError
+from pluresync.interfaces import ISyncConnection, ISyncTransport
+from pluresync.keys import PeerIdentity, SyncKey
+
+from .localrelay import LocalRelay
+
+
+class CreateTransportTests(SynchronousTestCase):
+    """Arguments of create_transport()."""
+
+    def test_modes(self):
+        """The seed's relay modes are accepted; auto and direct are not there yet."""
+        key = SyncKey.generate()
+        for mode in ("azure-relay", "vercel-relay"):
+            transport = create_transport(mode, sync_key=key, reactor=object())
+            self.assertTrue(verifyObject(ISyncTransport, transport))
+            self.assertEqual(transport.name, mode)
+        for mode in ("auto", "direct"):
+            with self.assertRaises(ConfigurationError) as e:
+                create_transport(mode, sync_key=key, reactor=object())
+            self.assertIn("not available yet", str(e.exception))
+        self.assertRaises(ConfigurationError, create_transport, "carrier-pigeon", sync_key=key, reactor=object())
+
+    def test_sync_key_forms(self):
+        """A key's text works; nothing at all is a clear error."""
+        key = SyncKey.generate()
+        create_transport(sync_key=key.to_text(), reactor=object())
+        with self.assertRaises(ConfigurationError):
+            create_transport(sync_key="", reactor=object())
+
+    def test_relay_urls(self):
+        """azure_relay_url and vercel_relay_url override the presets."""
+        key = SyncKey.generate()
+        azure = create_transport("azure-relay", sync_key=key, azure_relay_url="ws://127.0.0.1:1", reactor=object())
+        vercel = create_transport("vercel-relay", sync_key=key, vercel_relay_url="ws://127.0.0.1:2", reactor=object())
+        self.assertEqual(azure._config.relay.port, 1)
+        self.assertEqual(vercel._config.relay.port, 2)
+        self.assertEqual(vercel._config.name, "relay:vercel")
+
+
+class MessageAPITests(TestCase):
+    """send / receive / close between two transports."""
+
+    timeout = 30
+
+    def setUp(self):
+        self.relay = LocalRelay(self)
+        self.key = SyncKey.generate()
+
+    def transport(self, **kwargs):
+        transport = create_transport(
+            "azure-relay", sync_key=self.key, azure_relay_url=self.relay.url, reactor=reactor, **kwargs
+        )
+        self.addCleanup(transport.close)
+        return transport
+
+    async def pair(self, **kwargs):
+        server, client = self.transport(**kwargs), self.transport(**kwargs)
+        accepted = DeferredQueue()
+        await server.listen(accepted.put)
+        conn = await client.connect()
+        peer = await accepted.get()
+        return conn, peer
+
+    async def test_messages_keep_their_boundaries(self):
+        """Each send() is exactly one received message, in order, both ways."""
+        conn, peer = await self.pair()
+        for iface in (ISyncConnection,):
+            self.assertTrue(verifyObject(iface, conn))
+            self.assertTrue(verifyObject(iface, peer))
+        messages = [b"a", b"", b"x" * 200_000, b"end"]
+        for m in messages:
+            await conn.send(m)
+        await peer.send(b"reply")
+        self.assertEqual(await conn.receive().__anext__(), b"reply")
+        await conn.close()
+        got = [m async for m in peer.receive()]
+        self.assertEqual(got, messages)
+        self.assertEqual(conn.peer_id, peer.transport.getHost().peer_id)
+        self.assertEqual(conn.transport_name, "relay:azure")
+
+    async def test_async_handler_and_peer(self):
+        """listen() takes an async handler; connect(peer) reaches that listener."""
+        identity = PeerIdentity.generate()
+        server = self.transport(identity=identity)
+        client = self.transport()
+        done = Deferred()
+
+        async def echo(connection):
+            async for message in connection.receive():
+                await connection.send(message.upper())
+            done.callback(None)
+
+        await server.listen(echo)
+        conn = await client.connect(identity.peer_id)
+        self.assertEqual(conn.peer_id, identity.peer_id)
+        await conn.send(b"hello")
+        receiving = conn.receive()
+        self.assertEqual(await receiving.__anext__(), b"HELLO")
+        await conn.close()
+        await done
+
+    async def test_bad_peer_argument(self):
+        """connect() with a malformed peer id fails with a clear error, not a traceback."""
+        with self.assertRaises(ConfigurationError):
+            await self.transport().connect("not-a-peer")
+
+    async def test_oversize_message_is_refused(self):
+        """A receiver drops a peer that sends more than max_message_size in one message."""
+        conn, peer = await self.pair(max_message_size=100_000)
+        await conn.send(b"y" * 150_000)
+        with self.assertRaises(MessageTooLargeError):
+            async for _ in peer.receive():
+                pass
+
+    async def test_truncation_is_an_error_not_an_end(self):
+        """
+        If the stream ends without the authenticated close (here: the
+        WebSocket is closed cleanly under the channel, as a relay could),
+        receive() raises instead of ending quietly.
+        """
+        conn, peer = await self.pair()
+        await conn.send(b"first")
+        conn.transport._pipe.close()
+        messages = peer.receive()
+        self.assertEqual(await messages.__anext__(), b"first")
+        with self.assertRaises(TruncatedStreamError):
+            await messages.__anext__()
+
+    async def test_send_waits_for_backpressure(self):
+        """
+        A receiver that never reads pauses its channel after receive_buffer
+        bytes; the sender's send() Deferreds then stop firing (memory stays
+        bounded) until the receiver reads.
+        """
+        conn, peer = await self.pair(receive_buffer=256 * 1024)
+        chunk = b"z" * 65536
+        sent = 0
+        blocked = None
+        for _ in range(2000):  # at most 125 MiB; backpressure must stop it far sooner
+            d = conn.send(chunk)
+            if not d.called:
+                blocked = d
+                break
+            sent += len(chunk)
+        self.assertIsNotNone(blocked, "send() never waited")
+        # Read everything: the blocked send completes, nothing was lost.
+        received = 0
+        messages = peer.receive()
+        while received < sent + len(chunk):
+            received += len(await messages.__anext__())
+        await blocked
+        self.assertEqual(received, sent + len(chunk))
+
+    async def test_send_after_close_fails(self):
+        """send() on a closed connection fails instead of dropping the data silently."""
+        conn, peer = await self.pair()
+        await conn.close()
+        with self.assertRaises(Exception):
+            await conn.send(b"late")
+
+
+class SyncConnectionTests(SynchronousTestCase):
+    """The connection object itself."""
+
+    def test_interface(self):
+        """SyncConnection provides ISyncConnection."""
+        self.assertTrue(verifyObject(ISyncConnection, SyncConnection(10, 10)))
