@@ -40,6 +40,10 @@ class RelayTestClient(WebSocketClientProtocol):
         self.received.put((payload, isBinary))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        # Autobahn leaves this timer running after the connection is gone.
+        if getattr(self, "closeHandshakeTimeoutCall", None) is not None:
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
         if not self.opened.called:
             self.opened.errback(HandshakeFailed(code, reason))
             self.opened.addErrback(lambda _: None)
@@ -91,17 +95,20 @@ def connect(
     port: int,
     protocols: list[str] | None = None,
     max_message: int = 0,
+    tls: bool = False,
 ) -> RelayTestClient:
     """
     Open a test WebSocket to the relay on 127.0.0.1:C{port}.
 
     @param protocols: the subprotocols offered (default: C{pluresync.v1}).
+    @param tls: use C{wss://} (the server certificate is not verified).
     @return: the client; wait on its C{opened}.
     """
     if protocols is None:
         protocols = [SUBPROTOCOL]
+    scheme = "wss" if tls else "ws"
     factory = WebSocketClientFactory(
-        f"ws://127.0.0.1:{port}/", protocols=protocols, reactor=reactor
+        f"{scheme}://127.0.0.1:{port}/", protocols=protocols, reactor=reactor
     )
     factory.protocol = RelayTestClient
     factory.setProtocolOptions(
@@ -116,7 +123,12 @@ def connect(
     )
     client = factory.buildProtocol(None)
     assert isinstance(client, RelayTestClient)
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    endpoint: Any = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    if tls:
+        from twisted.internet.endpoints import wrapClientTLS
+        from twisted.internet.ssl import CertificateOptions
+
+        endpoint = wrapClientTLS(CertificateOptions(verify=False), endpoint)
     from twisted.internet.endpoints import connectProtocol
 
     def failed(reason: Any) -> None:

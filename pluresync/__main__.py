@@ -1,0 +1,5 @@
+import sys
+
+from pluresync.cli import main
+
+sys.exit(main())

@@ -1,0 +1,512 @@
+"""
+The Autobahn adapter of the relay: one L{RelayProtocol} per WebSocket.
+
+Each socket has one control phase (exactly one JSON text message from the
+client: C{listen}, C{connect} or C{accept}); a C{listen} socket then stays
+the listener's control channel, and a C{connect} socket and the matching
+C{accept} socket become a pair that forwards binary messages unchanged.
+The pairing rules live in L{pluresync.relay.pairing}; this module only
+moves messages, enforces the timeouts and limits, and couples the two TCP
+transports of a pair as producer and consumer so a slow reader slows its
+writer.
+
+This is the only module of the relay that imports Autobahn.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from autobahn.exception import Disconnected
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import (
+    ConnectionDeny,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .limits import RelayLimits
+from .pairing import Connector, Listener, Registry
+from .wire import (
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    SUBPROTOCOL,
+    Accept,
+    Connect,
+    ErrorCode,
+    Listen,
+    ProtocolError,
+    encode_error,
+    encode_incoming,
+    encode_paired,
+    encode_ready,
+    parse_control,
+    short_id,
+)
+
+log = Logger(namespace="pluresync.relay")
+
+_STATE_OPEN = WebSocketProtocol.STATE_OPEN
+_STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
+
+
+class Phase(enum.Enum):
+    """Where one relay socket is."""
+
+    OPENING = "opening"
+    """The WebSocket opening handshake is under way."""
+    HELLO = "hello"
+    """Open; waiting for the client's one control message."""
+    LISTENING = "listening"
+    """A listener's control channel."""
+    CONNECTING = "connecting"
+    """A connector waiting for a listener or for its accept."""
+    PAIRED = "paired"
+    """One end of a pair: binary messages are forwarded."""
+    CLOSED = "closed"
+    """The relay is closing or has closed this socket (absorbing)."""
+
+
+@implementer(IPushProducer)
+class _ReadThrottle:
+    """
+    Pauses and resumes reading from one socket's transport.
+
+    Registered as the streaming producer of the partner's transport: when
+    the partner's send buffer fills up, we stop reading from this socket, so
+    TCP pushes back on its writer.  C{stopProducing} does nothing: the end
+    of a pair is handled by L{RelayProtocol.onClose}, which sends a proper
+    close frame instead of dropping the connection.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class RelayProtocol(WebSocketServerProtocol):
+    """
+    One relay WebSocket.  Its I{channel} methods (C{incoming}, C{failed})
+    are what the L{Registry} calls.
+    """
+
+    factory: RelayFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = Phase.OPENING
+        self._partner: RelayProtocol | None = None
+        self._throttle: _ReadThrottle | None = None
+        self._hello_call: Any = None
+        self._listener: Listener | None = None
+        self._connector: Connector | None = None
+        self._pair: Connector | None = None
+        self._received = 0
+        self._paired_at = 0.0
+        self._label = "-"
+
+    # -- Autobahn callbacks ----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.factory.sockets.add(self)
+
+    def onConnect(self, request: Any) -> str:
+        if self.factory.shutting_down:
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "relay shutting down")
+        if SUBPROTOCOL not in request.protocols:
+            raise ConnectionDeny(
+                ConnectionDeny.BAD_REQUEST,
+                f"the WebSocket subprotocol {SUBPROTOCOL} is required",
+            )
+        return SUBPROTOCOL
+
+    def onOpen(self) -> None:
+        if self.phase is not Phase.OPENING:
+            return
+        self.phase = Phase.HELLO
+        timeout = self.factory.limits.hello_timeout
+        if timeout > 0:
+            self._hello_call = self.factory.reactor.callLater(timeout, self._hello_expired)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        # The per-frame path: no logging, no JSON, no copies.
+        partner = self._partner
+        if partner is not None and isBinary:
+            self._received += len(payload)
+            try:
+                partner.sendMessage(payload, True)
+            except Disconnected:
+                pass
+            return
+        self._control_frame(payload, isBinary)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.sockets.discard(self)
+        self._cancel_hello()
+        # Autobahn leaves this timer running after the connection is gone.
+        if getattr(self, "closeHandshakeTimeoutCall", None) is not None:
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
+        partner = self._partner
+        if partner is not None:
+            clean = wasClean and code == CLOSE_NORMAL and not self.closedByMe
+            self._end_pair(partner, f"closed {code}" if clean else "peer-gone")
+            if clean:
+                partner.close(CLOSE_NORMAL, "peer closed")
+            else:
+                partner.close(ErrorCode.PEER_GONE.close_code, ErrorCode.PEER_GONE.value)
+        self.phase = Phase.CLOSED
+        self._unregister()
+        self.factory.socket_closed()
+
+    def onAutoPingTimeout(self) -> None:
+        """
+        A ping went unanswered.  If we stopped reading this socket ourselves
+        (its partner reads slowly) the pong is simply unread: ping again
+        later instead of dropping a healthy writer.
+        """
+        throttle = self._throttle
+        timer = getattr(self.factory, "_batched_timer", None)
+        if throttle is not None and throttle.paused and timer is not None:
+            self.autoPingTimeoutCall = None
+            self.autoPingPending = None
+            self.autoPingPendingCall = timer.call_later(
+                self.autoPingInterval, self._sendAutoPing
+            )
+            return
+        super().onAutoPingTimeout()
+
+    def _max_message_size_exceeded(self, msg_size: int, max_msg_size: int, reason: str) -> None:
+        # Autobahn's hook for frames/messages above max_message: report
+        # too-large (4009) instead of Autobahn's bare 1009 drop.
+        self.failedByMe = True
+        self.fail(
+            ProtocolError(
+                ErrorCode.TOO_LARGE,
+                f"messages are at most {self.factory.limits.max_message} bytes",
+            )
+        )
+
+    # -- the control phase -----------------------------------------------------
+
+    def _control_frame(self, payload: bytes, isBinary: bool) -> None:
+        if self.phase is Phase.HELLO:
+            self._cancel_hello()
+            if isBinary:
+                self.fail(ProtocolError(ErrorCode.BAD_REQUEST, "binary message before pairing"))
+                return
+            try:
+                message = parse_control(payload)
+            except ProtocolError as error:
+                self.fail(error)
+                return
+            if isinstance(message, Listen):
+                self._listen(message)
+            elif isinstance(message, Connect):
+                self._connect(message)
+            else:
+                self._accept(message)
+        elif self.phase is Phase.PAIRED:
+            # A text frame after pairing (binary ones never get here).
+            self.fail(ProtocolError(ErrorCode.BAD_REQUEST, "text message after pairing"))
+        elif self.phase in (Phase.LISTENING, Phase.CONNECTING):
+            if isBinary:
+                reason = "binary message before pairing"
+            else:
+                reason = "only one control message per socket"
+            self.fail(ProtocolError(ErrorCode.BAD_REQUEST, reason))
+        # OPENING cannot receive messages; CLOSED ignores them.
+
+    def _listen(self, message: Listen) -> None:
+        self.phase = Phase.LISTENING
+        self._label = f"rdv={short_id(message.rdv)} peer={short_id(message.peer)}"
+        self.sendMessage(encode_ready(), False)
+        log.info("listener ready {label}", label=self._label)
+        self._listener = self.factory.registry.listen(message.rdv, message.peer, self)
+
+    def _connect(self, message: Connect) -> None:
+        self.phase = Phase.CONNECTING
+        self._label = f"rdv={short_id(message.rdv)} from={short_id(message.from_)}"
+        log.info(
+            "connect {label} want={want} wait={wait}",
+            label=self._label,
+            want=short_id(message.peer),
+            wait=message.wait,
+        )
+        try:
+            self._connector = self.factory.registry.connect(
+                message.rdv, message.peer, message.from_, message.wait, self
+            )
+        except ProtocolError as error:
+            self.fail(error)
+
+    def _accept(self, message: Accept) -> None:
+        try:
+            pairing = self.factory.registry.accept(message.session)
+        except ProtocolError as error:
+            self._label = f"session={short_id(message.session)}"
+            self.fail(error)
+            return
+        other = pairing.connector.channel
+        assert isinstance(other, RelayProtocol)
+        if other.state != _STATE_OPEN:
+            # The connector's client is closing this very moment.
+            self.factory.registry.unpair(pairing.connector)
+            self.fail(ProtocolError(ErrorCode.PEER_GONE, "the connector went away"))
+            return
+        self._label = f"{other._label} session={short_id(pairing.session)}"
+        other._label = self._label
+        now = self.factory.reactor.seconds()
+        for side, partner in ((self, other), (other, self)):
+            side.phase = Phase.PAIRED
+            side._partner = partner
+            side._pair = pairing.connector
+            side._paired_at = now
+            side._throttle = _ReadThrottle(side.transport)
+        # When one side's send buffer is full, stop reading the other side.
+        self.transport.registerProducer(other._throttle, True)
+        other.transport.registerProducer(self._throttle, True)
+        other.sendMessage(encode_paired(pairing.listener_peer), False)
+        self.sendMessage(encode_paired(pairing.connector_peer), False)
+        log.info("paired {label}", label=self._label)
+
+    def _hello_expired(self) -> None:
+        self._hello_call = None
+        if self.phase is Phase.HELLO:
+            self.fail(
+                ProtocolError(
+                    ErrorCode.TIMEOUT,
+                    f"no control message within {self.factory.limits.hello_timeout:g} s",
+                )
+            )
+
+    def _cancel_hello(self) -> None:
+        if self._hello_call is not None:
+            self._hello_call.cancel()
+            self._hello_call = None
+
+    # -- registry channel methods --------------------------------------------
+
+    def incoming(self, session: str, peer: str | None) -> None:
+        """A connector waits for this listener in C{session}."""
+        if self.phase is Phase.LISTENING:
+            self.sendMessage(encode_incoming(session, peer), False)
+            log.info(
+                "incoming {label} session={session} from={peer}",
+                label=self._label,
+                session=short_id(session),
+                peer=short_id(peer),
+            )
+
+    def failed(self, error: ProtocolError) -> None:
+        """The registry gave up on this connector."""
+        self.fail(error)
+
+    # -- ending ----------------------------------------------------------------
+
+    def fail(self, error: ProtocolError) -> None:
+        """
+        Report C{error} and close with its close code.  Before pairing the
+        client first gets the error message; after pairing it only gets the
+        close code, and its partner is closed with C{peer-gone}.
+        """
+        if self.phase is Phase.CLOSED:
+            return
+        self._cancel_hello()
+        partner = self._partner
+        log.info(
+            "error {code} {label}: {message}",
+            code=error.code.value,
+            label=self._label,
+            message=error.message,
+        )
+        if partner is not None:
+            self._end_pair(partner, error.code.value)
+            partner.close(ErrorCode.PEER_GONE.close_code, ErrorCode.PEER_GONE.value)
+        elif self.state == _STATE_OPEN:
+            self.sendMessage(encode_error(error.code, error.message), False)
+        self.close(error.code.close_code, error.code.value)
+        self._unregister()
+
+    def close(self, code: int, reason: str) -> None:
+        """Close this socket with C{code} (no error message); idempotent."""
+        self.phase = Phase.CLOSED
+        self._cancel_hello()
+        if self.state == _STATE_OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+        elif self.state != _STATE_CLOSED and self.state != WebSocketProtocol.STATE_CLOSING:
+            self.dropConnection(abort=True)
+
+    def go_away(self) -> None:
+        """Relay shutdown: close with 1001 "going away", no error message."""
+        partner = self._partner
+        if partner is not None:
+            self._end_pair(partner, "shutdown")
+        self.close(CLOSE_GOING_AWAY, "going away")
+
+    def _end_pair(self, partner: RelayProtocol, how: str) -> None:
+        """
+        Unlink this pair (unregister the producers, resume both readers,
+        unpair in the registry) and log its end.
+        """
+        for side in (self, partner):
+            side._partner = None
+            side.phase = Phase.CLOSED
+            if side.transport is not None:
+                side.transport.unregisterProducer()
+            if side._throttle is not None:
+                side._throttle.resumeProducing()
+        if self._pair is not None:
+            self.factory.registry.unpair(self._pair)
+        log.info(
+            "closed {label} ({how}) bytes={sent}/{received} duration={duration:.1f}s",
+            label=self._label,
+            how=how,
+            sent=self._received,
+            received=partner._received,
+            duration=self.factory.reactor.seconds() - self._paired_at,
+        )
+
+    def _unregister(self) -> None:
+        registry = self.factory.registry
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            registry.remove_listener(listener)
+            log.info("listener gone {label}", label=self._label)
+        if self._connector is not None:
+            connector, self._connector = self._connector, None
+            registry.remove_connector(connector)
+
+
+class RelayFactory(WebSocketServerFactory):
+    """
+    Builds L{RelayProtocol}s and holds what they share: the registry, the
+    limits, the reactor and the set of live sockets.
+    """
+
+    protocol = RelayProtocol
+    noisy = False
+
+    def __init__(self, reactor: IReactorTime, limits: RelayLimits | None = None) -> None:
+        super().__init__(url=None, protocols=[SUBPROTOCOL], reactor=reactor)
+        self.limits = limits = limits or RelayLimits()
+        self.registry = Registry(
+            reactor.callLater,
+            max_pending=limits.max_pending,
+            accept_timeout=limits.accept_timeout,
+            max_wait=limits.max_wait,
+            default_wait=limits.default_wait,
+        )
+        self.sockets: set[RelayProtocol] = set()
+        self.shutting_down = False
+        self._closed_waiters: list[Deferred[None]] = []
+        self._shutdown_call: Any = None
+        self.setProtocolOptions(
+            webStatus=False,
+            maxFramePayloadSize=limits.max_message,
+            maxMessagePayloadSize=limits.max_message,
+            autoFragmentSize=min(65536, limits.max_message),
+            openHandshakeTimeout=limits.open_timeout,
+            closeHandshakeTimeout=limits.close_timeout,
+            autoPingInterval=limits.ping_interval,
+            autoPingTimeout=limits.ping_timeout,
+            autoPingRestartOnAnyTraffic=True,
+            perMessageCompressionAccept=lambda offers: None,
+            failByDrop=True,
+            tcpNoDelay=True,
+            allowedOrigins=["*"],
+            allowNullOrigin=True,
+            maxConnections=limits.max_connections,
+        )
+
+    def stats(self) -> dict[str, int]:
+        """Live counts for C{/health} (never an id)."""
+        return {
+            "connections": len(self.sockets),
+            "listeners": self.registry.listener_count,
+            "sessions": self.registry.paired_count,
+            "pending": self.registry.pending_count,
+        }
+
+    def socket_closed(self) -> None:
+        if self.shutting_down and not self.sockets:
+            self._all_closed()
+
+    def close_all(self) -> Deferred[None]:
+        """
+        Shut down: close every WebSocket with 1001 "going away" and refuse
+        new ones.  The Deferred fires when all are closed, or after
+        C{shutdown_timeout} seconds, when the remaining ones are dropped.
+        """
+        self.shutting_down = True
+        if not self.sockets:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._closed_waiters.append(waiter)
+        if self._shutdown_call is None:
+            log.info("closing {count} WebSockets: going away", count=len(self.sockets))
+            for protocol in list(self.sockets):
+                protocol.phase = Phase.CLOSED
+            for protocol in list(self.sockets):
+                protocol.go_away()
+            for protocol in list(self.sockets):
+                protocol._unregister()
+            self._shutdown_call = self.reactor.callLater(
+                self.limits.shutdown_timeout, self._drop_all
+            )
+        return waiter
+
+    def _drop_all(self) -> None:
+        self._shutdown_call = None
+        for protocol in list(self.sockets):
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
+        self.sockets.clear()
+        self._all_closed()
+
+    def _all_closed(self) -> None:
+        if self._shutdown_call is not None:
+            self._shutdown_call.cancel()
+            self._shutdown_call = None
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+
+class RelayResource(WebSocketResource):
+    """
+    The WebSocket at C{/}: Autobahn's resource, plus the hand-over of the
+    connection from twisted.web (its idle timeout and its producer).
+    """
+
+    def render(self, request: Any) -> Any:
+        channel = request.channel
+        transport = channel.transport
+        if transport is not None:
+            # The HTTP channel registered itself as the transport's producer
+            # and runs an idle timeout; neither may outlive the upgrade (the
+            # pair registers its own producer, and the WebSocket has its own
+            # timeouts).
+            channel.setTimeout(None)
+            transport.unregisterProducer()
+        return super().render(request)
