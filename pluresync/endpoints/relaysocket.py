@@ -324,8 +324,13 @@ def open_relay_socket(
         endpoint = wrapClientTLS(optionsForClientTLS(relay.host, trustRoot=trust), endpoint)
     connecting = endpoint.connect(factory)
     protocols: list[RelaySocketProtocol] = []
+    cancelled = []
 
     def cancel(_: Deferred) -> None:
+        # Our caller gets CancelledError from the Deferred machinery; what
+        # the connection attempt reports on its way down is not news.
+        cancelled.append(True)
+        factory.answer.addErrback(lambda _: None)
         connecting.cancel()
         for protocol in protocols:
             protocol.transport.abortConnection()
@@ -337,7 +342,7 @@ def open_relay_socket(
         factory.answer.chainDeferred(result)
 
     def unreachable(failure: Failure) -> None:
-        if result.called:
+        if result.called or cancelled:
             return
         result.errback(
             Failure(
