@@ -321,3 +321,15 @@ class FlowControlTests(SynchronousTestCase):
         self.assertTrue(a.streaming)
         left.transport.unregisterProducer()
         self.assertIsNone(a.producer)
+
+
+class WireFormatTests(SynchronousTestCase):
+    """The bytes match docs/protocol.md's worked example."""
+
+    def test_documented_example(self):
+        """The initiator's first 5-byte write is a 32-byte frame: length 30, seq 0."""
+        _, _, a, b, left, right = open_pair(self)
+        left.transport.write(b"hello")
+        [wire] = a.outgoing
+        self.assertEqual(len(wire), 32)
+        self.assertEqual(wire[:10], b"\x00\x1e" + b"\x00" * 8)
