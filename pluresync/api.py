@@ -276,8 +276,7 @@ def _sync_key(sync_key) -> SyncKey:
             return SyncKey.from_text(sync_key)
         return SyncKey.from_passphrase(sync_key)
     raise ConfigurationError(
-        "sync_key must be a SyncKey, a key's text (psk1-...) or a passphrase; "
-        "make a key with `pluresync keygen`"
+        "sync_key must be a SyncKey, a key's text (psk1-...) or a passphrase; make a key with `pluresync keygen`"
     )
 
 
@@ -328,6 +327,4 @@ def create_transport(
     config = relay_config(preset, **params)
     if isinstance(identity, PeerIdentity):
         config = replace(config, identity=identity)
-    return RelayTransport(
-        reactor, mode, config, max_message_size=max_message_size, receive_buffer=receive_buffer
-    )
+    return RelayTransport(reactor, mode, config, max_message_size=max_message_size, receive_buffer=receive_buffer)

@@ -63,7 +63,7 @@ def _decode(prefix: str, text: str, what: str) -> bytes:
     cleaned = "".join(text.split())
     if not cleaned.lower().startswith(prefix):
         raise KeyFileError(f"this is not a {what}: it should start with {prefix!r}")
-    body = cleaned[len(prefix):].replace("-", "").upper()
+    body = cleaned[len(prefix) :].replace("-", "").upper()
     try:
         decoded = base64.b32decode(body + "=" * (-len(body) % 8))
     except ValueError:
@@ -116,9 +116,7 @@ class SyncKey:
             raise KeyFileError("the passphrase is empty")
         salt = _blake2b(b"", _PERSON_SALT, size=pwhash.argon2id.SALTBYTES)
         return cls(
-            pwhash.argon2id.kdf(
-                KEY_LENGTH, passphrase.encode("utf-8"), salt, opslimit=opslimit, memlimit=memlimit
-            )
+            pwhash.argon2id.kdf(KEY_LENGTH, passphrase.encode("utf-8"), salt, opslimit=opslimit, memlimit=memlimit)
         )
 
     @classmethod

@@ -47,7 +47,10 @@ class Child(ProcessProtocol):
                 AssertionError(f"process ended before {self.marker!r}: {self.out!r} {self.err[-2000:]!r}")
             )
         value = reason.value
-        code = 0 if isinstance(value, ProcessDone) else (value.exitCode if value.exitCode is not None else -value.signal)
+        if isinstance(value, ProcessDone):
+            code = 0
+        else:
+            code = value.exitCode if value.exitCode is not None else -value.signal
         self.ended.callback(code)
 
 

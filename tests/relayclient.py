@@ -107,9 +107,7 @@ def connect(
     if protocols is None:
         protocols = [SUBPROTOCOL]
     scheme = "wss" if tls else "ws"
-    factory = WebSocketClientFactory(
-        f"{scheme}://127.0.0.1:{port}/", protocols=protocols, reactor=reactor
-    )
+    factory = WebSocketClientFactory(f"{scheme}://127.0.0.1:{port}/", protocols=protocols, reactor=reactor)
     factory.protocol = RelayTestClient
     factory.setProtocolOptions(
         maxFramePayloadSize=max_message,

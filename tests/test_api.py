@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.error import ConnectionDone
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -167,7 +168,7 @@ class MessageAPITests(TestCase):
         """send() on a closed connection fails instead of dropping the data silently."""
         conn, peer = await self.pair()
         await conn.close()
-        with self.assertRaises(Exception):
+        with self.assertRaises(ConnectionDone):
             await conn.send(b"late")
 
 

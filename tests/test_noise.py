@@ -62,9 +62,7 @@ def _make_vector_test(vector: dict):
         messages = vector["messages"]
         index = 0
         while not initiator.finished:
-            writer, reader = (
-                (initiator, responder) if index % 2 == 0 else (responder, initiator)
-            )
+            writer, reader = (initiator, responder) if index % 2 == 0 else (responder, initiator)
             payload = bytes.fromhex(messages[index]["payload"])
             ciphertext = writer.write_message(payload)
             self.assertEqual(ciphertext.hex(), messages[index]["ciphertext"])
@@ -78,14 +76,14 @@ def _make_vector_test(vector: dict):
 
         i_send, i_recv = initiator.split()
         r_send, r_recv = responder.split()
-        for index in range(index, len(messages)):
-            if index % 2 == 0:
+        for number in range(index, len(messages)):
+            if number % 2 == 0:
                 sender, receiver = i_send, r_recv
             else:
                 sender, receiver = r_send, i_recv
-            payload = bytes.fromhex(messages[index]["payload"])
+            payload = bytes.fromhex(messages[number]["payload"])
             ciphertext = sender.encrypt(b"", payload)
-            self.assertEqual(ciphertext.hex(), messages[index]["ciphertext"])
+            self.assertEqual(ciphertext.hex(), messages[number]["ciphertext"])
             self.assertEqual(receiver.decrypt(b"", ciphertext), payload)
 
     test.__doc__ = (
@@ -114,21 +112,14 @@ class NoiseVectorTests(SynchronousTestCase):
         """
         self.assertEqual(
             {v["protocol_name"] for v in VECTORS},
-            {
-                f"Noise_{p}_25519_ChaChaPoly_BLAKE2b"
-                for p in ("NN", "IK", "XX", "NNpsk0", "XXpsk3", "IKpsk2")
-            },
+            {f"Noise_{p}_25519_ChaChaPoly_BLAKE2b" for p in ("NN", "IK", "XX", "NNpsk0", "XXpsk3", "IKpsk2")},
         )
 
 
 def _xxpsk3(initiator_psk: bytes, responder_psk: bytes):
     name = "Noise_XXpsk3_25519_ChaChaPoly_BLAKE2b"
-    initiator = HandshakeState(
-        name, True, s=generate_private_key(), psks=[initiator_psk]
-    )
-    responder = HandshakeState(
-        name, False, s=generate_private_key(), psks=[responder_psk]
-    )
+    initiator = HandshakeState(name, True, s=generate_private_key(), psks=[initiator_psk])
+    responder = HandshakeState(name, False, s=generate_private_key(), psks=[responder_psk])
     return initiator, responder
 
 
@@ -226,9 +217,7 @@ class HandshakeFailureTests(SynchronousTestCase):
         """
         initiator = HandshakeState("Noise_NN_25519_ChaChaPoly_BLAKE2b", True)
         # NN message 1 is e (32 bytes) plus the payload in the clear.
-        self.assertRaises(
-            ValueError, initiator.write_message, b"x" * (MAX_MESSAGE_LENGTH - 31)
-        )
+        self.assertRaises(ValueError, initiator.write_message, b"x" * (MAX_MESSAGE_LENGTH - 31))
         self.assertEqual(
             len(initiator.write_message(b"x" * (MAX_MESSAGE_LENGTH - 32))),
             MAX_MESSAGE_LENGTH,
@@ -237,9 +226,7 @@ class HandshakeFailureTests(SynchronousTestCase):
     def test_oversize_read(self) -> None:
         """A peer cannot make us process a message beyond Noise's limit."""
         responder = HandshakeState("Noise_NN_25519_ChaChaPoly_BLAKE2b", False)
-        self.assertRaises(
-            NoiseError, responder.read_message, b"\x09" * (MAX_MESSAGE_LENGTH + 1)
-        )
+        self.assertRaises(NoiseError, responder.read_message, b"\x09" * (MAX_MESSAGE_LENGTH + 1))
 
     def test_low_order_point(self) -> None:
         """An all-zero ephemeral would make the DH output public; refuse it."""
@@ -282,9 +269,7 @@ class ConstructionTests(SynchronousTestCase):
 
     def test_psk_count(self) -> None:
         """A missing psk would otherwise fail only in the middle of the handshake."""
-        self.assertRaises(
-            ValueError, HandshakeState, "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2b", True
-        )
+        self.assertRaises(ValueError, HandshakeState, "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2b", True)
         self.assertRaises(
             ValueError,
             HandshakeState,
@@ -295,9 +280,7 @@ class ConstructionTests(SynchronousTestCase):
 
     def test_missing_keys(self) -> None:
         """Patterns that need s or rs refuse to start without them."""
-        self.assertRaises(
-            ValueError, HandshakeState, "Noise_XX_25519_ChaChaPoly_BLAKE2b", False
-        )
+        self.assertRaises(ValueError, HandshakeState, "Noise_XX_25519_ChaChaPoly_BLAKE2b", False)
         self.assertRaises(
             ValueError,
             HandshakeState,
@@ -320,9 +303,7 @@ class ConstructionTests(SynchronousTestCase):
     def test_bad_key_length_message_hides_key(self) -> None:
         """Error messages must never carry key material."""
         key = b"\xab" * 31
-        error = self.assertRaises(
-            ValueError, HandshakeState, "Noise_XX_25519_ChaChaPoly_BLAKE2b", True, s=key
-        )
+        error = self.assertRaises(ValueError, HandshakeState, "Noise_XX_25519_ChaChaPoly_BLAKE2b", True, s=key)
         self.assertNotIn("ab", str(error))
         self.assertNotIn(repr(key), str(error))
 

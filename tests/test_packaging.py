@@ -39,7 +39,8 @@ class WheelTests(SynchronousTestCase):
         self.work = Path(self.mktemp()).resolve()
         self.work.mkdir(parents=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(self.work), str(ROOT)],
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+            + ["-w", str(self.work), str(ROOT)],
             check=True,
             capture_output=True,
             timeout=300,

@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
-from pluresync.endpoints.relay import RelayConfig, RelayClientEndpoint, RelayListeningPort, RelayServerEndpoint
+from pluresync.endpoints.relay import RelayClientEndpoint, RelayConfig, RelayListeningPort, RelayServerEndpoint
 from pluresync.endpoints.relaysocket import RelayURL, _WebSocketPipe
 from pluresync.errors import ConfigurationError, ConnectionTimeoutError
 from pluresync.interfaces import IPipe
@@ -101,7 +101,9 @@ class RelayURLTests(SynchronousTestCase):
     def test_defaults(self):
         """wss defaults to 443 and path /; ws to 80."""
         url = RelayURL.parse("wss://relay.example.com")
-        self.assertEqual((url.secure, url.host, url.port, url.url), (True, "relay.example.com", 443, "wss://relay.example.com:443/"))
+        self.assertEqual(
+            (url.secure, url.host, url.port, url.url), (True, "relay.example.com", 443, "wss://relay.example.com:443/")
+        )
         self.assertEqual(RelayURL.parse("ws://127.0.0.1:8080/r").url, "ws://127.0.0.1:8080/r")
 
     def test_ipv6(self):

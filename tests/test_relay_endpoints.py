@@ -38,8 +38,7 @@ class Listening:
         return protocol
 
     def next(self) -> Deferred:
-        if len(self.accepted) > len(self.waiting) and self.accepted[-1].made.called:
-            pass
+        """Fires with the next protocol accepted from now on, once it is connected."""
         d = Deferred()
         self.waiting.append(d)
         return d

@@ -55,7 +55,7 @@ class RegistryTests(unittest.TestCase):
             accept_timeout=10,
             max_wait=120,
             default_wait=30,
-            new_session=lambda: "%032x" % next(counter),
+            new_session=lambda: f"{next(counter):032x}",
         )
 
     def tearDown(self) -> None:
@@ -65,8 +65,9 @@ class RegistryTests(unittest.TestCase):
         channel = FakeListenerChannel()
         return self.registry.listen(rdv, peer, channel), channel
 
-    def connect(self, rdv: str = RDV, peer: str | None = None, from_: str | None = FROM,
-                wait: float | None = None) -> tuple[object, FakeConnectorChannel]:
+    def connect(
+        self, rdv: str = RDV, peer: str | None = None, from_: str | None = FROM, wait: float | None = None
+    ) -> tuple[object, FakeConnectorChannel]:
         channel = FakeConnectorChannel()
         return self.registry.connect(rdv, peer, from_, wait, channel), channel
 
@@ -174,7 +175,7 @@ class RegistryTests(unittest.TestCase):
         for _ in range(2):
             self.connect(peer=PEER_B)
         self.assertEqual((len(a.calls), len(b.calls)), (0, 2))
-        for session in ("0" * 32, "%032x" % 1):
+        for session in ("0" * 32, f"{1:032x}"):
             self.registry.accept(session)
 
     def test_peer_waits_for_its_listener(self) -> None:

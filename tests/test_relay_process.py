@@ -81,8 +81,16 @@ class ProcessTests(unittest.TestCase):
         transport = reactor.spawnProcess(
             process,
             sys.executable,
-            [sys.executable, "-m", "twisted", "--log-format", "text", "pluresync-relay",
-             "--port", f"tcp:{port}:interface=127.0.0.1"],
+            [
+                sys.executable,
+                "-m",
+                "twisted",
+                "--log-format",
+                "text",
+                "pluresync-relay",
+                "--port",
+                f"tcp:{port}:interface=127.0.0.1",
+            ],
             env=env,
             path=REPO_ROOT,
         )

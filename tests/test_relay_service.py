@@ -76,15 +76,36 @@ class OptionsTests(unittest.TestCase):
     def test_limits(self) -> None:
         """Every limit option reaches the limits."""
         options = parse(
-            "--max-message", "65536", "--open-timeout", "3", "--hello-timeout", "4",
-            "--ping-interval", "5", "--ping-timeout", "6", "--max-connections", "7",
-            "--max-pending", "8", "--max-wait", "9", "--accept-timeout", "10.5",
+            "--max-message",
+            "65536",
+            "--open-timeout",
+            "3",
+            "--hello-timeout",
+            "4",
+            "--ping-interval",
+            "5",
+            "--ping-timeout",
+            "6",
+            "--max-connections",
+            "7",
+            "--max-pending",
+            "8",
+            "--max-wait",
+            "9",
+            "--accept-timeout",
+            "10.5",
         )
         self.assertEqual(
             options["limits"],
             RelayLimits(
-                max_message=65536, open_timeout=3, hello_timeout=4, ping_interval=5,
-                ping_timeout=6, max_connections=7, max_pending=8, max_wait=9,
+                max_message=65536,
+                open_timeout=3,
+                hello_timeout=4,
+                ping_interval=5,
+                ping_timeout=6,
+                max_connections=7,
+                max_pending=8,
+                max_wait=9,
                 accept_timeout=10.5,
             ),
         )
@@ -137,9 +158,7 @@ class StopServiceTests(unittest.TestCase):
     def test_stop_service_going_away(self) -> Any:
         """A listener and a fresh socket get 1001; stopService's Deferred fires."""
         port = free_port()
-        service = makeService(
-            parse("--port", f"tcp:{port}:interface=127.0.0.1", "--ping-interval", "0")
-        )
+        service = makeService(parse("--port", f"tcp:{port}:interface=127.0.0.1", "--ping-interval", "0"))
         service.privilegedStartService()
         service.startService()
         listener = connect(reactor, port)

@@ -196,7 +196,7 @@ class PairingTests(RelayTestCase):
         connectors = []
         for index in range(3):
             connector = yield self.open()
-            connector.send_json({"v": 1, "op": "connect", "rdv": RDV, "from": "%064x" % index})
+            connector.send_json({"v": 1, "op": "connect", "rdv": RDV, "from": f"{index:064x}"})
             connectors.append(connector)
         acceptors = {}
         for _ in connectors:
@@ -249,9 +249,7 @@ class PairingTests(RelayTestCase):
 class TimeoutTests(RelayTestCase):
     """Waits and timeouts, with short limits."""
 
-    limits = RelayLimits(
-        ping_interval=0, ping_timeout=0, hello_timeout=0.2, accept_timeout=0.2, max_wait=0.3
-    )
+    limits = RelayLimits(ping_interval=0, ping_timeout=0, hello_timeout=0.2, accept_timeout=0.2, max_wait=0.3)
 
     @inlineCallbacks
     def test_wait_then_no_listener(self) -> Any:
@@ -467,9 +465,7 @@ class HealthAndShutdownTests(RelayTestCase):
         connector.send_json({"v": 1, "op": "connect", "rdv": RDV2, "wait": 60})
         yield deferLater(reactor, 0.05, lambda: None)
         pool = HTTPConnectionPool(reactor, persistent=False)
-        response = yield Agent(reactor, pool=pool).request(
-            b"GET", b"http://127.0.0.1:%d/health" % self.port_number
-        )
+        response = yield Agent(reactor, pool=pool).request(b"GET", b"http://127.0.0.1:%d/health" % self.port_number)
         body = yield readBody(response)
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])

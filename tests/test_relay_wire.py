@@ -60,9 +60,7 @@ class ParseTests(unittest.TestCase):
     def test_connect_full(self) -> None:
         """A connect carries peer, from and wait."""
         message = {"v": 1, "op": "connect", "rdv": RDV, "peer": PEER, "from": RDV, "wait": 2}
-        self.assertEqual(
-            parse_control(dumps(message)), Connect(rdv=RDV, peer=PEER, from_=RDV, wait=2.0)
-        )
+        self.assertEqual(parse_control(dumps(message)), Connect(rdv=RDV, peer=PEER, from_=RDV, wait=2.0))
 
     def test_null_optional_is_absent(self) -> None:
         """null for an optional field counts as absent."""

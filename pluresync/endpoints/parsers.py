@@ -20,9 +20,7 @@ from twisted.internet.interfaces import (
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-_RELAY_PARAMETERS = frozenset(
-    {"url", "keyfile", "key", "topic", "peer", "identity", "wait", "timeout", "ca", "ping"}
-)
+_RELAY_PARAMETERS = frozenset({"url", "keyfile", "key", "topic", "peer", "identity", "wait", "timeout", "ca", "ping"})
 
 
 def _number(name: str, value: str | None, default: float, minimum: float = 0.0) -> float:
@@ -69,8 +67,7 @@ def relay_config(*args: str, **kwargs: str):
     unknown = sorted(set(kwargs) - _RELAY_PARAMETERS)
     if unknown:
         raise ValueError(
-            f"relay endpoint: unknown parameter(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(_RELAY_PARAMETERS))}"
+            f"relay endpoint: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(_RELAY_PARAMETERS))}"
         )
     if len(args) > 1:
         raise ValueError(f"relay endpoint: expected at most one relay name, got {':'.join(args)!r}")
@@ -89,9 +86,7 @@ def relay_config(*args: str, **kwargs: str):
     except ValueError as e:
         raise ValueError(f"relay endpoint: peer= {e}") from None
     identity_path = kwargs.get("identity")
-    identity = (
-        PeerIdentity.from_file(identity_path, create=True) if identity_path else PeerIdentity.generate()
-    )
+    identity = PeerIdentity.from_file(identity_path, create=True) if identity_path else PeerIdentity.generate()
     ping = _number("ping", kwargs.get("ping"), 25.0)
     return RelayConfig(
         name=name,

@@ -23,11 +23,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pluresync.address import PeerAddress
+from pluresync.endpoints.relaysocket import RelayURL, open_relay_socket
 from pluresync.errors import ConnectionTimeoutError, PluresyncError, RelayError
 from pluresync.keys import PeerIdentity, Topic, format_peer_id
 from pluresync.secure.channel import SecureChannel
 from pluresync.secure.handshake import Handshake
-from pluresync.endpoints.relaysocket import RelayURL, open_relay_socket
 
 #: The seed's relays. C{url=} overrides either.
 PRESETS = {
@@ -237,8 +237,6 @@ class RelayListeningPort:
                 relay=config.relay.host,
                 peer=config.identity.peer_id[:12],
             )
-            if self._stopping:
-                self._control.sendClose(1000)
 
         def failed(failure):
             self._registering = None

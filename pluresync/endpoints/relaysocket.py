@@ -347,8 +347,7 @@ def open_relay_socket(
         result.errback(
             Failure(
                 RelayUnreachableError(
-                    f"could not reach the relay at {relay.host}:{relay.port}: "
-                    f"{failure.getErrorMessage()}"
+                    f"could not reach the relay at {relay.host}:{relay.port}: {failure.getErrorMessage()}"
                 )
             )
         )

@@ -12,6 +12,8 @@ import struct
 
 from nacl.bindings import (
     crypto_aead_chacha20poly1305_ietf_decrypt as _aead_decrypt,
+)
+from nacl.bindings import (
     crypto_aead_chacha20poly1305_ietf_encrypt as _aead_encrypt,
 )
 from nacl.exceptions import CryptoError
@@ -94,8 +96,7 @@ class CipherState:
             if isinstance(e, (TypeError, ValueError)):
                 raise
             raise NoiseError(
-                "message failed authentication: it was tampered with, "
-                "reordered, or the peer uses a different key"
+                "message failed authentication: it was tampered with, reordered, or the peer uses a different key"
             ) from None
         self.nonce = n + 1
         return plaintext
@@ -107,15 +108,11 @@ class CipherState:
         Lets long sessions forget old keys without a new handshake; the
         nonce is kept, as the spec requires.
         """
-        self._key = _aead_encrypt(
-            bytes(KEY_LENGTH), None, _pack_nonce(MAX_NONCE), self._key
-        )[:KEY_LENGTH]
+        self._key = _aead_encrypt(bytes(KEY_LENGTH), None, _pack_nonce(MAX_NONCE), self._key)[:KEY_LENGTH]
 
 
 def _exhausted() -> NoiseError:
-    return NoiseError(
-        "this Noise session has used all its nonces; open a new connection"
-    )
+    return NoiseError("this Noise session has used all its nonces; open a new connection")
 
 
 def _hash(data: bytes) -> bytes:

@@ -63,9 +63,7 @@ class HandshakeState:
 
         psks = [check_key(psk, "psk") for psk in psks]
         if len(psks) != pattern.psk_count:
-            raise ValueError(
-                f"{pattern.name} needs {pattern.psk_count} psk(s), got {len(psks)}"
-            )
+            raise ValueError(f"{pattern.name} needs {pattern.psk_count} psk(s), got {len(psks)}")
         self._psks = iter(psks)
         self._check_keys_fit(pattern)
 
@@ -88,11 +86,7 @@ class HandshakeState:
 
     def _check_keys_fit(self, pattern: HandshakePattern) -> None:
         """Fail at construction, not halfway through the handshake."""
-        we_send_s = any(
-            "s" in tokens
-            for i, tokens in enumerate(pattern.messages)
-            if (i % 2 == 0) == self._initiator
-        )
+        we_send_s = any("s" in tokens for i, tokens in enumerate(pattern.messages) if (i % 2 == 0) == self._initiator)
         ours, theirs = (
             (pattern.initiator_premessage, pattern.responder_premessage)
             if self._initiator
@@ -101,9 +95,7 @@ class HandshakeState:
         if (we_send_s or "s" in ours) and self._s is None:
             raise ValueError(f"{pattern.name} needs our static private key (s)")
         if "s" in theirs and self._rs is None:
-            raise ValueError(
-                f"{pattern.name} needs the peer's static public key in advance (rs)"
-            )
+            raise ValueError(f"{pattern.name} needs the peer's static public key in advance (rs)")
         if "s" not in theirs and self._rs is not None:
             raise ValueError(
                 f"{pattern.name} learns the peer's static key during the "
@@ -180,10 +172,7 @@ class HandshakeState:
 
     def _read(self, tokens: tuple[str, ...], message: bytes) -> bytes:
         if len(message) > MAX_MESSAGE_LENGTH:
-            raise NoiseError(
-                f"handshake message of {len(message)} bytes exceeds Noise's "
-                f"limit of {MAX_MESSAGE_LENGTH}"
-            )
+            raise NoiseError(f"handshake message of {len(message)} bytes exceeds Noise's limit of {MAX_MESSAGE_LENGTH}")
         symmetric = self._symmetric
         position = 0
 
@@ -228,9 +217,7 @@ class HandshakeState:
 
     def _check_usable(self) -> None:
         if self._failed:
-            raise NoiseError(
-                "this handshake already failed; start a new one on a new connection"
-            )
+            raise NoiseError("this handshake already failed; start a new one on a new connection")
 
     def _next_tokens(self, sending: bool) -> tuple[str, ...]:
         """Return the tokens of the next message, refusing out-of-turn use."""
@@ -240,10 +227,7 @@ class HandshakeState:
         initiators_turn = self._index % 2 == 0
         if (initiators_turn == self._initiator) != sending:
             expected = "write_message" if not sending else "read_message"
-            raise NoiseError(
-                f"out of turn: handshake message {self._index + 1} must be "
-                f"handled with {expected}"
-            )
+            raise NoiseError(f"out of turn: handshake message {self._index + 1} must be handled with {expected}")
         return self._messages[self._index]
 
     def _outgoing_length(self, tokens: tuple[str, ...], payload_length: int) -> int:

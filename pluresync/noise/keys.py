@@ -36,10 +36,7 @@ def dh(private: bytes, remote_public: bytes) -> bytes:
     try:
         return crypto_scalarmult(private, remote_public)
     except CryptoError:
-        raise NoiseError(
-            "the peer sent an invalid Curve25519 public key; "
-            "the handshake cannot continue"
-        ) from None
+        raise NoiseError("the peer sent an invalid Curve25519 public key; the handshake cannot continue") from None
 
 
 def check_key(key: bytes, what: str) -> bytes:

@@ -58,15 +58,10 @@ def parse_protocol_name(protocol_name: str) -> HandshakePattern:
     """
     parts = protocol_name.split("_")
     if len(parts) != 5 or parts[0] != "Noise":
-        raise ValueError(
-            f"{protocol_name!r} is not a Noise protocol name "
-            "(expected Noise_PATTERN_DH_CIPHER_HASH)"
-        )
-    for (kind, wanted), got in zip(_PRIMITIVES.items(), parts[2:]):
+        raise ValueError(f"{protocol_name!r} is not a Noise protocol name (expected Noise_PATTERN_DH_CIPHER_HASH)")
+    for (kind, wanted), got in zip(_PRIMITIVES.items(), parts[2:], strict=False):
         if got != wanted:
-            raise ValueError(
-                f"unsupported Noise {kind} function {got!r}: only {wanted} is supported"
-            )
+            raise ValueError(f"unsupported Noise {kind} function {got!r}: only {wanted} is supported")
     return _parse_pattern(parts[1])
 
 
@@ -77,8 +72,7 @@ def _parse_pattern(name: str) -> HandshakePattern:
     base, modifiers = match.group(1), match.group(2)
     if base not in _BASE_PATTERNS:
         raise ValueError(
-            f"unsupported Noise handshake pattern {base!r}: "
-            f"supported are {', '.join(sorted(_BASE_PATTERNS))}"
+            f"unsupported Noise handshake pattern {base!r}: supported are {', '.join(sorted(_BASE_PATTERNS))}"
         )
     initiator_pre, responder_pre, base_messages = _BASE_PATTERNS[base]
     messages = [list(tokens) for tokens in base_messages]
@@ -86,17 +80,13 @@ def _parse_pattern(name: str) -> HandshakePattern:
     for modifier in modifiers.split("+") if modifiers else ():
         psk = _PSK_MODIFIER.fullmatch(modifier)
         if psk is None:
-            raise ValueError(
-                f"unsupported Noise pattern modifier {modifier!r}: only pskN is supported"
-            )
+            raise ValueError(f"unsupported Noise pattern modifier {modifier!r}: only pskN is supported")
         if modifier in seen:
             raise ValueError(f"Noise pattern modifier {modifier!r} is repeated")
         seen.add(modifier)
         position = int(psk.group(1))
         if position > len(messages):
-            raise ValueError(
-                f"modifier {modifier!r} refers to a message that {base} does not have"
-            )
+            raise ValueError(f"modifier {modifier!r} refers to a message that {base} does not have")
         # psk0 opens the first message; pskN closes message N.
         if position == 0:
             messages[0].insert(0, "psk")

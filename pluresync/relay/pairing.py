@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from .wire import ErrorCode, ProtocolError, short_id
 
@@ -226,9 +227,7 @@ class Registry:
                 raise ProtocolError(ErrorCode.NO_LISTENER, _no_listener_message(peer))
             self._pending_by_rdv[rdv] = self._pending_by_rdv.get(rdv, 0) + 1
             self._waiting.setdefault(rdv, []).append(connector)
-            connector.timer = self._call_later(
-                seconds, lambda: self._wait_expired(connector)
-            )
+            connector.timer = self._call_later(seconds, lambda: self._wait_expired(connector))
         else:
             self._pending_by_rdv[rdv] = self._pending_by_rdv.get(rdv, 0) + 1
             self._offer(connector, listener)
@@ -306,9 +305,7 @@ class Registry:
         connector.session = session
         connector.listener = listener
         self._offered[session] = connector
-        connector.timer = self._call_later(
-            self._accept_timeout, lambda: self._accept_expired(connector)
-        )
+        connector.timer = self._call_later(self._accept_timeout, lambda: self._accept_expired(connector))
         listener.channel.incoming(session, connector.from_)
 
     def _wait_expired(self, connector: Connector) -> None:

@@ -68,7 +68,7 @@ def port_endpoint(port: str, tls_cert: str | None = None, tls_key: str | None = 
     key = tls_key if tls_key is not None else tls_cert
     return (
         "ssl:"
-        + port[len("tcp:"):]
+        + port[len("tcp:") :]
         + ":privateKey="
         + quoteStringArgument(key)
         + ":certKey="
@@ -96,28 +96,63 @@ class Options(usage.Options):
         ],
         ["tls-cert", None, None, "PEM certificate (chain): turns a bare/tcp port into ssl:."],
         ["tls-key", None, None, "PEM private key for --tls-cert (default: the --tls-cert file)."],
-        ["max-message", None, _DEFAULTS.max_message,
-         "Largest WebSocket frame/message payload in bytes (larger: too-large, 4009).",
-         _positive_int],
-        ["open-timeout", None, _DEFAULTS.open_timeout,
-         "Seconds for the HTTP upgrade and WebSocket opening handshake.", _seconds],
-        ["hello-timeout", None, _DEFAULTS.hello_timeout,
-         "Seconds after the upgrade to send the control message (then: timeout, 4008).",
-         _seconds],
-        ["ping-interval", None, _DEFAULTS.ping_interval,
-         "Seconds of silence before the relay pings a client (0: never).", _seconds],
-        ["ping-timeout", None, _DEFAULTS.ping_timeout,
-         "Seconds a client has to answer a ping before it is dropped.", _seconds],
-        ["max-connections", None, _DEFAULTS.max_connections,
-         "Concurrent WebSockets; beyond it upgrades get HTTP 503 (0: unlimited).",
-         _positive_int],
-        ["max-pending", None, _DEFAULTS.max_pending,
-         "Waiting connectors per rendezvous id (beyond: rate-limited, 4029).", _positive_int],
-        ["max-wait", None, _DEFAULTS.max_wait,
-         "Longest wait (seconds) a connector may ask for.", _seconds],
-        ["accept-timeout", None, _DEFAULTS.accept_timeout,
-         "Seconds a listener has to accept an incoming connector (then: timeout, 4008).",
-         _seconds],
+        [
+            "max-message",
+            None,
+            _DEFAULTS.max_message,
+            "Largest WebSocket frame/message payload in bytes (larger: too-large, 4009).",
+            _positive_int,
+        ],
+        [
+            "open-timeout",
+            None,
+            _DEFAULTS.open_timeout,
+            "Seconds for the HTTP upgrade and WebSocket opening handshake.",
+            _seconds,
+        ],
+        [
+            "hello-timeout",
+            None,
+            _DEFAULTS.hello_timeout,
+            "Seconds after the upgrade to send the control message (then: timeout, 4008).",
+            _seconds,
+        ],
+        [
+            "ping-interval",
+            None,
+            _DEFAULTS.ping_interval,
+            "Seconds of silence before the relay pings a client (0: never).",
+            _seconds,
+        ],
+        [
+            "ping-timeout",
+            None,
+            _DEFAULTS.ping_timeout,
+            "Seconds a client has to answer a ping before it is dropped.",
+            _seconds,
+        ],
+        [
+            "max-connections",
+            None,
+            _DEFAULTS.max_connections,
+            "Concurrent WebSockets; beyond it upgrades get HTTP 503 (0: unlimited).",
+            _positive_int,
+        ],
+        [
+            "max-pending",
+            None,
+            _DEFAULTS.max_pending,
+            "Waiting connectors per rendezvous id (beyond: rate-limited, 4029).",
+            _positive_int,
+        ],
+        ["max-wait", None, _DEFAULTS.max_wait, "Longest wait (seconds) a connector may ask for.", _seconds],
+        [
+            "accept-timeout",
+            None,
+            _DEFAULTS.accept_timeout,
+            "Seconds a listener has to accept an incoming connector (then: timeout, 4008).",
+            _seconds,
+        ],
     ]
 
     def postOptions(self) -> None:

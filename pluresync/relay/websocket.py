@@ -190,9 +190,7 @@ class RelayProtocol(WebSocketServerProtocol):
         if throttle is not None and throttle.paused and timer is not None:
             self.autoPingTimeoutCall = None
             self.autoPingPending = None
-            self.autoPingPendingCall = timer.call_later(
-                self.autoPingInterval, self._sendAutoPing
-            )
+            self.autoPingPendingCall = timer.call_later(self.autoPingInterval, self._sendAutoPing)
             return
         super().onAutoPingTimeout()
 
@@ -471,9 +469,7 @@ class RelayFactory(WebSocketServerFactory):
                 protocol.go_away()
             for protocol in list(self.sockets):
                 protocol._unregister()
-            self._shutdown_call = self.reactor.callLater(
-                self.limits.shutdown_timeout, self._drop_all
-            )
+            self._shutdown_call = self.reactor.callLater(self.limits.shutdown_timeout, self._drop_all)
         return waiter
 
     def _drop_all(self) -> None:

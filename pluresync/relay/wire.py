@@ -12,7 +12,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 SUBPROTOCOL = "pluresync.v1"
 VERSION = 1
@@ -103,7 +103,7 @@ class Accept:
     session: str
 
 
-ControlMessage = Union[Listen, Connect, Accept]
+ControlMessage = Listen | Connect | Accept
 
 
 def _bad(message: str) -> ProtocolError:

@@ -43,7 +43,7 @@ from pluresync.secure.frames import (
     RecordType,
     split_record,
 )
-from pluresync.secure.handshake import Handshake, HandshakeAborted, Secured, _abort_error
+from pluresync.secure.handshake import Handshake, HandshakeAborted, Secured, abort_error
 
 _CLOSE = bytes([RecordType.CLOSE])
 _READY = bytes([RecordType.READY])
@@ -141,9 +141,7 @@ class SecureChannel:
         # end a WebSocket cleanly, but cannot forge the record.
         if reason.check(ConnectionDone):
             return Failure(
-                TruncatedStreamError(
-                    "the stream ended without the peer's authenticated close; data may be missing"
-                )
+                TruncatedStreamError("the stream ended without the peer's authenticated close; data may be missing")
             )
         return reason
 
@@ -193,7 +191,7 @@ class SecureChannel:
     def _confirmFrame(self, body: bytes) -> None:
         secured = self._handshake.pending()
         if len(body) < 8 + 17:
-            self._failHandshake(_abort_error(body))
+            self._failHandshake(abort_error(body))
             return
         self._secure(secured)
         try:

@@ -95,4 +95,4 @@ def split_record(body: bytes) -> tuple[int, bytes]:
     """Separate a record body into its sequence number and ciphertext."""
     if len(body) < MIN_RECORD_BODY:
         raise RecordError(f"malformed record: {len(body)} bytes is too short")
-    return SEQ.unpack_from(body)[0], body[SEQ.size:]
+    return SEQ.unpack_from(body)[0], body[SEQ.size :]

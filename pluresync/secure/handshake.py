@@ -100,7 +100,7 @@ class Handshake:
             any), then close.
         """
         if len(body) < _MIN_NOISE_MESSAGE:
-            raise HandshakeAborted(None, _abort_error(body))
+            raise HandshakeAborted(None, abort_error(body))
         self._reads += 1
         try:
             self._noise.read_message(body)
@@ -143,7 +143,8 @@ class Handshake:
         return self._secured
 
 
-def _abort_error(body: bytes) -> HandshakeError:
+def abort_error(body: bytes) -> HandshakeError:
+    """The error a frame that is not a Noise message stands for (an abort notice, or garbage)."""
     if len(body) == 1:
         try:
             reason = AbortReason(body[0])
