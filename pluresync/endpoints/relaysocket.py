@@ -39,12 +39,14 @@ from pluresync.errors import (
     RelayUnreachableError,
 )
 from pluresync.interfaces import IPipe
+from pluresync.wsframes import FrameError, FrameReader, client_frame
 
 SUBPROTOCOL = "pluresync.v1"
 #: Largest WebSocket message we accept from the relay: one record frame
 #: (64 KiB) with room to spare; anything larger is not ours.
 MAX_INCOMING_MESSAGE = 256 * 1024
 
+_STATE_OPEN = WebSocketClientProtocol.STATE_OPEN
 _CLOSE_PEER_GONE = 4010
 _CLOSE_GOING_AWAY = 1001
 
@@ -91,7 +93,8 @@ class _WebSocketPipe:
         self._transport = protocol.transport
 
     def write(self, data: bytes) -> None:
-        self._protocol.sendMessage(data, isBinary=True)
+        if self._protocol.state == _STATE_OPEN:
+            self._transport.writeSequence(client_frame(data))
 
     def pauseReading(self) -> None:
         self._transport.pauseProducing()
@@ -123,6 +126,7 @@ class RelaySocketProtocol(WebSocketClientProtocol):
         self._answered = False
         self._relay_error: RelayError | None = None
         self._channel = None
+        self._frames: FrameReader | None = None
 
     def onConnect(self, response: ConnectionResponse) -> None:
         if response.protocol != SUBPROTOCOL:
@@ -167,9 +171,39 @@ class RelaySocketProtocol(WebSocketClientProtocol):
         self.dropConnection(abort=True)
 
     def becomePipe(self, channel) -> _WebSocketPipe:
-        """After C{paired}: deliver binary messages to C{channel} from now on."""
+        """
+        After C{paired}: deliver binary messages to C{channel} from now on,
+        through the lean frame reader (L{pluresync.wsframes}).
+        """
         self._channel = channel
+        self._frames = FrameReader(
+            masked=False,
+            max_message=MAX_INCOMING_MESSAGE,
+            on_data=lambda payload, opcode, fin: channel.pipeDataReceived(payload),
+            on_control=self._dataReceived,
+        )
         return _WebSocketPipe(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        # Autobahn keeps the bytes until a frame boundary; after that, data
+        # frames take the fast path and only control frames reach Autobahn.
+        frames = self._frames
+        if frames is None or self.current_frame is not None or self.inside_message:
+            super().dataReceived(data)
+            return
+        if self.data:
+            data, self.data = self.data + data, b""
+        if self.autoPingTimeoutCall is not None:
+            self._cancelAutoPingTimeoutCall()
+        try:
+            handoff = frames.feed(data)
+        except FrameError as error:
+            self._frames = None
+            self._protocolError(f"the relay broke the WebSocket framing: {error.message}")
+            return
+        if handoff is not None:
+            self._frames = None
+            self._dataReceived(handoff)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         # Autobahn keeps its close-handshake timer when the TCP connection

@@ -46,6 +46,9 @@ from pluresync.secure.frames import (
 from pluresync.secure.handshake import Handshake, HandshakeAborted, Secured, abort_error
 
 _CLOSE = bytes([RecordType.CLOSE])
+#: Records per pipe write at most: two full records (128 KiB) stay under the
+#: relay's and our 256 KiB WebSocket message limit.
+_RECORDS_PER_WRITE = 2
 _READY = bytes([RecordType.READY])
 
 
@@ -279,22 +282,33 @@ class SecureChannel:
     def _writeFrame(self, body: bytes) -> None:
         self._pipe.write(LENGTH.pack(len(body)) + body)
 
-    def _sendRecord(self, plaintext: bytes) -> None:
+    def _seal(self, plaintext: bytes) -> bytes:
         seq = self._send.nonce
         ciphertext = self._send.encrypt(b"", plaintext)
-        self._pipe.write(b"".join((LENGTH.pack(SEQ.size + len(ciphertext)), SEQ.pack(seq), ciphertext)))
+        return b"".join((LENGTH.pack(SEQ.size + len(ciphertext)), SEQ.pack(seq), ciphertext))
+
+    def _sendRecord(self, plaintext: bytes) -> None:
+        self._pipe.write(self._seal(plaintext))
 
     def _writeRecords(self, data: bytes, last: RecordType) -> None:
+        # The records of one write go to the pipe in batches of up to two
+        # records, so a 64 KiB write (one full record and a small one) is one
+        # pipe write, i.e. one WebSocket message, not two.
         if self._state is not _State.OPEN:
             return
         view = memoryview(data)
         total = len(view)
         start = 0
         data_byte = bytes([RecordType.DATA])
+        pending: list[bytes] = []
         while total - start > MAX_RECORD_PAYLOAD:
-            self._sendRecord(data_byte + view[start : start + MAX_RECORD_PAYLOAD])
+            pending.append(self._seal(data_byte + view[start : start + MAX_RECORD_PAYLOAD]))
             start += MAX_RECORD_PAYLOAD
-        self._sendRecord(bytes([last]) + view[start:])
+            if len(pending) == _RECORDS_PER_WRITE:
+                self._pipe.write(b"".join(pending))
+                pending.clear()
+        pending.append(self._seal(bytes([last]) + view[start:]))
+        self._pipe.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def write(self, data: bytes) -> None:
         if data:

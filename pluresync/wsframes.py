@@ -1,0 +1,171 @@
+"""
+WebSocket data frames on the hot path, for both ends of a relay hop.
+
+Autobahn runs the opening handshake, the control messages, pings and the
+closing handshake; but its per-frame Python work (and debug-log formatting)
+costs more than the encryption of a 64 KiB record. Once a socket is paired
+only binary frames carry the stream, so the relay and its clients switch to
+this small codec for them and hand every control frame (ping, pong, close)
+back to Autobahn, whose state stays valid because it only ever sees whole
+frames between data frames.
+
+Only RFC 6455 framing without extensions is handled (compression is never
+negotiated on pluresync sockets).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+
+from autobahn.websocket.xormasker import create_xor_masker
+
+OP_CONTINUATION = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+
+_U16 = struct.Struct(">H")
+_U64 = struct.Struct(">Q")
+
+
+class FrameError(Exception):
+    """
+    The peer broke the framing rules.
+
+    @ivar code: the relay error code that fits (C{bad-request} or C{too-large}).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def frame_header(length: int, opcode: int = OP_BINARY, fin: bool = True, mask: bytes | None = None) -> bytes:
+    """The header of one frame (with its masking key when C{mask} is given)."""
+    first = (0x80 if fin else 0) | opcode
+    bit = 0x80 if mask is not None else 0
+    if length < 126:
+        header = bytes((first, bit | length))
+    elif length < 0x10000:
+        header = bytes((first, bit | 126)) + _U16.pack(length)
+    else:
+        header = bytes((first, bit | 127)) + _U64.pack(length)
+    return header + mask if mask is not None else header
+
+
+def client_frame(payload: bytes) -> tuple[bytes, bytes]:
+    """One masked binary frame, as a client must send it: (header, masked payload)."""
+    mask = os.urandom(4)
+    return frame_header(len(payload), mask=mask), create_xor_masker(mask, len(payload)).process(payload)
+
+
+class FrameReader:
+    """
+    Splits a WebSocket byte stream into frames, without copying more than once.
+
+    @param masked: whether frames must be masked (a server reading a client)
+        or must not be (a client reading a server).
+    @param max_message: the largest message, summed over its fragments; a
+        larger one is refused before its payload is buffered, so memory
+        stays bounded by one frame.
+    @param on_data: called with each data frame's (unmasked) payload, its
+        opcode (binary or continuation) and its FIN bit.
+    @param on_control: called with the raw bytes of each ping or pong frame.
+    """
+
+    __slots__ = ("_buffer", "_masked", "_max_message", "_message_size", "_in_message", "_on_data", "_on_control")
+
+    def __init__(
+        self,
+        *,
+        masked: bool,
+        max_message: int,
+        on_data: Callable[[bytes, int, bool], None],
+        on_control: Callable[[bytes], None],
+    ) -> None:
+        self._buffer = b""
+        self._masked = masked
+        self._max_message = max_message
+        self._message_size = 0
+        self._in_message = False
+        self._on_data = on_data
+        self._on_control = on_control
+
+    def feed(self, data: bytes) -> bytes | None:
+        """
+        Take bytes from the network and deliver every complete frame.
+
+        @return: C{None}, or, when a close frame arrives, that frame and
+            everything after it, for Autobahn to run the closing handshake.
+        @raise FrameError: the stream breaks the rules; stop reading it.
+        """
+        buf = self._buffer + data if self._buffer else data
+        n = len(buf)
+        pos = 0
+        while n - pos >= 2:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            length = b1 & 0x7F
+            h = pos + 2
+            if length == 126:
+                if n - h < 2:
+                    break
+                length = (buf[h] << 8) | buf[h + 1]
+                h += 2
+            elif length == 127:
+                if n - h < 8:
+                    break
+                length = _U64.unpack_from(buf, h)[0]
+                h += 8
+            opcode = b0 & 0x0F
+            if b0 & 0x70:
+                raise FrameError("bad-request", "reserved WebSocket frame bits are set")
+            if opcode >= 0x8:
+                if length > 125 or not b0 & 0x80:
+                    raise FrameError("bad-request", "malformed WebSocket control frame")
+            elif self._message_size + length > self._max_message:
+                raise FrameError("too-large", f"messages are at most {self._max_message} bytes")
+            if b1 & 0x80:
+                if not self._masked:
+                    raise FrameError("bad-request", "masked frame from the server")
+                if n - h < 4:
+                    break
+                mask = buf[h : h + 4]
+                h += 4
+            elif self._masked:
+                raise FrameError("bad-request", "unmasked frame from a client")
+            else:
+                mask = None
+            end = h + length
+            if end > n:
+                break
+            if opcode >= 0x8:
+                if opcode == OP_CLOSE:
+                    self._buffer = b""
+                    return buf[pos:]
+                self._on_control(buf[pos:end])
+                pos = end
+                continue
+            if opcode == OP_TEXT:
+                raise FrameError("bad-request", "text message after pairing")
+            if (opcode == OP_CONTINUATION) != self._in_message:
+                raise FrameError("bad-request", "WebSocket fragments out of order")
+            if opcode > OP_BINARY:
+                raise FrameError("bad-request", f"unknown WebSocket opcode {opcode}")
+            payload = buf[h:end]
+            if mask is not None:
+                payload = create_xor_masker(mask, length).process(payload)
+            fin = bool(b0 & 0x80)
+            if fin:
+                self._message_size = 0
+                self._in_message = False
+            else:
+                self._message_size += length
+                self._in_message = True
+            pos = end
+            self._on_data(payload, opcode, fin)
+        self._buffer = buf[pos:] if pos < n else b""
+        return None
