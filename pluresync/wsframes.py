@@ -76,7 +76,7 @@ class FrameReader:
     @param on_control: called with the raw bytes of each ping or pong frame.
     """
 
-    __slots__ = ("_buffer", "_masked", "_max_message", "_message_size", "_in_message", "_on_data", "_on_control")
+    __slots__ = ("_parts", "_have", "_need", "_masked", "_max_message", "_message_size", "_in_message", "_on_data", "_on_control")
 
     def __init__(
         self,
@@ -86,7 +86,9 @@ class FrameReader:
         on_data: Callable[[bytes, int, bool], None],
         on_control: Callable[[bytes], None],
     ) -> None:
-        self._buffer = b""
+        self._parts: list[bytes] = []  # a frame that is still arriving
+        self._have = 0
+        self._need = 0  # bytes that frame needs in all, when its header is known
         self._masked = masked
         self._max_message = max_message
         self._message_size = 0
@@ -102,9 +104,20 @@ class FrameReader:
             everything after it, for Autobahn to run the closing handshake.
         @raise FrameError: the stream breaks the rules; stop reading it.
         """
-        buf = self._buffer + data if self._buffer else data
+        # Whole frames are sliced straight out of the chunk; a frame split
+        # across reads is joined once, when its last part has arrived.
+        if self._parts:
+            self._parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return None
+            buf = b"".join(self._parts)
+            self._parts = []
+        else:
+            buf = data
         n = len(buf)
         pos = 0
+        need = 0
         while n - pos >= 2:
             b0 = buf[pos]
             b1 = buf[pos + 1]
@@ -141,10 +154,10 @@ class FrameReader:
                 mask = None
             end = h + length
             if end > n:
+                need = end - pos
                 break
             if opcode >= 0x8:
                 if opcode == OP_CLOSE:
-                    self._buffer = b""
                     return buf[pos:]
                 self._on_control(buf[pos:end])
                 pos = end
@@ -167,5 +180,9 @@ class FrameReader:
                 self._in_message = True
             pos = end
             self._on_data(payload, opcode, fin)
-        self._buffer = buf[pos:] if pos < n else b""
+        if pos < n:
+            rest = buf[pos:]
+            self._parts = [rest]
+            self._have = len(rest)
+            self._need = need
         return None

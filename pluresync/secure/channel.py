@@ -46,6 +46,7 @@ from pluresync.secure.frames import (
 from pluresync.secure.handshake import Handshake, HandshakeAborted, Secured, abort_error
 
 _CLOSE = bytes([RecordType.CLOSE])
+_DATA = bytes([RecordType.DATA])
 #: Records per pipe write at most: two full records (128 KiB) stay under the
 #: relay's and our 256 KiB WebSocket message limit.
 _RECORDS_PER_WRITE = 2
@@ -311,7 +312,11 @@ class SecureChannel:
         self._pipe.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def write(self, data: bytes) -> None:
-        if data:
+        if not data:
+            return
+        if len(data) <= MAX_RECORD_PAYLOAD and self._state is _State.OPEN:
+            self._pipe.write(self._seal(_DATA + data))
+        else:
             self._writeRecords(data, RecordType.DATA)
 
     def writeSequence(self, data) -> None:

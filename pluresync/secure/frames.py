@@ -62,33 +62,38 @@ class FrameDecoder:
     Split a byte stream into frame bodies.
 
     Memory is bounded: at most one partial frame (64 KiB) is held besides
-    whatever the caller has not yet taken.
+    whatever the caller has not yet taken. The common case, a chunk holding
+    whole frames, costs one copy per frame (its body).
     """
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "_pos")
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._buffer = b""
+        self._pos = 0
 
     def feed(self, data: bytes) -> None:
-        self._buffer += data
+        if self._pos >= len(self._buffer):
+            self._buffer = data
+        else:
+            self._buffer = self._buffer[self._pos :] + data
+        self._pos = 0
 
     def next(self) -> bytes | None:
         """The next complete frame body, or C{None} if more bytes are needed."""
         buf = self._buffer
-        if len(buf) < 2:
+        pos = self._pos
+        if len(buf) - pos < 2:
             return None
-        length = (buf[0] << 8) | buf[1]
-        end = 2 + length
+        end = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
         if len(buf) < end:
             return None
-        body = bytes(buf[2:end])
-        del buf[:end]
-        return body
+        self._pos = end
+        return buf[pos + 2 : end]
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) - self._pos
 
 
 def split_record(body: bytes) -> tuple[int, bytes]:
