@@ -238,6 +238,7 @@ def main() -> None:
         profiler.dump_stats(args.profile)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     RESULT["cpu_s"] = usage.ru_utime + usage.ru_stime
+    RESULT["max_rss_kib"] = usage.ru_maxrss
     print("RESULT " + json.dumps(RESULT), flush=True)
     sys.stdout.flush()
     os._exit(0)

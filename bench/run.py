@@ -96,15 +96,17 @@ def throughput_table(tput: dict, size_mib: int, chunk: int) -> str:
     base = med(tput["portforward"], "mb_s")
     lines = [f"Throughput, one stream, {size_mib} MiB in {chunk // 1024} KiB writes "
              f"(MB = 10^6 bytes; median of {len(tput['direct'])} runs, all runs listed)", "",
-             "| path | MB/s (median) | runs | vs portforward | CPU s per GB: sender / relay / receiver |",
-             "|---|---:|---|---:|---|"]
+             "| path | MB/s (median) | runs | vs portforward | CPU s per GB: sender / relay / receiver "
+             "| peak RSS MiB: sender / receiver |",
+             "|---|---:|---|---:|---|---|"]
     for path in PATHS:
         runs = tput[path]
         value = med(runs, "mb_s")
         cpu = " / ".join(format(statistics.median(r["cpu_s_per_gb"][who] for r in runs), ".2f")
                          for who in ("sender", "relay", "receiver"))
+        rss = " / ".join(format(max(r["max_rss_mib"][who] for r in runs), ".0f") for who in ("sender", "receiver"))
         lines.append(f"| {LABELS[path]} | {value:.1f} | {', '.join(format(r['mb_s'], '.1f') for r in runs)} "
-                     f"| {value / base:.2f}x | {cpu} |")
+                     f"| {value / base:.2f}x | {cpu} | {rss} |")
     return "\n".join(lines)
 
 

@@ -28,4 +28,6 @@ def measure(path: str, relays: Relays, size: int, chunk: int = 64 << 10,
     return {"path": path, "bytes": size, "chunk": chunk, "seconds": seconds,
             "mb_s": size / seconds / 1e6,
             "cpu_s_per_gb": {"sender": sent["transfer_cpu_s"] / gb, "relay": relay_cpu / gb,
-                             "receiver": received["transfer_cpu_s"] / gb}}
+                             "receiver": received["transfer_cpu_s"] / gb},
+            "max_rss_mib": {"sender": sent.get("max_rss_kib", 0) / 1024,
+                            "receiver": received.get("max_rss_kib", 0) / 1024}}

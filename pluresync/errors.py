@@ -38,6 +38,10 @@ class WrongKeyError(HandshakeError):
         super().__init__(message)
 
 
+class NotChosenError(HandshakeError):
+    """The connecting peer completed the handshake but used another path (it raced several)."""
+
+
 class PeerMismatchError(HandshakeError):
     """The peer proved a different identity from the one we asked for."""
 

@@ -158,15 +158,19 @@ class RelayEndpointTests(TestCase):
         listeners = [await self.listen(identity=path) for path in ids]
         wanted = PeerIdentity.from_file(ids[1])
         for _ in range(3):
+            accepted = listeners[1][0].next()
             client = await self.connect(peer=wanted.peer_id)
             self.assertEqual(client.transport.getPeer().peer_id, wanted.peer_id)
+            await accepted
         self.assertEqual(len(listeners[0][0].accepted), 0)
         self.assertEqual(len(listeners[1][0].accepted), 3)
 
     async def test_many_connectors_one_listener(self):
         """One listener takes many connectors, each its own stream."""
         listening, _ = await self.listen()
+        accepted = gatherResults([listening.next() for _ in range(5)])
         clients = await gatherResults([Deferred.fromCoroutine(self.connect()) for _ in range(5)])
+        await accepted
         for i, client in enumerate(clients):
             client.transport.write(b"%d" % i)
         self.assertEqual(len(listening.accepted), 5)

@@ -15,6 +15,7 @@ from zope.interface.verify import verifyObject
 
 from pluresync.errors import (
     HandshakeError,
+    NotChosenError,
     PeerMismatchError,
     RecordError,
     TruncatedStreamError,
@@ -88,12 +89,18 @@ def make_pair(test, *, responder_key=None, expected_peer=None, firewall=None):
 
 
 def open_pair(test, protocol_class=Recorder):
+    """
+    A completed handshake: the initiator is secured after READY; the
+    responder only once the initiator attached (chose) its side.
+    """
     initiator, responder, a, b, results, iid, rid = make_pair(test)
     pump(a, b)
     test.assertEqual(results["initiator"], [rid.peer_id])
-    test.assertEqual(results["responder"], [iid.peer_id])
+    test.assertEqual(results["responder"], [])
     left, right = protocol_class(), protocol_class()
     initiator.attach(left)
+    pump(a, b)
+    test.assertEqual(results["responder"], [iid.peer_id])
     responder.attach(right)
     return initiator, responder, a, b, left, right
 
@@ -160,6 +167,26 @@ class HandshakeTests(SynchronousTestCase):
         _, _, a, b, results, _, _ = make_pair(self)
         a.end(Failure(ConnectionDone()))
         results["initiator"][0].trap(HandshakeError)
+
+    def test_discarded_channel_never_reaches_the_responder(self):
+        """
+        An initiator that secures a channel but discards it (it lost a race)
+        closes it cleanly, and the responder builds nothing for it.
+        """
+        initiator, _, a, b, results, _, _ = make_pair(self)
+        pump(a, b)
+        initiator.discard()
+        pump(a, b)
+        results["responder"][0].trap(NotChosenError)
+        self.assertTrue(a.closed and b.closed)
+
+    def test_data_before_choice_is_refused(self):
+        """A responder waiting for USE refuses a data record."""
+        initiator, _, a, b, results, _, _ = make_pair(self)
+        pump(a, b)
+        initiator._pipe.write(initiator._seal(b"\x00sneaky"))
+        pump(a, b)
+        results["responder"][0].trap(HandshakeError)
 
     def test_cancel_aborts_the_pipe(self):
         """Cancelling the secured Deferred drops the pipe."""
@@ -329,9 +356,9 @@ class WireFormatTests(SynchronousTestCase):
     """The bytes match docs/protocol.md's worked example."""
 
     def test_documented_example(self):
-        """The initiator's first 5-byte write is a 32-byte frame: length 30, seq 0."""
+        """The initiator's first 5-byte write is a 32-byte frame: length 30, seq 1 (after USE)."""
         _, _, a, b, left, right = open_pair(self)
         left.transport.write(b"hello")
         [wire] = a.outgoing
         self.assertEqual(len(wire), 32)
-        self.assertEqual(wire[:10], b"\x00\x1e" + b"\x00" * 8)
+        self.assertEqual(wire[:10], b"\x00\x1e" + b"\x00" * 7 + b"\x01")

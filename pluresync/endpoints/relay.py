@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from pluresync.address import PeerAddress
 from pluresync.endpoints.relaysocket import RelayURL, open_relay_socket
-from pluresync.errors import ConnectionTimeoutError, PluresyncError, RelayError
+from pluresync.errors import ConnectionTimeoutError, NotChosenError, PluresyncError, RelayError
 from pluresync.keys import PeerIdentity, Topic, format_peer_id
 from pluresync.secure.channel import SecureChannel
 from pluresync.secure.handshake import Handshake
@@ -290,7 +290,9 @@ class RelayListeningPort:
 
         def done(result):
             self._accepting.discard(d)
-            if isinstance(result, Failure) and not self._stopping:
+            if isinstance(result, Failure) and result.check(NotChosenError):
+                self._log.debug("a peer racing several paths chose another one")
+            elif isinstance(result, Failure) and not self._stopping:
                 self._log.warn(
                     "an incoming connection through {relay} failed: {why}",
                     relay=self._config.relay.host,

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from pluresync.address import PeerAddress
-from pluresync.errors import HandshakeError, RecordError, TruncatedStreamError
+from pluresync.errors import HandshakeError, NotChosenError, RecordError, TruncatedStreamError
 from pluresync.keys import format_peer_id
 from pluresync.noise import NoiseError
 from pluresync.secure.frames import (
@@ -51,6 +51,7 @@ _DATA = bytes([RecordType.DATA])
 #: relay's and our 256 KiB WebSocket message limit.
 _RECORDS_PER_WRITE = 2
 _READY = bytes([RecordType.READY])
+_USE = bytes([RecordType.USE])
 
 
 class IRecordReceiver(Interface):
@@ -75,6 +76,7 @@ class IMessageTransport(Interface):
 class _State(Enum):
     HANDSHAKE = auto()  # exchanging Noise handshake frames
     CONFIRMING = auto()  # initiator: sent frame 3, waiting for READY
+    CHOOSING = auto()  # responder: sent READY, waiting for USE (or CLOSE)
     SECURED = auto()  # keys ready, no protocol attached yet
     OPEN = auto()  # a protocol is attached; records flow
     CLOSING = auto()  # we sent CLOSE; waiting for the pipe to end
@@ -126,7 +128,7 @@ class SecureChannel:
     def pipeLost(self, reason: Failure) -> None:
         state = self._state
         self._state = _State.CLOSED
-        if state in (_State.HANDSHAKE, _State.CONFIRMING):
+        if state in (_State.HANDSHAKE, _State.CONFIRMING, _State.CHOOSING):
             error = reason.value
             if reason.check(ConnectionDone):
                 error = HandshakeError("the connection closed during the handshake")
@@ -159,6 +161,7 @@ class SecureChannel:
             while not self._paused and self._state in (
                 _State.HANDSHAKE,
                 _State.CONFIRMING,
+                _State.CHOOSING,
                 _State.OPEN,
                 _State.CLOSING,
             ):
@@ -169,6 +172,8 @@ class SecureChannel:
                     self._handshakeFrame(body)
                 elif self._state is _State.CONFIRMING:
                     self._confirmFrame(body)
+                elif self._state is _State.CHOOSING:
+                    self._choiceRecord(body)
                 else:
                     self._record(body)
         finally:
@@ -185,10 +190,11 @@ class SecureChannel:
         for frame_body in out:
             self._writeFrame(frame_body)
         if secured is not None:
-            # Responder: the initiator proved the key; confirm with READY.
+            # Responder: the initiator proved the key; confirm with READY,
+            # then wait to be chosen (the initiator may be racing relays).
             self._secure(secured)
+            self._state = _State.CHOOSING
             self._sendRecord(_READY)
-            self.secured.callback(self.peer_id)
         elif self._handshake.initiator:
             self._state = _State.CONFIRMING
 
@@ -207,6 +213,20 @@ class SecureChannel:
             self._failHandshake(HandshakeError("handshake failed: the peer did not confirm"))
             return
         self.secured.callback(self.peer_id)
+
+    def _choiceRecord(self, body: bytes) -> None:
+        try:
+            kind, _ = self._open(body)
+        except RecordError as e:
+            self._failHandshake(HandshakeError(f"handshake failed: {e}"))
+            return
+        if kind == RecordType.USE:
+            self._state = _State.SECURED
+            self.secured.callback(self.peer_id)
+        elif kind == RecordType.CLOSE:
+            self._failHandshake(NotChosenError("the peer chose another path for this connection"))
+        else:
+            self._failHandshake(HandshakeError("handshake failed: the peer sent data before choosing"))
 
     def _secure(self, secured: Secured) -> None:
         self._send, self._receive = secured.send, secured.receive
@@ -262,8 +282,14 @@ class SecureChannel:
     # -- the user side ------------------------------------------------------
 
     def attach(self, protocol: IProtocol) -> None:
-        """Connect the user's protocol, once the channel is secured."""
+        """
+        Connect the user's protocol, once the channel is secured. On the
+        initiator this is the choice of this connection: it tells the peer
+        (USE) before the protocol can write anything.
+        """
         assert self._state in (_State.SECURED, _State.CLOSED), self._state
+        if self._state is _State.SECURED and self._handshake.initiator:
+            self._sendRecord(_USE)
         self._protocol = protocol
         self._records = IRecordReceiver(protocol, None)
         lost = self._lost_before_attach
@@ -324,6 +350,16 @@ class SecureChannel:
 
     def writeMessage(self, data: bytes) -> None:
         self._writeRecords(data, RecordType.END)
+
+    def discard(self) -> None:
+        """
+        Close a secured channel that no protocol will use (it lost a race):
+        the peer learns it cleanly, and builds no protocol for it either.
+        """
+        if self._state is _State.SECURED:
+            self._sendRecord(_CLOSE)
+            self._state = _State.CLOSED
+            self._pipe.close()
 
     def loseConnection(self) -> None:
         if self._state is not _State.OPEN:

@@ -42,6 +42,7 @@ class RecordType(IntEnum):
     END = 0x01  #: the last part of a message (message-oriented API)
     CLOSE = 0x02  #: authenticated clean close: nothing follows
     READY = 0x03  #: the responder accepted the handshake (first record it sends)
+    USE = 0x04  #: the initiator chose this connection (first record it sends)
 
 
 class AbortReason(IntEnum):

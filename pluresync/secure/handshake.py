@@ -11,10 +11,12 @@ the initiator::
                            <- e, ee, s, es   (frame 2)
     -> s, se, psk                            (frame 3)
                            <- READY record   (or an abort frame)
+    -> USE record (or CLOSE, if another path won a race)
 
 The initiator waits for READY before it reports success, so a wrong key
 fails C{connect()} on both sides instead of failing a connection that looked
-established.
+established; the responder waits for USE before it builds a protocol, so an
+initiator racing several relays leaves no stray connections at listeners.
 
 This module is pure (no I/O): L{Handshake} takes frame bodies and returns
 frame bodies to send; L{pluresync.secure.channel} drives it.
