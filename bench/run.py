@@ -43,6 +43,7 @@ LABELS = {
 
 def machine() -> str:
     import autobahn
+
     import twisted
 
     cpu = "?"
@@ -125,7 +126,8 @@ def latency_table(lat: dict, count: int, warmup: int) -> str:
 
 def memory_table(results: list[dict]) -> str:
     lines = ["Relay RSS per idle paired session (fresh relay; cumulative pairs; KiB = 1024 bytes)", "",
-             "| relay | pairs | RSS before (KiB) | RSS after (KiB) | KiB per pair | marginal KiB per pair | set-up time (s) |",
+             "| relay | pairs | RSS before (KiB) | RSS after (KiB) | KiB per pair | marginal KiB per pair "
+             "| set-up time (s) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         marginal = f"{r['marginal_kib_per_pair']:.1f}" if "marginal_kib_per_pair" in r else ""

@@ -73,6 +73,7 @@ class SyncConnection(Protocol):
         self._senders: deque[Deferred] = deque()
         self._reading_paused = False
         self._ended: Failure | None = None
+        self._closing = False
         self._closed = Deferred()
         self.peer_id: str | None = None
         self.transport_name: str | None = None
@@ -146,6 +147,8 @@ class SyncConnection(Protocol):
             return fail(TypeError(f"send() takes bytes, not {type(data).__name__}"))
         if self._ended is not None:
             return fail(self._ended)
+        if self._closing:
+            return fail(ConnectionDone("send() after close()"))
         self.transport.writeMessage(bytes(data))
         if self._writable:
             return succeed(None)
@@ -157,6 +160,7 @@ class SyncConnection(Protocol):
         return _Messages(self)
 
     def close(self) -> Deferred[None]:
+        self._closing = True
         if self._ended is None:
             self.transport.loseConnection()
         d: Deferred[None] = Deferred()

@@ -17,8 +17,17 @@ from pluresync.errors import PluresyncError
 from pluresync.keys import SyncKey
 
 
-class KeygenOptions(usage.Options):
-    synopsis = "[--out PATH]"
+class _Options(usage.Options):
+    """usage.Options without Twisted's own --version (ours is on the top level)."""
+
+    def opt_version(self) -> None:
+        """Print pluresync's version and exit."""
+        print(f"pluresync {__version__}")
+        sys.exit(0)
+
+
+class KeygenOptions(_Options):
+    synopsis = "pluresync keygen [--out PATH]"
     longdesc = (
         "Make a new random sync key. With --out, write it to a new file readable "
         "only by you (mode 0600; an existing file is never overwritten) and print "
@@ -36,16 +45,11 @@ class KeygenOptions(usage.Options):
         return 0
 
 
-class Options(usage.Options):
-    synopsis = "COMMAND [options]"
+class Options(_Options):
+    synopsis = "pluresync COMMAND [options]"
     longdesc = "End-to-end encrypted peer-to-peer connections (see docs/)."
     optFlags = [["debug", None, "Show tracebacks for errors."]]
     subCommands = [["keygen", None, KeygenOptions, "Make a new sync key."]]
-
-    def opt_version(self) -> None:
-        """Print the version and exit."""
-        print(f"pluresync {__version__}")
-        sys.exit(0)
 
     def postOptions(self) -> None:
         if self.subCommand is None:

@@ -76,7 +76,17 @@ class FrameReader:
     @param on_control: called with the raw bytes of each ping or pong frame.
     """
 
-    __slots__ = ("_parts", "_have", "_need", "_masked", "_max_message", "_message_size", "_in_message", "_on_data", "_on_control")
+    __slots__ = (
+        "_parts",
+        "_have",
+        "_need",
+        "_masked",
+        "_max_message",
+        "_message_size",
+        "_in_message",
+        "_on_data",
+        "_on_control",
+    )
 
     def __init__(
         self,

@@ -77,7 +77,7 @@ class OptionsTests(unittest.TestCase):
         """Every limit option reaches the limits."""
         options = parse(
             "--max-message",
-            "65536",
+            "200000",
             "--open-timeout",
             "3",
             "--hello-timeout",
@@ -98,7 +98,7 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual(
             options["limits"],
             RelayLimits(
-                max_message=65536,
+                max_message=200000,
                 open_timeout=3,
                 hello_timeout=4,
                 ping_interval=5,

@@ -309,7 +309,7 @@ class TimeoutTests(RelayTestCase):
 class ErrorTests(RelayTestCase):
     """Each bad input gets its code, and a concurrent pair keeps working."""
 
-    limits = RelayLimits(ping_interval=0, ping_timeout=0, max_message=65536, max_pending=2)
+    limits = RelayLimits(ping_interval=0, ping_timeout=0, max_message=135168, max_pending=2)
 
     @inlineCallbacks
     def bad(self, send: Any, code: str, close_code: int) -> Any:
@@ -358,7 +358,7 @@ class ErrorTests(RelayTestCase):
 
     def test_oversize_frame(self) -> Any:
         """A frame above max_message: too-large, even in the control phase."""
-        return self.bad(lambda c: c.send_bytes(b"x" * 70000), "too-large", 4009)
+        return self.bad(lambda c: c.send_bytes(b"x" * 140000), "too-large", 4009)
 
     def test_second_control_message(self) -> Any:
         """A second control message on a listener socket: bad-request."""
@@ -415,7 +415,7 @@ class ErrorTests(RelayTestCase):
     def test_oversize_after_pairing(self) -> Any:
         """A frame above max_message after pairing: 4009, partner 4010."""
         _, connector, acceptor = yield self.pair()
-        connector.send_bytes(b"y" * 70000)
+        connector.send_bytes(b"y" * 140000)
         yield self.assertClosedWith(connector, None, 4009)
         yield self.assertClosedWith(acceptor, None, 4010)
 

@@ -8,7 +8,7 @@ imported when a string is parsed.
 
 Each parser forwards C{*args, **kwargs} to a function with a real signature,
 which coerces the strings and rejects what it does not know with a
-C{ValueError} that names it.
+L{ConfigurationError} (a C{ValueError}) that names it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from twisted.internet.interfaces import (
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from pluresync.errors import ConfigurationError
+
 _RELAY_PARAMETERS = frozenset({"url", "keyfile", "key", "topic", "peer", "identity", "wait", "timeout", "ca", "ping"})
 
 
@@ -29,9 +31,9 @@ def _number(name: str, value: str | None, default: float, minimum: float = 0.0) 
     try:
         number = float(value)
     except ValueError:
-        raise ValueError(f"relay endpoint: {name}= must be a number of seconds, got {value!r}") from None
+        raise ConfigurationError(f"relay endpoint: {name}= must be a number of seconds, got {value!r}") from None
     if not (number >= minimum) or number == float("inf"):
-        raise ValueError(f"relay endpoint: {name}= must be at least {minimum:g}, got {value!r}")
+        raise ConfigurationError(f"relay endpoint: {name}= must be at least {minimum:g}, got {value!r}")
     return number
 
 
@@ -43,15 +45,18 @@ def _load_ca(path: str):
     try:
         text = Path(path).expanduser().read_text("ascii")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"relay endpoint: cannot read ca={path!r}: {getattr(e, 'strerror', e)}") from None
+        raise ConfigurationError(f"relay endpoint: cannot read ca={path!r}: {getattr(e, 'strerror', e)}") from None
     marker = "-----BEGIN CERTIFICATE-----"
     blocks = [marker + block for block in text.split(marker)[1:]]
     if not blocks:
-        raise ValueError(f"relay endpoint: ca={path!r} holds no PEM certificate")
+        raise ConfigurationError(f"relay endpoint: ca={path!r} holds no PEM certificate")
     try:
         return tuple(Certificate.loadPEM(block) for block in blocks)
     except Exception:
-        raise ValueError(f"relay endpoint: ca={path!r} holds a malformed certificate") from None
+        raise ConfigurationError(f"relay endpoint: ca={path!r} holds a malformed certificate") from None
+
+
+_CLIENT_ONLY = ("peer", "wait")
 
 
 def relay_config(*args: str, **kwargs: str):
@@ -66,17 +71,17 @@ def relay_config(*args: str, **kwargs: str):
 
     unknown = sorted(set(kwargs) - _RELAY_PARAMETERS)
     if unknown:
-        raise ValueError(
+        raise ConfigurationError(
             f"relay endpoint: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(_RELAY_PARAMETERS))}"
         )
     if len(args) > 1:
-        raise ValueError(f"relay endpoint: expected at most one relay name, got {':'.join(args)!r}")
+        raise ConfigurationError(f"relay endpoint: expected at most one relay name, got {':'.join(args)!r}")
     preset = args[0] if args else None
     if preset is not None and preset not in PRESETS:
-        raise ValueError(f"relay endpoint: unknown relay {preset!r}; use {' or '.join(PRESETS)} or url=")
+        raise ConfigurationError(f"relay endpoint: unknown relay {preset!r}; use {' or '.join(PRESETS)} or url=")
     url = kwargs.get("url") or (PRESETS[preset] if preset else None)
     if url is None:
-        raise ValueError("relay endpoint: name a relay (relay:azure, relay:vercel) or give url=")
+        raise ConfigurationError("relay endpoint: name a relay (relay:azure, relay:vercel) or give url=")
     relay = RelayURL.parse(url)
     name = f"relay:{preset}" if preset else f"relay:{relay.host}"
     sync_key = load_sync_key(keyfile=kwargs.get("keyfile"), key=kwargs.get("key"))
@@ -84,7 +89,7 @@ def relay_config(*args: str, **kwargs: str):
     try:
         peer_bytes = parse_peer_id(peer) if peer is not None else None
     except ValueError as e:
-        raise ValueError(f"relay endpoint: peer= {e}") from None
+        raise ConfigurationError(f"relay endpoint: peer= {e}") from None
     identity_path = kwargs.get("identity")
     identity = PeerIdentity.from_file(identity_path, create=True) if identity_path else PeerIdentity.generate()
     ping = _number("ping", kwargs.get("ping"), 25.0)
@@ -123,4 +128,9 @@ class RelayServerParser:
     def parseStreamServer(self, reactor, *args, **kwargs):
         from pluresync.endpoints.relay import RelayServerEndpoint
 
+        misplaced = [name for name in _CLIENT_ONLY if name in kwargs]
+        if misplaced:
+            raise ConfigurationError(
+                f"relay endpoint: {', '.join(p + '=' for p in misplaced)} only apply to connecting (client) endpoints"
+            )
         return RelayServerEndpoint(reactor, relay_config(*args, **kwargs))

@@ -148,7 +148,9 @@ class RelayClientEndpoint:
             "op": "connect",
             "rdv": config.rendezvous_hex,
             "from": config.identity.peer_id,
-            "wait": config.wait,
+            # Ask the relay to give up a moment before our own deadline, so
+            # the user sees its explanation (no-listener), not a bare timeout.
+            "wait": max(0.0, min(config.wait, config.timeout - 1.0)),
         }
         if config.peer is not None:
             hello["peer"] = format_peer_id(config.peer)
@@ -159,9 +161,9 @@ class RelayClientEndpoint:
                 # Peers with different keys have different rendezvous ids, so
                 # they never meet at a relay: a wrong key looks exactly like this.
                 raise RelayError(
-                    f"no peer {'with that peer id ' if config.peer else ''}is listening with this "
-                    f"sync key and topic at {config.relay.host} (waited {config.wait:g} s); "
-                    "check that the listener runs and that both sides use the same key file and topic",
+                    f"{e}; no peer {'with that peer id ' if config.peer else ''}is listening with this "
+                    "sync key and topic: check that the listener runs and that both sides use the same "
+                    "key file and topic",
                     "no-listener",
                 ) from None
             raise

@@ -278,6 +278,7 @@ class RelaySocketFactory(WebSocketClientFactory):
     """Makes one L{RelaySocketProtocol} that sends C{hello} and reports the answer."""
 
     protocol = RelaySocketProtocol
+    noisy = False  # one socket per connection: "Starting factory" lines are noise
 
     def __init__(
         self,

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: pluresync clients send binary messages of up to two 65,537-byte record
+#: frames (131,074 bytes); a relay must accept at least this much.
+MIN_MAX_MESSAGE = 135168
+
 
 @dataclass(frozen=True)
 class RelayLimits:
@@ -51,8 +55,10 @@ class RelayLimits:
     shutdown_timeout: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.max_message < 4096:
-            raise ValueError("max_message must be at least 4096 bytes")
+        if self.max_message < MIN_MAX_MESSAGE:
+            raise ValueError(
+                f"max_message must be at least {MIN_MAX_MESSAGE} bytes (pluresync clients send up to 131,074)"
+            )
         for name in (
             "open_timeout",
             "hello_timeout",
