@@ -106,3 +106,27 @@ class IPipe(Interface):
 
     def abort():
         """Drop the carrier at once."""
+
+
+class IPath(Interface):
+    """
+    One way to reach peers (a relay today; C{direct:} later), as C{auto:}
+    uses it. Adding a transport to C{auto:} is providing this.
+    """
+
+    name = Attribute("The path's name, e.g. 'relay:azure'.")
+    identity = Attribute("Our PeerIdentity on this path.")
+    cache_key = Attribute("What identifies the peer we reach, before connecting (for the path cache).")
+
+    def client(reactor):
+        """
+        @return: an object whose C{secure()} reaches the peer and completes
+            the handshake: a cancellable Deferred firing with a secured but
+            unattached L{pluresync.secure.channel.SecureChannel}.
+        """
+
+    def listener(reactor, factory):
+        """
+        @return: an C{IListeningPort} not yet started, with
+            C{startListening(keep_trying=True)} and a C{connected} flag.
+        """

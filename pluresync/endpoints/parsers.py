@@ -59,6 +59,14 @@ def _load_ca(path: str):
 _CLIENT_ONLY = ("peer", "wait")
 
 
+def _refuse_client_only(prefix: str, kwargs: dict) -> None:
+    misplaced = [name for name in _CLIENT_ONLY if name in kwargs]
+    if misplaced:
+        raise ConfigurationError(
+            f"{prefix} endpoint: {', '.join(p + '=' for p in misplaced)} only apply to connecting (client) endpoints"
+        )
+
+
 def relay_config(*args: str, **kwargs: str):
     """
     Build a L{pluresync.endpoints.relay.RelayConfig} from an endpoint
@@ -128,9 +136,92 @@ class RelayServerParser:
     def parseStreamServer(self, reactor, *args, **kwargs):
         from pluresync.endpoints.relay import RelayServerEndpoint
 
-        misplaced = [name for name in _CLIENT_ONLY if name in kwargs]
-        if misplaced:
-            raise ConfigurationError(
-                f"relay endpoint: {', '.join(p + '=' for p in misplaced)} only apply to connecting (client) endpoints"
-            )
+        _refuse_client_only("relay", kwargs)
         return RelayServerEndpoint(reactor, relay_config(*args, **kwargs))
+
+
+_AUTO_PARAMETERS = (_RELAY_PARAMETERS - {"url"}) | {"azure", "vercel", "relays", "delay", "config"}
+
+
+def auto_config(*args: str, **kwargs: str):
+    """
+    Build a L{pluresync.endpoints.auto.AutoConfig} from an endpoint string's
+    arguments: C{auto:keyfile=...:azure=URL:vercel=URL:timeout=...:delay=...},
+    C{auto:config=PATH} (the seed's JSON config), C{relays=vercel,azure} to
+    choose and order the relays. Precedence: the string, then the config
+    file, then the environment.
+    """
+    from dataclasses import replace
+
+    from pluresync.config import read_config
+    from pluresync.endpoints.auto import DEFAULT_DELAY, AutoConfig
+    from pluresync.endpoints.relay import PRESETS
+    from pluresync.keys import KEY_PREFIX, PeerIdentity, SyncKey
+
+    unknown = sorted(set(kwargs) - _AUTO_PARAMETERS)
+    if unknown:
+        raise ConfigurationError(
+            f"auto endpoint: unknown parameter(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(_AUTO_PARAMETERS))}"
+        )
+    if args:
+        raise ConfigurationError(f"auto endpoint: takes only name=value parameters, got {':'.join(args)!r}")
+    seed = read_config(kwargs["config"]) if "config" in kwargs else None
+    if seed is None:
+        from pluresync.config import SeedConfig
+
+        seed = SeedConfig()
+    seed = seed.with_environment()
+    relays = [name.strip() for name in kwargs.get("relays", ",".join(PRESETS)).split(",") if name.strip()]
+    bad = [name for name in relays if name not in PRESETS]
+    if bad or not relays or len(set(relays)) != len(relays):
+        raise ConfigurationError(
+            f"auto endpoint: relays= lists {', '.join(PRESETS)} (each at most once), got {kwargs.get('relays')!r}"
+        )
+    common = {k: kwargs[k] for k in _RELAY_PARAMETERS - {"url"} if k in kwargs}
+    if "key" not in common and "keyfile" not in common and seed.sync_key:
+        text = seed.sync_key.strip()
+        common["key"] = text if text.lower().startswith(KEY_PREFIX) else SyncKey.from_passphrase(text).to_text()
+    if "timeout" not in common and seed.timeout is not None:
+        common["timeout"] = str(seed.timeout)
+    slots = {"azure": seed.relay, "vercel": seed.relay_fallback}
+    paths = []
+    identity = None
+    for name in relays:
+        url = kwargs.get(name) or slots[name] or PRESETS[name]
+        path = relay_config(name, url=url, **common)
+        # One identity (peer id) for every path, so peer= means the same listener.
+        identity = identity or path.identity
+        paths.append(replace(path, identity=identity))
+    if not isinstance(identity, PeerIdentity):
+        raise ConfigurationError("auto endpoint: no paths configured")
+    return AutoConfig(
+        paths=tuple(paths),
+        delay=_number("delay", kwargs.get("delay"), DEFAULT_DELAY),
+        timeout=paths[0].timeout,
+    )
+
+
+@implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
+class AutoClientParser:
+    """C{auto:} client endpoints: race every path, keep the first that works."""
+
+    prefix = "auto"
+
+    def parseStreamClient(self, reactor, *args, **kwargs):
+        from pluresync.endpoints.auto import AutoClientEndpoint
+
+        return AutoClientEndpoint(reactor, auto_config(*args, **kwargs))
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class AutoServerParser:
+    """C{auto:} server endpoints: listen on every path at once."""
+
+    prefix = "auto"
+
+    def parseStreamServer(self, reactor, *args, **kwargs):
+        from pluresync.endpoints.auto import AutoServerEndpoint
+
+        _refuse_client_only("auto", kwargs)
+        return AutoServerEndpoint(reactor, auto_config(*args, **kwargs))

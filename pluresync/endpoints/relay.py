@@ -25,6 +25,7 @@ from zope.interface import implementer
 from pluresync.address import PeerAddress
 from pluresync.endpoints.relaysocket import RelayURL, open_relay_socket
 from pluresync.errors import ConnectionTimeoutError, NotChosenError, PluresyncError, RelayError
+from pluresync.interfaces import IPath
 from pluresync.keys import PeerIdentity, Topic, format_peer_id
 from pluresync.secure.channel import SecureChannel
 from pluresync.secure.handshake import Handshake
@@ -36,6 +37,7 @@ PRESETS = {
 }
 
 
+@implementer(IPath)
 @dataclass(frozen=True)
 class RelayConfig:
     """
@@ -75,6 +77,18 @@ class RelayConfig:
     def rendezvous_hex(self) -> str:
         return self.topic.rendezvous_id.hex()
 
+    # IPath (pluresync.endpoints.auto): a relay is one of auto:'s paths.
+
+    @property
+    def cache_key(self) -> str:
+        return self.peer.hex() if self.peer is not None else self.rendezvous_hex[:32]
+
+    def client(self, reactor) -> RelayClientEndpoint:
+        return RelayClientEndpoint(reactor, self)
+
+    def listener(self, reactor, factory) -> RelayListeningPort:
+        return RelayListeningPort(reactor, self, factory)
+
 
 def _with_timeout(reactor, d: Deferred, seconds: float, what: str, address) -> Deferred:
     """
@@ -111,8 +125,9 @@ async def _secure(config: RelayConfig, protocol, initiator: bool) -> SecureChann
     return channel
 
 
-def _attach(channel: SecureChannel, factory, config: RelayConfig):
-    protocol = factory.buildProtocol(PeerAddress(config.name, channel.peer_id))
+def attach(channel: SecureChannel, factory, name: str):
+    """Build the user's protocol for a secured channel (of transport C{name}) and connect them."""
+    protocol = factory.buildProtocol(PeerAddress(name, channel.peer_id))
     if protocol is None:
         channel.abortConnection()
         raise PluresyncError("the protocol factory refused the connection (buildProtocol returned None)")
@@ -128,20 +143,32 @@ class RelayClientEndpoint:
         self._reactor = reactor
         self._config = config
 
+    @property
+    def name(self) -> str:
+        return self._config.name
+
     def connect(self, protocolFactory):
         try:
-            d = Deferred.fromCoroutine(self._connect(protocolFactory))
+            d = self.secure()
         except BaseException:
             return fail()
+        return d.addCallback(attach, protocolFactory, self._config.name)
+
+    def secure(self) -> Deferred[SecureChannel]:
+        """
+        Pair through the relay and complete the handshake, but build no
+        protocol yet: the channel is C{attach}ed by the caller, or
+        C{discard}ed if another path won a race (the C{auto:} transport).
+        """
         return _with_timeout(
             self._reactor,
-            d,
+            Deferred.fromCoroutine(self._secure()),
             self._config.timeout,
             f"connecting through {self._config.name}",
             PeerAddress(self._config.name, None),
         )
 
-    async def _connect(self, factory):
+    async def _secure(self) -> SecureChannel:
         config = self._config
         hello = {
             "v": 1,
@@ -167,8 +194,7 @@ class RelayClientEndpoint:
                     "no-listener",
                 ) from None
             raise
-        channel = await _secure(config, protocol, initiator=True)
-        return _attach(channel, factory, config)
+        return await _secure(config, protocol, initiator=True)
 
 
 @implementer(IStreamServerEndpoint)
@@ -216,10 +242,28 @@ class RelayListeningPort:
     def getHost(self) -> PeerAddress:
         return PeerAddress(self._config.name, self._config.identity.peer_id)
 
-    def startListening(self) -> Deferred:
-        """Register at the relay; fires with this port once the relay is ready."""
+    def startListening(self, keep_trying: bool = False) -> Deferred:
+        """
+        Register at the relay; fires with this port once the relay is ready.
+
+        @param keep_trying: if the first registration fails, report it and
+            go on trying with backoff in the background (C{auto:} listeners
+            use this for relays that are down when they start).
+        """
         d = self._register()
-        d.addCallback(lambda _: self)
+
+        def failed(failure: Failure) -> Failure:
+            if keep_trying and not self._stopping:
+                self._log.warn(
+                    "registering at {relay} failed ({why}); next try in {delay:.1f} s",
+                    relay=self._config.relay.host,
+                    why=failure.getErrorMessage(),
+                    delay=self._delay,
+                )
+                self._scheduleRetry()
+            return failure
+
+        d.addCallbacks(lambda _: self, failed)
         return d
 
     def _register(self) -> Deferred:
@@ -308,7 +352,7 @@ class RelayListeningPort:
         config = self._config
         protocol, _ = await config.open(self._reactor, {"v": 1, "op": "accept", "session": session})
         channel = await _secure(config, protocol, initiator=False)
-        return _attach(channel, self._factory, config)
+        return attach(channel, self._factory, config.name)
 
     def stopListening(self) -> Deferred:
         """

@@ -1,4 +1,6 @@
-from pluresync.endpoints.parsers import RelayClientParser, RelayServerParser
+from pluresync.endpoints.parsers import AutoClientParser, AutoServerParser, RelayClientParser, RelayServerParser
 
 relayClientParser = RelayClientParser()
 relayServerParser = RelayServerParser()
+autoClientParser = AutoClientParser()
+autoServerParser = AutoServerParser()

@@ -1,0 +1,267 @@
+"""
+C{auto:} endpoints: every configured path at once, the best one that works.
+
+A client races its paths in priority order with a head start (happy
+eyeballs): it starts the first, and starts the next when the previous one has
+failed or has not connected within C{delay}. The first completed handshake
+wins; the others are cancelled, and any that also completed are closed with
+an authenticated CLOSE before their listener builds anything (see the USE
+record in docs/protocol.md). A total C{timeout} ends the race with one error
+that lists every attempt and why it failed. The winner is remembered per
+network and peer (L{pathcache}) and tried first next time.
+
+A listener registers on every path at once and keeps each registration
+alive on its own (reconnecting with backoff), so losing one relay leaves the
+others serving.
+
+Paths are L{PathClient}/L{PathServer} pairs in a registry: C{direct:} will be
+one more registration, in front of the relays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail
+from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pluresync.address import PeerAddress
+from pluresync.endpoints import pathcache
+from pluresync.endpoints.relay import attach
+from pluresync.errors import ConnectionTimeoutError, PluresyncError
+from pluresync.interfaces import IPath
+
+#: The default head start of each path over the next, in seconds: long enough
+#: for a healthy relay on another continent to answer, short enough that a
+#: blackholed one costs little.
+DEFAULT_DELAY = 0.5
+
+
+class AutoConnectError(PluresyncError):
+    """
+    Every path failed.
+
+    @ivar attempts: C{(path name, what went wrong)} for each path, in the
+        order they were tried.
+    """
+
+    def __init__(self, attempts: Sequence[tuple[str, str]], prefix: str = "no path to the peer worked") -> None:
+        self.attempts = list(attempts)
+        detail = "; ".join(f"{name}: {why}" for name, why in self.attempts) or "no paths configured"
+        super().__init__(f"{prefix}: {detail}")
+
+
+class AutoTimeoutError(AutoConnectError, ConnectionTimeoutError):
+    """The total timeout passed before any path connected."""
+
+
+@dataclass(frozen=True)
+class AutoConfig:
+    """
+    @ivar paths: the relay paths in priority order (C{direct:} will come first).
+    @ivar delay: head start of each path over the next.
+    @ivar timeout: the whole race's deadline.
+    @ivar peer: the peer we connect to, as far as known before connecting
+        (its id, or our rendezvous id): the path cache's key.
+    """
+
+    paths: tuple[IPath, ...]
+    delay: float = DEFAULT_DELAY
+    timeout: float = 30.0
+    cache: pathcache.PathCache = field(default_factory=lambda: pathcache.shared, compare=False)
+
+    @property
+    def identity(self):
+        return self.paths[0].identity
+
+    @property
+    def cache_key(self) -> str:
+        return self.paths[0].cache_key
+
+
+def _why(failure: Failure) -> str:
+    if failure.check(CancelledError, ConnectingCancelledError):
+        return "cancelled"
+    return failure.getErrorMessage()
+
+
+class _Race:
+    """One connection attempt of an L{AutoClientEndpoint}."""
+
+    _log = Logger()
+
+    def __init__(self, reactor, config: AutoConfig, factory) -> None:
+        self._reactor = reactor
+        self._config = config
+        self._factory = factory
+        names = [path.name for path in config.paths]
+        by_name = {path.name: path for path in config.paths}
+        self._order = [by_name[n] for n in config.cache.order(names, config.cache_key, reactor.seconds())]
+        self._next = 0
+        self._attempts: dict[str, Deferred] = {}
+        self._failures: dict[str, str] = {}
+        self._head_start = None
+        self._deadline = None
+        self.result: Deferred = Deferred(self._cancel)
+
+    def start(self) -> Deferred:
+        self._deadline = self._reactor.callLater(self._config.timeout, self._timedOut)
+        self._startNext()
+        return self.result
+
+    def _startNext(self) -> None:
+        if self._head_start is not None and self._head_start.active():
+            self._head_start.cancel()
+        self._head_start = None
+        if self._next >= len(self._order):
+            return
+        path = self._order[self._next]
+        self._next += 1
+        d = path.client(self._reactor).secure()
+        self._attempts[path.name] = d
+        d.addCallbacks(self._won, self._lost, callbackArgs=(path,), errbackArgs=(path,))
+        if self._next < len(self._order):
+            self._head_start = self._reactor.callLater(self._config.delay, self._startNext)
+
+    def _won(self, channel, path: IPath) -> None:
+        del self._attempts[path.name]
+        if self.result.called:
+            channel.discard()
+            return
+        self._finish()
+        self._config.cache.remember(path.name, self._config.cache_key, self._reactor.seconds())
+        try:
+            protocol = attach(channel, self._factory, path.name)
+        except Exception:
+            self.result.errback()
+            return
+        self.result.callback(protocol)
+
+    def _lost(self, failure: Failure, path: IPath) -> None:
+        self._attempts.pop(path.name, None)
+        if self.result.called:
+            return
+        self._failures[path.name] = _why(failure)
+        if self._next < len(self._order):
+            # Fail fast: a refused path hands its turn to the next at once.
+            self._startNext()
+        elif not self._attempts:
+            self._finish()
+            self.result.errback(Failure(AutoConnectError(self._report())))
+
+    def _report(self, pending: str | None = None) -> list[tuple[str, str]]:
+        report = []
+        for path in self._order:
+            if path.name in self._failures:
+                report.append((path.name, self._failures[path.name]))
+            elif path.name in self._attempts and pending:
+                report.append((path.name, pending))
+            elif path.name not in self._attempts:
+                report.append((path.name, "not tried"))
+        return report
+
+    def _timedOut(self) -> None:
+        self._deadline = None
+        if self.result.called:
+            return
+        report = self._report(pending=f"no answer within {self._config.timeout:g} s")
+        self._finish()
+        self.result.errback(
+            Failure(AutoTimeoutError(report, prefix=f"no path connected within {self._config.timeout:g} s"))
+        )
+
+    def _finish(self) -> None:
+        """Stop the clocks and cancel every attempt still running."""
+        for call in (self._head_start, self._deadline):
+            if call is not None and call.active():
+                call.cancel()
+        self._head_start = self._deadline = None
+        for d in list(self._attempts.values()):
+            d.cancel()
+        self._attempts.clear()
+
+    def _cancel(self, d: Deferred) -> None:
+        self._finish()
+        d.errback(Failure(ConnectingCancelledError(PeerAddress("auto", None))))
+
+
+@implementer(IStreamClientEndpoint)
+class AutoClientEndpoint:
+    """Connects over whichever configured path works first."""
+
+    def __init__(self, reactor, config: AutoConfig) -> None:
+        self._reactor = reactor
+        self._config = config
+
+    def connect(self, protocolFactory) -> Deferred:
+        try:
+            return _Race(self._reactor, self._config, protocolFactory).start()
+        except BaseException:
+            return fail()
+
+
+@implementer(IStreamServerEndpoint)
+class AutoServerEndpoint:
+    """Listens on every configured path at once."""
+
+    def __init__(self, reactor, config: AutoConfig) -> None:
+        self._reactor = reactor
+        self._config = config
+
+    def listen(self, protocolFactory) -> Deferred:
+        port = AutoListeningPort(self._reactor, self._config, protocolFactory)
+        return port.startListening()
+
+
+@implementer(IListeningPort)
+class AutoListeningPort:
+    """
+    Listeners on every path; up as long as any of them is.
+
+    C{startListening} fires once the first path is registered, and fails
+    only if every path's first registration failed. Paths that were down keep
+    trying in the background, as do paths that drop later.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor, config: AutoConfig, factory) -> None:
+        self._config = config
+        self._ports = {path.name: path.listener(reactor, factory) for path in config.paths}
+
+    @property
+    def transports(self) -> dict[str, bool]:
+        """Each path's name and whether its registration is up right now."""
+        return {name: port.connected for name, port in self._ports.items()}
+
+    def getHost(self) -> PeerAddress:
+        return PeerAddress("auto", self._config.identity.peer_id)
+
+    def startListening(self) -> Deferred:
+        result: Deferred = Deferred()
+        failures: dict[str, str] = {}
+
+        def up(_, name: str) -> None:
+            if not result.called:
+                result.callback(self)
+
+        def down(failure: Failure, name: str) -> None:
+            failures[name] = _why(failure)
+            if len(failures) == len(self._ports) and not result.called:
+                report = [(n, failures[n]) for n in self._ports]
+                self.stopListening()
+                result.errback(Failure(AutoConnectError(report, prefix="could not listen on any path")))
+
+        for name, port in self._ports.items():
+            port.startListening(keep_trying=True).addCallbacks(up, down, callbackArgs=(name,), errbackArgs=(name,))
+        return result
+
+    def stopListening(self) -> Deferred:
+        return DeferredList([port.stopListening() for port in self._ports.values()], consumeErrors=True).addCallback(
+            lambda _: None
+        )
