@@ -74,7 +74,7 @@ class WheelTests(SynchronousTestCase):
     def test_plugins_found(self):
         """getPlugins finds the relay parsers (once each) and the relay service maker."""
         out = self.run_python("-c", _PROBE.format(target=str(self.target))).splitlines()
-        self.assertEqual(out, ["['relay']", "['relay']", "['pluresync-relay']"])
+        self.assertEqual(out, ["['auto', 'relay']", "['auto', 'relay']", "['pluresync-relay']"])
 
     def test_twist_help(self):
         """`twist --help` lists pluresync-relay."""

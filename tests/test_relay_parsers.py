@@ -43,11 +43,19 @@ class ParserTests(SynchronousTestCase):
         return clientFromString(self.reactor, description)
 
     def test_plugins_found_once(self):
-        """Twisted's plugin scan finds exactly one client and one server parser for relay."""
+        """
+        Twisted's plugin scan finds exactly one client and one server parser
+        for relay and for auto (a generic name: nothing else may claim it).
+        """
+        for prefix in ("relay", "auto"):
+            clients = [p for p in getPlugins(IStreamClientEndpointStringParserWithReactor) if p.prefix == prefix]
+            servers = [p for p in getPlugins(IStreamServerEndpointStringParser) if p.prefix == prefix]
+            self.assertEqual(len(clients), 1, prefix)
+            self.assertEqual(len(servers), 1, prefix)
+            self.assertTrue(clients[0].__module__.startswith("pluresync."))
+            self.assertTrue(servers[0].__module__.startswith("pluresync."))
         clients = [p for p in getPlugins(IStreamClientEndpointStringParserWithReactor) if p.prefix == "relay"]
         servers = [p for p in getPlugins(IStreamServerEndpointStringParser) if p.prefix == "relay"]
-        self.assertEqual(len(clients), 1)
-        self.assertEqual(len(servers), 1)
         self.assertTrue(verifyObject(IStreamClientEndpointStringParserWithReactor, clients[0]))
         self.assertTrue(verifyObject(IStreamServerEndpointStringParser, servers[0]))
         self.assertTrue(verifyObject(IStreamClientEndpointStringParserWithReactor, RelayClientParser()))
