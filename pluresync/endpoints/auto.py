@@ -107,6 +107,7 @@ class _Race:
         self._failures: dict[str, str] = {}
         self._head_start = None
         self._deadline = None
+        self._done = False
         self.result: Deferred = Deferred(self._cancel)
 
     def start(self) -> Deferred:
@@ -129,8 +130,8 @@ class _Race:
             self._head_start = self._reactor.callLater(self._config.delay, self._startNext)
 
     def _won(self, channel, path: IPath) -> None:
-        del self._attempts[path.name]
-        if self.result.called:
+        self._attempts.pop(path.name, None)
+        if self._done:
             channel.discard()
             return
         self._finish()
@@ -144,7 +145,7 @@ class _Race:
 
     def _lost(self, failure: Failure, path: IPath) -> None:
         self._attempts.pop(path.name, None)
-        if self.result.called:
+        if self._done:
             return
         self._failures[path.name] = _why(failure)
         if self._next < len(self._order):
@@ -167,7 +168,7 @@ class _Race:
 
     def _timedOut(self) -> None:
         self._deadline = None
-        if self.result.called:
+        if self._done:
             return
         report = self._report(pending=f"no answer within {self._config.timeout:g} s")
         self._finish()
@@ -177,6 +178,7 @@ class _Race:
 
     def _finish(self) -> None:
         """Stop the clocks and cancel every attempt still running."""
+        self._done = True
         for call in (self._head_start, self._deadline):
             if call is not None and call.active():
                 call.cancel()
@@ -186,6 +188,8 @@ class _Race:
         self._attempts.clear()
 
     def _cancel(self, d: Deferred) -> None:
+        if self._done:
+            return
         self._finish()
         d.errback(Failure(ConnectingCancelledError(PeerAddress("auto", None))))
 
