@@ -31,7 +31,7 @@ from pluresync.secure.channel import IRecordReceiver
 #: The seed's mode names, and the relay preset each one uses.
 RELAY_MODES = {"azure-relay": "azure", "vercel-relay": "vercel"}
 #: Modes the seed names that later releases implement.
-PLANNED_MODES = ("auto", "direct")
+PLANNED_MODES = ("direct",)
 
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 DEFAULT_RECEIVE_BUFFER = 4 * 1024 * 1024
@@ -232,34 +232,44 @@ def _call_handler(handler: Callable, connection: SyncConnection) -> None:
 
 
 @implementer(ISyncTransport)
-class RelayTransport:
-    """L{ISyncTransport} over one relay (the seed's C{azure-relay} / C{vercel-relay})."""
+class EndpointTransport:
+    """
+    L{ISyncTransport} over pluresync endpoints: C{auto} (every path), or one
+    relay (the seed's C{azure-relay} / C{vercel-relay}).
 
-    def __init__(self, reactor, name: str, config, *, max_message_size: int, receive_buffer: int) -> None:
+    @param client: makes the client endpoint, for any peer (C{None}) or one.
+    @param server: the listening endpoint.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        client: Callable[[bytes | None], object],
+        server,
+        *,
+        max_message_size: int,
+        receive_buffer: int,
+    ) -> None:
         self.name = name
-        self._reactor = reactor
-        self._config = config
+        self._client = client
+        self._server = server
         self._options = dict(max_message_size=max_message_size, receive_buffer=receive_buffer)
         self._ports: list = []
         self._factories: list[_ConnectionFactory] = []
 
     def connect(self, peer: str | None = None) -> Deferred[SyncConnection]:
-        from pluresync.endpoints.relay import RelayClientEndpoint
-
         try:
-            config = self._config if peer is None else replace(self._config, peer=parse_peer_id(peer))
+            endpoint = self._client(None if peer is None else parse_peer_id(peer))
         except ValueError as e:
             return fail(ConfigurationError(f"connect(peer=...): {e}"))
         factory = _ConnectionFactory(**self._options)
         self._factories.append(factory)
-        return RelayClientEndpoint(self._reactor, config).connect(factory)
+        return endpoint.connect(factory)
 
     def listen(self, on_connection: Callable) -> Deferred[None]:
-        from pluresync.endpoints.relay import RelayServerEndpoint
-
         factory = _ConnectionFactory(on_connection, **self._options)
         self._factories.append(factory)
-        d = RelayServerEndpoint(self._reactor, self._config).listen(factory)
+        d = self._server.listen(factory)
         d.addCallback(self._ports.append)
         return d
 
@@ -285,12 +295,13 @@ def _sync_key(sync_key) -> SyncKey:
 
 
 def create_transport(
-    mode: str = "azure-relay",
+    mode: str = "auto",
     *,
     sync_key,
     azure_relay_url: str | None = None,
     vercel_relay_url: str | None = None,
     connection_timeout: float = 30.0,
+    head_start: float | None = None,
     topic: str = "",
     identity: PeerIdentity | str | None = None,
     ca: str | None = None,
@@ -301,34 +312,57 @@ def create_transport(
     """
     Make the seed's C{SyncTransport}.
 
-    @param mode: C{"azure-relay"} or C{"vercel-relay"} (C{"auto"} and
-        C{"direct"} arrive in later releases and are refused for now).
+    @param mode: C{"auto"} (the default: both relays, the primary first with
+        a head start, listening on both), C{"azure-relay"} or
+        C{"vercel-relay"} (one relay); C{"direct"} arrives in a later release
+        and is refused for now. The keyword arguments of a seed config file
+        come from L{pluresync.config.load_config}.
     @param sync_key: a L{SyncKey}, its text form, or a passphrase (stretched
         with Argon2id; slow once, on purpose).
+    @param head_start: (auto) seconds each relay gets before the next is tried.
     @param identity: this peer's identity, or a path to its identity file
         (created on first use); a fresh one per transport if omitted.
     @param reactor: the reactor to use; the global one if omitted (the one
         place pluresync reaches for it, so scripts stay short).
     """
     if mode in PLANNED_MODES:
-        raise ConfigurationError(f"mode {mode!r} is not available yet; use 'azure-relay' or 'vercel-relay'")
-    if mode not in RELAY_MODES:
-        raise ConfigurationError(f"unknown mode {mode!r}; use one of {', '.join(RELAY_MODES)}")
+        raise ConfigurationError(f"mode {mode!r} is not available yet; use 'auto', 'azure-relay' or 'vercel-relay'")
+    if mode != "auto" and mode not in RELAY_MODES:
+        raise ConfigurationError(f"unknown mode {mode!r}; use auto, {', '.join(RELAY_MODES)}")
     if reactor is None:
         from twisted.internet import reactor
-    from pluresync.endpoints.parsers import relay_config
+    from pluresync.endpoints.auto import AutoClientEndpoint, AutoServerEndpoint
+    from pluresync.endpoints.parsers import auto_config
+    from pluresync.endpoints.relay import RelayClientEndpoint, RelayServerEndpoint
 
-    preset = RELAY_MODES[mode]
-    url = azure_relay_url if preset == "azure" else vercel_relay_url
     key = _sync_key(sync_key)
     params = {"key": key.to_text(), "timeout": str(connection_timeout), "topic": topic}
-    if url:
-        params["url"] = url
+    if azure_relay_url:
+        params["azure"] = azure_relay_url
+    if vercel_relay_url:
+        params["vercel"] = vercel_relay_url
     if ca:
         params["ca"] = ca
     if isinstance(identity, str):
         params["identity"] = identity
-    config = relay_config(preset, **params)
+    if head_start is not None:
+        params["delay"] = str(head_start)
+    if mode != "auto":
+        params["relays"] = RELAY_MODES[mode]
+    config = auto_config(**params)
     if isinstance(identity, PeerIdentity):
-        config = replace(config, identity=identity)
-    return RelayTransport(reactor, mode, config, max_message_size=max_message_size, receive_buffer=receive_buffer)
+        config = replace(config, paths=tuple(replace(path, identity=identity) for path in config.paths))
+    options = dict(max_message_size=max_message_size, receive_buffer=receive_buffer)
+    if mode == "auto":
+
+        def client(peer: bytes | None):
+            paths = config.paths if peer is None else tuple(replace(p, peer=peer) for p in config.paths)
+            return AutoClientEndpoint(reactor, replace(config, paths=paths))
+
+        return EndpointTransport(mode, client, AutoServerEndpoint(reactor, config), **options)
+    [path] = config.paths
+
+    def relay_client(peer: bytes | None):
+        return RelayClientEndpoint(reactor, path if peer is None else replace(path, peer=peer))
+
+    return EndpointTransport(mode, relay_client, RelayServerEndpoint(reactor, path), **options)

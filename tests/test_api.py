@@ -21,16 +21,16 @@ class CreateTransportTests(SynchronousTestCase):
     """Arguments of create_transport()."""
 
     def test_modes(self):
-        """The seed's relay modes are accepted; auto and direct are not there yet."""
+        """The seed's modes are accepted (auto is the default); direct is not there yet."""
         key = SyncKey.generate()
-        for mode in ("azure-relay", "vercel-relay"):
+        for mode in ("auto", "azure-relay", "vercel-relay"):
             transport = create_transport(mode, sync_key=key, reactor=object())
             self.assertTrue(verifyObject(ISyncTransport, transport))
             self.assertEqual(transport.name, mode)
-        for mode in ("auto", "direct"):
-            with self.assertRaises(ConfigurationError) as e:
-                create_transport(mode, sync_key=key, reactor=object())
-            self.assertIn("not available yet", str(e.exception))
+        self.assertEqual(create_transport(sync_key=key, reactor=object()).name, "auto")
+        with self.assertRaises(ConfigurationError) as e:
+            create_transport("direct", sync_key=key, reactor=object())
+        self.assertIn("not available yet", str(e.exception))
         self.assertRaises(ConfigurationError, create_transport, "carrier-pigeon", sync_key=key, reactor=object())
 
     def test_sync_key_forms(self):
@@ -45,9 +45,13 @@ class CreateTransportTests(SynchronousTestCase):
         key = SyncKey.generate()
         azure = create_transport("azure-relay", sync_key=key, azure_relay_url="ws://127.0.0.1:1", reactor=object())
         vercel = create_transport("vercel-relay", sync_key=key, vercel_relay_url="ws://127.0.0.1:2", reactor=object())
-        self.assertEqual(azure._config.relay.port, 1)
-        self.assertEqual(vercel._config.relay.port, 2)
-        self.assertEqual(vercel._config.name, "relay:vercel")
+        auto = create_transport(
+            sync_key=key, azure_relay_url="ws://127.0.0.1:1", vercel_relay_url="ws://127.0.0.1:2", reactor=object()
+        )
+        self.assertEqual(azure._server._config.relay.port, 1)
+        self.assertEqual(vercel._server._config.relay.port, 2)
+        self.assertEqual(vercel._server._config.name, "relay:vercel")
+        self.assertEqual([p.relay.port for p in auto._server._config.paths], [1, 2])
 
 
 class MessageAPITests(TestCase):

@@ -88,3 +88,28 @@ class AutoLoopbackTests(TestCase):
         self.accepted[0].dataArrived = lambda data: got.called or got.callback(None)
         await got
         self.assertEqual(len(self.accepted), 1)
+
+    async def test_create_transport_auto(self):
+        """create_transport() defaults to auto: messages flow over two relays' worth of paths."""
+        from twisted.internet.defer import DeferredQueue
+
+        from pluresync import create_transport
+
+        def transport():
+            t = create_transport(
+                sync_key=self.key,
+                azure_relay_url=self.primary.url,
+                vercel_relay_url=self.backup.url,
+                reactor=reactor,
+            )
+            self.addCleanup(t.close)
+            return t
+
+        server, client = transport(), transport()
+        accepted = DeferredQueue()
+        await server.listen(accepted.put)
+        conn = await client.connect()
+        peer = await accepted.get()
+        await conn.send(b"over auto")
+        self.assertEqual(await peer.receive().__anext__(), b"over auto")
+        self.assertEqual(conn.transport_name, "relay:azure")
