@@ -11,6 +11,7 @@ from C{async def} code run with C{Deferred.fromCoroutine} or C{task.react}.
 from __future__ import annotations
 
 import inspect
+import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
@@ -285,12 +286,20 @@ class EndpointTransport:
 def _sync_key(sync_key) -> SyncKey:
     if isinstance(sync_key, SyncKey):
         return sync_key
+    if isinstance(sync_key, os.PathLike):
+        return SyncKey.from_file(sync_key)
     if isinstance(sync_key, str) and sync_key.strip():
         if sync_key.strip().lower().startswith("psk1-"):
             return SyncKey.from_text(sync_key)
+        if os.path.exists(os.path.expanduser(sync_key)):
+            raise ConfigurationError(
+                "sync_key names a file; pass SyncKey.from_file(path) or pathlib.Path(path) "
+                "(a plain string is the key's text or a passphrase)"
+            )
         return SyncKey.from_passphrase(sync_key)
     raise ConfigurationError(
-        "sync_key must be a SyncKey, a key's text (psk1-...) or a passphrase; make a key with `pluresync keygen`"
+        "sync_key must be a SyncKey, a key file's Path, a key's text (psk1-...) or a passphrase; "
+        "make a key with `pluresync keygen`"
     )
 
 

@@ -34,9 +34,18 @@ class CreateTransportTests(SynchronousTestCase):
         self.assertRaises(ConfigurationError, create_transport, "carrier-pigeon", sync_key=key, reactor=object())
 
     def test_sync_key_forms(self):
-        """A key's text works; nothing at all is a clear error."""
+        """A key's text and a key file's Path work; a path as a plain string and nothing at all are errors."""
+        from pathlib import Path
+
         key = SyncKey.generate()
         create_transport(sync_key=key.to_text(), reactor=object())
+        path = self.mktemp()
+        key.write(path)
+        transport = create_transport(sync_key=Path(path), reactor=object())
+        self.assertEqual(transport._server._config.paths[0].topic, key.topic())
+        with self.assertRaises(ConfigurationError) as e:
+            create_transport(sync_key=path, reactor=object())
+        self.assertIn("SyncKey.from_file", str(e.exception))
         with self.assertRaises(ConfigurationError):
             create_transport(sync_key="", reactor=object())
 
