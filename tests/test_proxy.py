@@ -15,11 +15,11 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.address import HostnameAddress, IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport, SynchronousResolver
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -141,7 +141,9 @@ class ParseTests(unittest.SynchronousTestCase):
         """Basic credentials are base64(user:password) in UTF-8; none without a user name."""
         self.assertIsNone(ProxyConfig("p", 1).authorization())
         self.assertEqual(ProxyConfig("p", 1, "bob", "pw").authorization(), b"Basic " + base64.b64encode(b"bob:pw"))
-        self.assertEqual(ProxyConfig("p", 1, "j\u00f6", "").authorization(), b"Basic " + base64.b64encode(b"j\xc3\xb6:"))
+        self.assertEqual(
+            ProxyConfig("p", 1, "j\u00f6", "").authorization(), b"Basic " + base64.b64encode(b"j\xc3\xb6:")
+        )
 
     def test_frozen(self) -> None:
         """ProxyConfig is immutable and hashable."""
@@ -157,7 +159,14 @@ class ParseTests(unittest.SynchronousTestCase):
 class ProxyForTests(unittest.SynchronousTestCase):
     """L{proxy_for}: precedence of proxy=, the scheme's variable, ALL_PROXY, and NO_PROXY."""
 
-    def choose(self, environ: dict[str, str], secure: bool = True, explicit: str | None = None, host: str = "relay.example.net", port: int = 443):
+    def choose(
+        self,
+        environ: dict[str, str],
+        secure: bool = True,
+        explicit: str | None = None,
+        host: str = "relay.example.net",
+        port: int = 443,
+    ):
         """The proxy for C{host:port} as C{host:port} text, or None."""
         proxy = proxy_for(host, port, secure, explicit=explicit, environ=environ)
         return None if proxy is None else f"{proxy.host}:{proxy.port}"
@@ -289,11 +298,26 @@ PROXY = ProxyConfig("proxy.example", 3128, source="HTTPS_PROXY")
 AUTH_PROXY = ProxyConfig("proxy.example", 3128, "bob", SECRET, source="HTTPS_PROXY")
 
 
+class RecordingResolver(SynchronousResolver):
+    """Resolves every name to 127.0.0.1 (as the memory reactor's does) and records the names."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def resolveHostName(self, receiver, hostName, portNumber=0, *args, **kwargs):
+        self.names.append(hostName)
+        return super().resolveHostName(receiver, hostName, portNumber, *args, **kwargs)
+
+
 class Attempt:
     """One connect() through a L{ProxyTunnelEndpoint} on a L{MemoryReactorClock}."""
 
-    def __init__(self, proxy: ProxyConfig = PROXY, host: str = "relay.example.net", port: int = 443, factory=None) -> None:
+    def __init__(
+        self, proxy: ProxyConfig = PROXY, host: str = "relay.example.net", port: int = 443, factory=None
+    ) -> None:
         self.reactor = MemoryReactorClock()
+        self.resolved: list[str] = []
+        self.reactor.installNameResolver(RecordingResolver(self.resolved))
         self.factory = factory if factory is not None else RecordingFactory()
         self.endpoint = ProxyTunnelEndpoint(self.reactor, proxy, host, port)
         self.result = self.endpoint.connect(self.factory)
@@ -333,7 +357,8 @@ class TunnelTests(unittest.SynchronousTestCase):
         """TCP goes to the proxy's address, through the injected reactor; nothing yet to the caller's factory."""
         attempt = Attempt()
         host, port, _ = attempt.tcp()
-        self.assertEqual((host, port), ("proxy.example", 3128))
+        self.assertEqual(attempt.resolved, ["proxy.example"])
+        self.assertEqual((host, port), ("127.0.0.1", 3128))
         self.assertNoResult(attempt.result)
         self.assertEqual(attempt.factory.addresses, [])
 
@@ -362,7 +387,9 @@ class TunnelTests(unittest.SynchronousTestCase):
 
     def test_request_ipv6_and_idn(self) -> None:
         """IPv6 relays are bracketed; international names go out in IDNA form."""
-        self.assertTrue(ProxyTunnelEndpoint(None, PROXY, "::1", 8443).request().startswith(b"CONNECT [::1]:8443 HTTP/1.1\r\n"))
+        self.assertTrue(
+            ProxyTunnelEndpoint(None, PROXY, "::1", 8443).request().startswith(b"CONNECT [::1]:8443 HTTP/1.1\r\n")
+        )
         request = ProxyTunnelEndpoint(None, PROXY, "b\u00fccher.example", 443).request()
         self.assertTrue(request.startswith(b"CONNECT xn--bcher-kva.example:443 HTTP/1.1\r\n"), request)
 
@@ -398,10 +425,10 @@ class TunnelTests(unittest.SynchronousTestCase):
             with self.subTest(response=response):
                 attempt = Attempt()
                 attempt.connected()
-                for i in range(len(response) - 2):
+                for i in range(len(response) - 3):
                     attempt.receive(response[i : i + 1])
                 self.assertNoResult(attempt.result)
-                attempt.receive(response[-2:])
+                attempt.receive(response[-3:])
                 protocol = _result(self, attempt.result)
                 self.assertEqual(b"".join(protocol.data), b"xy")
 
@@ -471,7 +498,9 @@ class TunnelTests(unittest.SynchronousTestCase):
         attempt.connected()
         attempt.receive(b"HTTP/1.1 403 Access\x1b[31m violation\r\n\r\n")
         message = self.failure(attempt)
-        self.assertIn("403 Access?[31m violation (its rules may not allow CONNECT to this host or to port 443)", message)
+        self.assertIn(
+            "403 Access?[31m violation (its rules may not allow CONNECT to this host or to port 443)", message
+        )
 
     def test_malformed_status(self) -> None:
         """A reply that is not HTTP/1.x fails, quoting (a bounded part of) its first line."""
@@ -517,8 +546,12 @@ class TunnelTests(unittest.SynchronousTestCase):
         attempt = Attempt()
         _, _, factory = attempt.tcp()
         factory.clientConnectionFailed(attempt.reactor.connectors[-1], Failure(ConnectionRefusedError()))
+        attempt.reactor.advance(1)  # HostnameEndpoint: no more addresses to try
         message = self.failure(attempt)
-        self.assertTrue(message.startswith("could not connect to the HTTP proxy http://proxy.example:3128 (from HTTPS_PROXY): "), message)
+        self.assertTrue(
+            message.startswith("could not connect to the HTTP proxy http://proxy.example:3128 (from HTTPS_PROXY): "),
+            message,
+        )
         self.assertIn("Connection was refused", message)
         self.assertIn("the proxy, not the relay, is unreachable", message)
 
@@ -531,7 +564,10 @@ class TunnelTests(unittest.SynchronousTestCase):
         self.assertTrue(attempt.reactor.connectors[-1].stoppedConnecting)
 
     def test_cancel_while_waiting_for_answer(self) -> None:
-        """Cancelling after CONNECT was sent aborts the TCP connection: ConnectingCancelledError; a late answer is ignored."""
+        """
+        Cancelling after CONNECT was sent aborts the TCP connection and fails
+        with ConnectingCancelledError; a late answer is ignored.
+        """
         attempt = Attempt()
         transport = attempt.connected()
         attempt.receive(b"HTTP/1.1 200 Conn")
@@ -583,6 +619,53 @@ class TunnelTests(unittest.SynchronousTestCase):
         self.assertIsInstance(protocol.reason.value, ConnectionDone)
 
 
+class TinyProxyHelperTests(unittest.SynchronousTestCase):
+    """tests.httpproxy: a missing tinyproxy fails in CI and is skipped elsewhere, saying how to install it."""
+
+    def setUp(self) -> None:
+        from . import httpproxy
+
+        self.httpproxy = httpproxy
+        self.patch(httpproxy.shutil, "which", lambda name: None)
+        self.patch(httpproxy.os, "access", lambda path, mode: False)
+
+    def test_missing_in_ci_fails(self) -> None:
+        """With CI set, the test fails with the apt-get hint."""
+        self.patch(self.httpproxy.os, "environ", {"CI": "true"})
+        with self.assertRaises(self.failureException) as e:
+            self.httpproxy.tinyproxy_path(self)
+        self.assertIn("apt-get install tinyproxy", str(e.exception))
+
+    def test_missing_elsewhere_skips(self) -> None:
+        """Without CI, the test is skipped with the apt-get hint."""
+        self.patch(self.httpproxy.os, "environ", {})
+        with self.assertRaises(unittest.SkipTest) as e:
+            self.httpproxy.tinyproxy_path(self)
+        self.assertIn("apt-get install tinyproxy", str(e.exception))
+
+    def test_config(self) -> None:
+        """The generated configuration: loopback only, CONNECT ports, Basic auth, log and pid file in the directory."""
+        from pathlib import Path
+
+        text = self.httpproxy.config_text(Path("/tmp/x"), 8888, [443, 8443], ("u", "p"))
+        self.assertEqual(
+            text.splitlines(),
+            [
+                "Port 8888",
+                "Listen 127.0.0.1",
+                "Timeout 60",
+                "MaxClients 20",
+                "Allow 127.0.0.1",
+                'LogFile "/tmp/x/tinyproxy.log"',
+                "LogLevel Info",
+                'PidFile "/tmp/x/tinyproxy.pid"',
+                "ConnectPort 443",
+                "ConnectPort 8443",
+                "BasicAuth u p",
+            ],
+        )
+
+
 # -- through a real tinyproxy -------------------------------------------------------------
 
 
@@ -608,7 +691,10 @@ class TinyProxyTests(unittest.TestCase):
     """ProxyTunnelEndpoint against a real tinyproxy on 127.0.0.1."""
 
     def echo_server(self, tls=None) -> int:
-        """An echo server on 127.0.0.1 (TLS with C{tls} options); its port. Stopped, and its connections awaited, at cleanup."""
+        """
+        An echo server on 127.0.0.1 (TLS with C{tls} options); its port.
+        Stopped, and its connections awaited, at cleanup.
+        """
         factory = Factory.forProtocol(Echo)
         factory.live = []
         if tls is None:
@@ -634,7 +720,9 @@ class TinyProxyTests(unittest.TestCase):
         client = yield _within(endpoint.connect(factory))
         done: Deferred[None] = Deferred()
         payload = os.urandom(100_000)
-        client.dataArrived = lambda _: done.callback(None) if len(client.data) >= len(payload) and not done.called else None
+        client.dataArrived = lambda _: (
+            done.callback(None) if len(client.data) >= len(payload) and not done.called else None
+        )
         client.transport.write(payload)
         yield _within(done)
         self.assertEqual(client.data, payload)
@@ -675,7 +763,8 @@ class TinyProxyTests(unittest.TestCase):
         port = self.echo_server()
         proxy = yield TinyProxy.start(self, connect_ports=[port + 1 if port < 65535 else port - 1])
         endpoint = ProxyTunnelEndpoint(reactor, ProxyConfig("127.0.0.1", proxy.port), "127.0.0.1", port)
-        error = yield self.assertFailure(_within(endpoint.connect(Factory.forProtocol(Collector))), RelayUnreachableError)
+        connecting = _within(endpoint.connect(Factory.forProtocol(Collector)))
+        error = yield self.assertFailure(connecting, RelayUnreachableError)
         self.assertIn(f"refused to open a tunnel to 127.0.0.1:{port}: 403", str(error))
         self.assertIn("may not allow CONNECT", str(error))
 
@@ -686,7 +775,8 @@ class TinyProxyTests(unittest.TestCase):
         free = probe.getHost().port
         yield probe.stopListening()
         endpoint = ProxyTunnelEndpoint(reactor, ProxyConfig("127.0.0.1", free, source="proxy="), "127.0.0.1", 9)
-        error = yield self.assertFailure(_within(endpoint.connect(Factory.forProtocol(Collector))), RelayUnreachableError)
+        connecting = _within(endpoint.connect(Factory.forProtocol(Collector)))
+        error = yield self.assertFailure(connecting, RelayUnreachableError)
         self.assertIn(f"could not connect to the HTTP proxy http://127.0.0.1:{free} (from proxy=)", str(error))
 
     @inlineCallbacks
@@ -718,7 +808,7 @@ class TinyProxyTests(unittest.TestCase):
             {"v": 1, "op": "listen", "rdv": "ab" * 32, "peer": "0a" * 32},
             ping_interval=0,
             ping_timeout=0,
-            on_lost=lost.callback,
+            on_lost=lambda failure: lost.callback(failure.value),
         )
         endpoint = ProxyTunnelEndpoint(reactor, ProxyConfig("127.0.0.1", proxy.port), "127.0.0.1", relay_port)
         yield _within(endpoint.connect(factory))

@@ -22,7 +22,9 @@ from zope.interface import implementer
 
 from pluresync.errors import ConfigurationError
 
-_RELAY_PARAMETERS = frozenset({"url", "keyfile", "key", "topic", "peer", "identity", "wait", "timeout", "ca", "ping"})
+_RELAY_PARAMETERS = frozenset(
+    {"url", "keyfile", "key", "topic", "peer", "identity", "wait", "timeout", "ca", "ping", "proxy"}
+)
 
 
 def _number(name: str, value: str | None, default: float, minimum: float = 0.0) -> float:
@@ -73,6 +75,9 @@ def relay_config(*args: str, **kwargs: str):
     string's arguments: C{relay:azure:keyfile=...}, C{relay:vercel:...},
     C{relay:url=wss\\://host/:...}.
     """
+    import os
+
+    from pluresync.endpoints.proxy import proxy_for
     from pluresync.endpoints.relay import PRESETS, RelayConfig
     from pluresync.endpoints.relaysocket import RelayURL
     from pluresync.keys import PeerIdentity, load_sync_key, parse_peer_id
@@ -101,6 +106,7 @@ def relay_config(*args: str, **kwargs: str):
     identity_path = kwargs.get("identity")
     identity = PeerIdentity.from_file(identity_path, create=True) if identity_path else PeerIdentity.generate()
     ping = _number("ping", kwargs.get("ping"), 25.0)
+    proxy = proxy_for(relay.host, relay.port, relay.secure, explicit=kwargs.get("proxy"), environ=os.environ)
     return RelayConfig(
         name=name,
         relay=relay,
@@ -112,6 +118,7 @@ def relay_config(*args: str, **kwargs: str):
         ca=_load_ca(kwargs["ca"]) if "ca" in kwargs else None,
         ping_interval=ping,
         ping_timeout=min(10.0, ping) if ping else 0.0,
+        proxy=proxy,
     )
 
 

@@ -548,7 +548,10 @@ class ProxyTunnelEndpoint:
 
     def authenticationMessage(self, code: int, reason: str) -> str:
         proxy = self.proxy
-        variable = proxy.source if proxy.source not in ("", "proxy=") else "HTTPS_PROXY"
+        if proxy.source not in ("", "proxy="):
+            variable = proxy.source
+        else:
+            variable = "HTTPS_PROXY (HTTP_PROXY for ws:// relays)"
         authority = _authority(proxy.host, proxy.port)
         escaped = authority.replace(":", "\\:")
         how = (

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pluresync.address import PeerAddress
+from pluresync.endpoints.proxy import ProxyConfig
 from pluresync.endpoints.relaysocket import RelayURL, open_relay_socket
 from pluresync.errors import ConnectionTimeoutError, NotChosenError, PluresyncError, RelayError
 from pluresync.interfaces import IPath
@@ -61,6 +62,7 @@ class RelayConfig:
     ca: tuple[Certificate, ...] | None = None
     ping_interval: float = 25.0
     ping_timeout: float = 10.0
+    proxy: ProxyConfig | None = None
 
     def open(self, reactor, hello: dict, **callbacks) -> Deferred:
         return open_relay_socket(
@@ -70,6 +72,7 @@ class RelayConfig:
             ca=list(self.ca) if self.ca else None,
             ping_interval=self.ping_interval,
             ping_timeout=self.ping_timeout,
+            proxy=self.proxy,
             **callbacks,
         )
 

@@ -31,6 +31,7 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pluresync.endpoints.proxy import ProxyConfig, ProxyTunnelEndpoint
 from pluresync.errors import (
     ConfigurationError,
     PeerGoneError,
@@ -330,6 +331,7 @@ def open_relay_socket(
     ping_timeout: float = 10.0,
     on_incoming: Callable[[str, str | None], None] | None = None,
     on_lost: Callable[[Failure], None] | None = None,
+    proxy: ProxyConfig | None = None,
 ) -> Deferred[tuple[RelaySocketProtocol, dict]]:
     """
     Open a WebSocket to C{relay}, send C{hello}, and wait for the relay's
@@ -337,6 +339,7 @@ def open_relay_socket(
 
     @param ca: trust these CA certificates instead of the system's (for a
         private relay). Verification is never switched off.
+    @param proxy: reach the relay through this HTTP proxy (CONNECT).
     @return: a Deferred firing with the protocol and the relay's answer;
         cancelling it aborts the socket.
     """
@@ -349,7 +352,12 @@ def open_relay_socket(
         on_incoming=on_incoming,
         on_lost=on_lost,
     )
-    endpoint = HostnameEndpoint(reactor, relay.host, relay.port)
+    if proxy is not None:
+        # TCP to the proxy, CONNECT relay.host:relay.port; TLS (below) runs
+        # inside the tunnel, so the proxy sees only the host name and port.
+        endpoint = ProxyTunnelEndpoint(reactor, proxy, relay.host, relay.port)
+    else:
+        endpoint = HostnameEndpoint(reactor, relay.host, relay.port)
     if relay.secure:
         trust = None
         if ca:
