@@ -196,3 +196,52 @@ class FrameReader:
             self._have = len(rest)
             self._need = need
         return None
+
+
+#: A socket whose stream broke the framing rules: what it sends is ignored.
+_DISCARD = object()
+
+
+class FastDataPath:
+    """
+    Mixed into an Autobahn WebSocket protocol: once C{startFastDataPath}
+    was called (after pairing), data frames bypass Autobahn.
+
+    It takes over between frames only, since Autobahn may hold the start of a
+    frame that arrived together with the last control message; it hands every
+    control frame back to Autobahn (C{_dataReceived}), and counts any traffic
+    as proof of life for Autobahn's ping timeout. Subclasses implement
+    C{framingFailed(error)}; after it, the socket's input is ignored (the rest
+    of the stream cannot be parsed).
+    """
+
+    _frames: FrameReader | object | None = None
+
+    def startFastDataPath(self, *, masked: bool, max_message: int, on_data: Callable[[bytes, int, bool], None]) -> None:
+        self._frames = FrameReader(
+            masked=masked, max_message=max_message, on_data=on_data, on_control=self._dataReceived
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        frames = self._frames
+        if frames is _DISCARD:
+            return
+        if frames is None or self.current_frame is not None or self.inside_message:
+            super().dataReceived(data)
+            return
+        if self.data:
+            data, self.data = self.data + data, b""
+        if self.autoPingTimeoutCall is not None:
+            self._cancelAutoPingTimeoutCall()
+        try:
+            handoff = frames.feed(data)
+        except FrameError as error:
+            self._frames = _DISCARD
+            self.framingFailed(error)
+            return
+        if handoff is not None:
+            self._frames = None
+            self._dataReceived(handoff)
+
+    def framingFailed(self, error: FrameError) -> None:
+        raise NotImplementedError

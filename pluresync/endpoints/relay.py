@@ -256,14 +256,8 @@ class RelayListeningPort:
         d = self._register()
 
         def failed(failure: Failure) -> Failure:
-            if keep_trying and not self._stopping:
-                self._log.warn(
-                    "registering at {relay} failed ({why}); next try in {delay:.1f} s",
-                    relay=self._config.relay.host,
-                    why=failure.getErrorMessage(),
-                    delay=self._delay,
-                )
-                self._scheduleRetry()
+            if keep_trying:
+                self._registrationFailed(failure)
             return failure
 
         d.addCallbacks(lambda _: self, failed)
@@ -316,19 +310,19 @@ class RelayListeningPort:
 
     def _retryNow(self) -> None:
         self._retry = None
+        self._register().addErrback(self._registrationFailed)
 
-        def again(failure):
-            if self._stopping:
-                return None
-            self._log.warn(
-                "registering at {relay} failed ({why}); next try in {delay:.1f} s",
-                relay=self._config.relay.host,
-                why=failure.getErrorMessage(),
-                delay=self._delay,
-            )
-            self._scheduleRetry()
-
-        self._register().addErrback(again)
+    def _registrationFailed(self, failure: Failure) -> None:
+        """Log a failed registration and try again later (unless stopping)."""
+        if self._stopping:
+            return
+        self._log.warn(
+            "registering at {relay} failed ({why}); next try in {delay:.1f} s",
+            relay=self._config.relay.host,
+            why=failure.getErrorMessage(),
+            delay=self._delay,
+        )
+        self._scheduleRetry()
 
     def _incoming(self, session: str, peer: str | None) -> None:
         if self._stopping:

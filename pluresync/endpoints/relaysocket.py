@@ -40,7 +40,7 @@ from pluresync.errors import (
     RelayUnreachableError,
 )
 from pluresync.interfaces import IPipe
-from pluresync.wsframes import FrameError, FrameReader, client_frame
+from pluresync.wsframes import FastDataPath, FrameError, client_frame
 
 SUBPROTOCOL = "pluresync.v1"
 #: Largest WebSocket message we accept from the relay: one record frame
@@ -116,7 +116,7 @@ class _WebSocketPipe:
         self._transport.abortConnection()
 
 
-class RelaySocketProtocol(WebSocketClientProtocol):
+class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
     """One WebSocket to the relay, from the upgrade to the close."""
 
     factory: RelaySocketFactory
@@ -127,7 +127,6 @@ class RelaySocketProtocol(WebSocketClientProtocol):
         self._answered = False
         self._relay_error: RelayError | None = None
         self._channel = None
-        self._frames: FrameReader | None = None
 
     def onConnect(self, response: ConnectionResponse) -> None:
         if response.protocol != SUBPROTOCOL:
@@ -177,34 +176,15 @@ class RelaySocketProtocol(WebSocketClientProtocol):
         through the lean frame reader (L{pluresync.wsframes}).
         """
         self._channel = channel
-        self._frames = FrameReader(
+        self.startFastDataPath(
             masked=False,
             max_message=MAX_INCOMING_MESSAGE,
             on_data=lambda payload, opcode, fin: channel.pipeDataReceived(payload),
-            on_control=self._dataReceived,
         )
         return _WebSocketPipe(self)
 
-    def dataReceived(self, data: bytes) -> None:
-        # Autobahn keeps the bytes until a frame boundary; after that, data
-        # frames take the fast path and only control frames reach Autobahn.
-        frames = self._frames
-        if frames is None or self.current_frame is not None or self.inside_message:
-            super().dataReceived(data)
-            return
-        if self.data:
-            data, self.data = self.data + data, b""
-        if self.autoPingTimeoutCall is not None:
-            self._cancelAutoPingTimeoutCall()
-        try:
-            handoff = frames.feed(data)
-        except FrameError as error:
-            self._frames = None
-            self._protocolError(f"the relay broke the WebSocket framing: {error.message}")
-            return
-        if handoff is not None:
-            self._frames = None
-            self._dataReceived(handoff)
+    def framingFailed(self, error: FrameError) -> None:
+        self._protocolError(f"the relay broke the WebSocket framing: {error.message}")
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         # Autobahn keeps its close-handshake timer when the TCP connection

@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..wsframes import FrameError, FrameReader, frame_header
+from ..wsframes import FastDataPath, FrameError, frame_header
 from .limits import RelayLimits
 from .pairing import Connector, Listener, Registry
 from .wire import (
@@ -54,8 +54,6 @@ from .wire import (
 log = Logger(namespace="pluresync.relay")
 
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
-#: A socket whose stream broke the framing rules: what it sends is ignored.
-_DISCARD = object()
 _STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
 
 
@@ -106,7 +104,7 @@ class _ReadThrottle:
         pass
 
 
-class RelayProtocol(WebSocketServerProtocol):
+class RelayProtocol(FastDataPath, WebSocketServerProtocol):
     """
     One relay WebSocket.  Its I{channel} methods (C{incoming}, C{failed})
     are what the L{Registry} calls.
@@ -126,7 +124,6 @@ class RelayProtocol(WebSocketServerProtocol):
         self._received = 0
         self._paired_at = 0.0
         self._label = "-"
-        self._frames: FrameReader | object | None = None
 
     # -- Autobahn callbacks ----------------------------------------------------
 
@@ -152,45 +149,19 @@ class RelayProtocol(WebSocketServerProtocol):
         if timeout > 0:
             self._hello_call = self.factory.reactor.callLater(timeout, self._hello_expired)
 
-    def dataReceived(self, data: bytes) -> None:
-        # The per-frame path once paired: our own frame reader, so each
-        # frame costs a header parse, an unmask and one write; Autobahn sees
-        # only control frames. It takes over between frames only (Autobahn
-        # may hold the start of a frame that arrived with "paired").
-        frames = self._frames
-        if frames is _DISCARD:
-            return
-        if frames is None or self.current_frame is not None or self.inside_message:
-            super().dataReceived(data)
-            return
-        if self.data:
-            data, self.data = self.data + data, b""
-        if self.autoPingTimeoutCall is not None:
-            self._cancelAutoPingTimeoutCall()
-        try:
-            handoff = frames.feed(data)
-        except FrameError as error:
-            # The rest of the stream cannot be parsed any more (we may be in
-            # the middle of an oversize frame): send the close frame with the
-            # error code, then end the TCP connection once it is written.
-            self._frames = _DISCARD
-            self.fail(ProtocolError(ErrorCode(error.code), error.message))
-            if self.transport is not None:
-                self.transport.loseConnection()
-            return
-        if handoff is not None:
-            self._frames = None
-            self._dataReceived(handoff)
+    def framingFailed(self, error: FrameError) -> None:
+        # The rest of the stream cannot be parsed (we may be inside an
+        # oversize frame): send the close frame with the error code, then end
+        # the TCP connection once it is written.
+        self.fail(ProtocolError(ErrorCode(error.code), error.message))
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def _forward(self, payload: bytes, opcode: int, fin: bool) -> None:
         partner = self._partner
         if partner is not None and partner.state == _STATE_OPEN:
             self._received += len(payload)
             partner.transport.writeSequence((frame_header(len(payload), opcode, fin), payload))
-
-    def _autobahn_frame(self, raw: bytes) -> None:
-        """A ping or pong met on the fast path: Autobahn answers or notes it."""
-        self._dataReceived(raw)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         # Binary messages come here only if they arrived before the fast
@@ -331,13 +302,10 @@ class RelayProtocol(WebSocketServerProtocol):
         other.transport.registerProducer(self._throttle, True)
         other.sendMessage(encode_paired(pairing.listener_peer), False)
         self.sendMessage(encode_paired(pairing.connector_peer), False)
+        # From now on each frame costs a header parse, an unmask and one
+        # write (wsframes); Autobahn sees only control frames.
         for side in (self, other):
-            side._frames = FrameReader(
-                masked=True,
-                max_message=self.factory.limits.max_message,
-                on_data=side._forward,
-                on_control=side._autobahn_frame,
-            )
+            side.startFastDataPath(masked=True, max_message=self.factory.limits.max_message, on_data=side._forward)
         log.info("paired {label}", label=self._label)
 
     def _hello_expired(self) -> None:
