@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pluresync.endpoints.proxy import ProxyConfig, ProxyTunnelEndpoint
+from pluresync.endpoints.tlserrors import describe_tls_failure
 from pluresync.errors import (
     ConfigurationError,
     PeerGoneError,
@@ -127,6 +128,13 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
         self._answered = False
         self._relay_error: RelayError | None = None
         self._channel = None
+        self._lost_reason: Failure | None = None
+
+    def connectionLost(self, reason: Failure) -> None:
+        # Autobahn keeps only a text of why (wasNotCleanReason); a TLS
+        # failure needs the real exception to be explained.
+        self._lost_reason = reason
+        super().connectionLost(reason)
 
     def onConnect(self, response: ConnectionResponse) -> None:
         if response.protocol != SUBPROTOCOL:
@@ -206,6 +214,10 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
         if self._relay_error is not None:
             return self._relay_error
         if not self._opened:
+            if relay.secure and self._lost_reason is not None:
+                tls = describe_tls_failure(self._lost_reason, relay.host, relay.port, transport=self.transport)
+                if tls is not None:
+                    return RelayUnreachableError(tls)
             detail = getattr(self, "wasNotCleanReason", None) or reason or "connection failed"
             return RelayUnreachableError(f"could not open a WebSocket to the relay at {relay.host}: {detail}")
         if code == _CLOSE_GOING_AWAY:
