@@ -2,7 +2,7 @@
 Run pluresync's benchmarks and print Markdown tables.
 
     /work/venv/bin/python bench/run.py [--size MiB] [--pairs 1000,5000]
-                                       [--only throughput|latency|memory]
+                                       [--only throughput|latency|memory|failover]
                                        [--repeat N] [--json FILE]
 
 Every relay is its own process, and so is each of the two peers of a stream
@@ -141,10 +141,12 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256, help="MiB per throughput stream (default 256)")
     p.add_argument("--chunk", type=int, default=64 << 10, help="bytes per sender write (default 65536)")
     p.add_argument("--pairs", default="1000,5000", help="cumulative idle pair counts (default 1000,5000)")
-    p.add_argument("--only", choices=["throughput", "latency", "memory"])
+    p.add_argument("--only", choices=["throughput", "latency", "memory", "failover"],
+                   help="run one part (failover: only with --only, see bench/failover.py)")
     p.add_argument("--repeat", type=int, default=3, help="runs of each stream measurement (default 3)")
     p.add_argument("--count", type=int, default=2000, help="timed round trips (default 2000)")
     p.add_argument("--warmup", type=int, default=200, help="untimed round trips first (default 200)")
+    p.add_argument("--runs", type=int, default=10, help="runs of each failover case (default 10)")
     p.add_argument("--json", help="also write all raw results to this file")
     args = p.parse_args()
     raise_nofile()
@@ -171,6 +173,11 @@ def main() -> None:
                 results += memory.measure(kind, scratch, counts)
             raw["memory"] = results
             out += [memory_table(results), ""]
+        if args.only == "failover":
+            # Its own process: bench/failover.py runs a Twisted reactor.
+            done = subprocess.run([PYTHON, str(Path(__file__).with_name("failover.py")), "--runs", str(args.runs)],
+                                  check=True, stdout=subprocess.PIPE, text=True, env=child_env())
+            out += [done.stdout.split("\n(total")[0].rstrip(), ""]
     out.append(f"(total {time.monotonic() - started:.0f} s)")
     print("\n".join(out))
     if args.json:

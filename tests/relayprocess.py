@@ -218,7 +218,7 @@ class RelayProcess:
         """C{GET /health}, decoded (fails if the relay does not answer in time)."""
         import treq
 
-        pool = HTTPConnectionPool(reactor, persistent=False)
+        pool = _QuietPool(reactor, persistent=False)
         client = treq.client.HTTPClient(Agent(reactor, pool=pool, connectTimeout=timeout))
         response = await client.get(f"http://127.0.0.1:{self.port}/health".encode(), timeout=timeout)
         body = await readBody(response)
@@ -279,6 +279,13 @@ class _ExitedEarly(Exception):
     pass
 
 
+class _QuietPool(HTTPConnectionPool):
+    """A pool whose connections do not log "Starting factory" on every poll."""
+
+    class _factory(HTTPConnectionPool._factory):
+        noisy = False
+
+
 async def start_relay(test, extra: list[str] = ()) -> RelayProcess:
     """A started L{RelayProcess} that C{test} kills at its cleanup."""
     relay = RelayProcess(extra=extra)
@@ -320,6 +327,10 @@ class Blackhole(Factory):
         self._port = reactor.listenTCP(0, self, interface="127.0.0.1")
         self.port = self._port.getHost().port
         test.addCleanup(self.stop)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
 
     @property
     def escaped_url(self) -> str:

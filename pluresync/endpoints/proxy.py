@@ -30,13 +30,13 @@ from urllib.parse import unquote, urlsplit
 
 from twisted.internet.address import HostnameAddress
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pluresync.endpoints.tcp import tcp_endpoint
 from pluresync.errors import ConfigurationError, RelayUnreachableError
 
 __all__ = ["MAX_RESPONSE_HEADER", "ProxyConfig", "ProxyTunnelEndpoint", "proxy_for"]
@@ -385,7 +385,7 @@ class _TunnelAttempt:
         self._request: _TunnelRequest | None = None
         self.result: Deferred = Deferred(self._cancel)
         proxy = endpoint.proxy
-        connecting = HostnameEndpoint(endpoint.reactor, proxy.host, proxy.port).connect(_TunnelFactory(self))
+        connecting = tcp_endpoint(endpoint.reactor, proxy.host, proxy.port).connect(_TunnelFactory(self))
         connecting.addErrback(self._tcpFailed)
         self._connecting = connecting
 

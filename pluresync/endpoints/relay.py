@@ -25,7 +25,7 @@ from zope.interface import implementer
 from pluresync.address import PeerAddress
 from pluresync.endpoints.proxy import ProxyConfig
 from pluresync.endpoints.relaysocket import RelayURL, open_relay_socket
-from pluresync.errors import ConnectionTimeoutError, NotChosenError, PluresyncError, RelayError
+from pluresync.errors import ConnectionTimeoutError, NotChosenError, PeerGoneError, PluresyncError, RelayError
 from pluresync.interfaces import IPath
 from pluresync.keys import PeerIdentity, Topic, format_peer_id
 from pluresync.secure.channel import SecureChannel
@@ -245,6 +245,12 @@ class RelayListeningPort:
     def getHost(self) -> PeerAddress:
         return PeerAddress(self._config.name, self._config.identity.peer_id)
 
+    @property
+    def _where(self) -> str:
+        """How logs name this registration: the path and the relay's address."""
+        relay = self._config.relay
+        return f"{self._config.name} ({relay.host}:{relay.port})"
+
     def startListening(self, keep_trying: bool = False) -> Deferred:
         """
         Register at the relay; fires with this port once the relay is ready.
@@ -277,7 +283,7 @@ class RelayListeningPort:
             self.connected = True
             self._log.info(
                 "listening through {relay} as peer {peer}",
-                relay=config.relay.host,
+                relay=self._where,
                 peer=config.identity.peer_id[:12],
             )
 
@@ -297,7 +303,7 @@ class RelayListeningPort:
             return
         self._log.warn(
             "lost the listener registration at {relay} ({why}); registering again in {delay:.1f} s",
-            relay=self._config.relay.host,
+            relay=self._where,
             why=reason.getErrorMessage(),
             delay=self._delay,
         )
@@ -318,7 +324,7 @@ class RelayListeningPort:
             return
         self._log.warn(
             "registering at {relay} failed ({why}); next try in {delay:.1f} s",
-            relay=self._config.relay.host,
+            relay=self._where,
             why=failure.getErrorMessage(),
             delay=self._delay,
         )
@@ -333,13 +339,19 @@ class RelayListeningPort:
 
         def done(result):
             self._accepting.discard(d)
-            if isinstance(result, Failure) and result.check(NotChosenError):
-                self._log.debug("a peer racing several paths chose another one")
-            elif isinstance(result, Failure) and not self._stopping:
-                self._log.warn(
-                    "an incoming connection through {relay} failed: {why}",
-                    relay=self._config.relay.host,
+            if not isinstance(result, Failure) or self._stopping:
+                return None
+            if result.check(NotChosenError, PeerGoneError):
+                # Before the handshake ends, a connector racing several
+                # paths (auto:) drops the ones it does not choose: routine.
+                self._log.debug(
+                    "{relay}: a connecting peer chose another path ({why})",
+                    relay=self._where,
                     why=result.getErrorMessage(),
+                )
+            else:
+                self._log.warn(
+                    "{relay}: an incoming connection failed: {why}", relay=self._where, why=result.getErrorMessage()
                 )
             return None
 

@@ -25,13 +25,14 @@ from urllib.parse import urlsplit
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.types import ConnectionResponse
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pluresync.endpoints.proxy import ProxyConfig, ProxyTunnelEndpoint
+from pluresync.endpoints.tcp import tcp_endpoint
 from pluresync.endpoints.tlserrors import describe_tls_failure
 from pluresync.errors import (
     ConfigurationError,
@@ -349,7 +350,7 @@ def open_relay_socket(
         # inside the tunnel, so the proxy sees only the host name and port.
         endpoint = ProxyTunnelEndpoint(reactor, proxy, relay.host, relay.port)
     else:
-        endpoint = HostnameEndpoint(reactor, relay.host, relay.port)
+        endpoint = tcp_endpoint(reactor, relay.host, relay.port)
     if relay.secure:
         trust = None
         if ca:
