@@ -6,7 +6,7 @@ flow control, and the errors a user sees.
 from __future__ import annotations
 
 from twisted.internet.error import ConnectionAborted, ConnectionDone
-from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
+from twisted.internet.interfaces import IConsumer, IHalfCloseableProtocol, IPushProducer, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -362,3 +362,70 @@ class WireFormatTests(SynchronousTestCase):
         [wire] = a.outgoing
         self.assertEqual(len(wire), 32)
         self.assertEqual(wire[:10], b"\x00\x1e" + b"\x00" * 7 + b"\x01")
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCloser(Recorder):
+    """A protocol that understands half-close, like `pluresync connect` will."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read_lost = False
+        self.write_lost = False
+
+    def readConnectionLost(self) -> None:
+        self.read_lost = True
+
+    def writeConnectionLost(self) -> None:
+        self.write_lost = True
+
+
+class HalfCloseTests(SynchronousTestCase):
+    """loseWriteConnection: the SHUTDOWN record."""
+
+    def test_half_close_then_reply(self):
+        """
+        One side ends its direction; the other reads to the end, replies, and
+        ends its own: both see a clean close, nothing is lost.
+        """
+        _, _, a, b, left, right = open_pair(self, HalfCloser)
+        left.transport.write(b"request")
+        left.transport.loseWriteConnection()
+        self.assertTrue(left.write_lost)
+        pump(a, b)
+        self.assertEqual(right.data, b"request")
+        self.assertTrue(right.read_lost)
+        self.assertIsNone(right.lost)
+        right.transport.write(b"response")
+        right.transport.loseWriteConnection()
+        pump(a, b)
+        self.assertEqual(left.data, b"response")
+        left.lost.trap(ConnectionDone)
+        right.lost.trap(ConnectionDone)
+
+    def test_plain_protocol_is_closed_at_end_of_input(self):
+        """A protocol that is not half-closeable is closed at the peer's SHUTDOWN, as with TCP."""
+        _, _, a, b, left, right = open_pair(self)
+        left.transport.write(b"all of it")
+        left.transport.loseWriteConnection()
+        pump(a, b)
+        self.assertEqual(right.data, b"all of it")
+        right.lost.trap(ConnectionDone)
+        left.lost.trap(ConnectionDone)
+
+    def test_writes_after_half_close_are_dropped(self):
+        """After loseWriteConnection nothing more is sent."""
+        _, _, a, b, left, right = open_pair(self, HalfCloser)
+        left.transport.loseWriteConnection()
+        sent = len(a.outgoing)
+        left.transport.write(b"late")
+        left.transport.writeMessage(b"late")
+        self.assertEqual(len(a.outgoing), sent)
+
+    def test_data_after_shutdown_is_refused(self):
+        """A peer that sends data after its SHUTDOWN breaks the protocol: RecordError."""
+        initiator, _, a, b, left, right = open_pair(self, HalfCloser)
+        initiator._sendRecord(b"\x05")
+        initiator._sendRecord(b"\x00sneaky")
+        pump(a, b)
+        right.lost.trap(RecordError)

@@ -26,7 +26,13 @@ from enum import Enum, auto
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionAborted, ConnectionDone
-from twisted.internet.interfaces import IConsumer, IProtocol, IPushProducer, ITransport
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IPushProducer,
+    ITransport,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
@@ -52,6 +58,7 @@ _DATA = bytes([RecordType.DATA])
 _RECORDS_PER_WRITE = 2
 _READY = bytes([RecordType.READY])
 _USE = bytes([RecordType.USE])
+_SHUTDOWN = bytes([RecordType.SHUTDOWN])
 
 
 class IRecordReceiver(Interface):
@@ -109,6 +116,8 @@ class SecureChannel:
         self._paused = False
         self._lost_before_attach: Failure | None = None
         self._processing = False
+        self._read_shut = False
+        self._write_shut = False
         self.peer_id: str | None = None
         self.disconnecting = False
         self.secured: Deferred[str] = Deferred(self._cancel)
@@ -223,6 +232,8 @@ class SecureChannel:
         if kind == RecordType.USE:
             self._state = _State.SECURED
             self.secured.callback(self.peer_id)
+        elif kind == RecordType.SHUTDOWN:
+            self._peerShutdown()
         elif kind == RecordType.CLOSE:
             self._failHandshake(NotChosenError("the peer chose another path for this connection"))
         else:
@@ -264,10 +275,17 @@ class SecureChannel:
         if kind == RecordType.DATA or kind == RecordType.END:
             if self._state is not _State.OPEN:
                 return  # we are closing: late data is discarded, as after loseConnection
+            if self._read_shut:
+                self._state = _State.CLOSED
+                self._pipe.abort()
+                self._connectionLost(Failure(RecordError("the peer sent data after ending its side")))
+                return
             if self._records is not None:
                 self._records.recordReceived(payload, kind == RecordType.END)
             elif payload:
                 self._protocol.dataReceived(payload)
+        elif kind == RecordType.SHUTDOWN:
+            self._peerShutdown()
         elif kind == RecordType.CLOSE:
             was_open = self._state is _State.OPEN
             self._state = _State.CLOSED
@@ -278,6 +296,28 @@ class SecureChannel:
             self._state = _State.CLOSED
             self._pipe.abort()
             self._connectionLost(Failure(RecordError(f"unexpected record type {kind}")))
+
+    def _peerShutdown(self) -> None:
+        """
+        The peer ended its direction. A half-closeable protocol hears
+        C{readConnectionLost} and may go on writing; any other protocol is
+        closed, as Twisted's TCP does at end of input.
+        """
+        if self._state is not _State.OPEN or self._read_shut:
+            return
+        self._read_shut = True
+        half = IHalfCloseableProtocol(self._protocol, None)
+        if half is None or self._write_shut:
+            self._finish()
+        else:
+            half.readConnectionLost()
+
+    def _finish(self) -> None:
+        """Both directions are done: close with an authenticated CLOSE."""
+        self._sendRecord(_CLOSE)
+        self._state = _State.CLOSED
+        self._pipe.close()
+        self._connectionLost(Failure(ConnectionDone("both sides ended the connection")))
 
     # -- the user side ------------------------------------------------------
 
@@ -321,7 +361,7 @@ class SecureChannel:
         # The records of one write go to the pipe in batches of up to two
         # records, so a 64 KiB write (one full record and a small one) is one
         # pipe write, i.e. one WebSocket message, not two.
-        if self._state is not _State.OPEN:
+        if self._state is not _State.OPEN or self._write_shut:
             return
         view = memoryview(data)
         total = len(view)
@@ -339,6 +379,8 @@ class SecureChannel:
 
     def write(self, data: bytes) -> None:
         if not data:
+            return
+        if self._write_shut:
             return
         if len(data) <= MAX_RECORD_PAYLOAD and self._state is _State.OPEN:
             self._pipe.write(self._seal(_DATA + data))
@@ -360,6 +402,21 @@ class SecureChannel:
             self._sendRecord(_CLOSE)
             self._state = _State.CLOSED
             self._pipe.close()
+
+    def loseWriteConnection(self) -> None:
+        """
+        Half-close: tell the peer, authenticated, that we will write no
+        more, and go on reading (C{pluresync connect} sends stdin's end so).
+        """
+        if self._state is not _State.OPEN or self._write_shut:
+            return
+        self._write_shut = True
+        self._sendRecord(_SHUTDOWN)
+        half = IHalfCloseableProtocol(self._protocol, None)
+        if self._read_shut:
+            self._finish()
+        elif half is not None:
+            half.writeConnectionLost()
 
     def loseConnection(self) -> None:
         if self._state is not _State.OPEN:

@@ -43,6 +43,7 @@ class RecordType(IntEnum):
     CLOSE = 0x02  #: authenticated clean close: nothing follows
     READY = 0x03  #: the responder accepted the handshake (first record it sends)
     USE = 0x04  #: the initiator chose this connection (first record it sends)
+    SHUTDOWN = 0x05  #: authenticated end of the sender's direction (half-close); the other may go on
 
 
 class AbortReason(IntEnum):
