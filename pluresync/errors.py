@@ -88,3 +88,14 @@ class RelayError(PluresyncError):
 
 class RelayUnreachableError(RelayError):
     """We could not open a WebSocket to the relay (DNS, TCP, TLS or HTTP upgrade)."""
+
+
+class RelayAuthError(RelayUnreachableError):
+    """
+    The relay refused the WebSocket upgrade with HTTP 401: it requires a
+    valid relay token and we sent none, or one it does not accept
+    (C{code} is C{"unauthorized"}). The message never contains the token.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "unauthorized")

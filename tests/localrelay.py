@@ -67,8 +67,8 @@ class LocalRelay:
     @ivar tapped: every byte any client sent to the relay, in arrival order.
     """
 
-    def __init__(self, test, limits: RelayLimits | None = None) -> None:
-        site, self.factory = build_site(reactor, limits or RelayLimits())
+    def __init__(self, test, limits: RelayLimits | None = None, authenticator=None) -> None:
+        site, self.factory = build_site(reactor, limits or RelayLimits(), authenticator=authenticator)
         self._tap = _TappingFactory(site)
         self.port = reactor.listenTCP(0, self._tap, interface="127.0.0.1")
         self.url = f"ws://127.0.0.1:{self.port.getHost().port}"

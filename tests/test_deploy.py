@@ -154,8 +154,12 @@ class DockerfileTests(SynchronousTestCase):
         self.assertIn("http://127.0.0.1:8080/health", command[2])
 
     def test_cmd(self):
-        """The image runs the relay on plain tcp:8080 (TLS is terminated in front)."""
-        self.assertEqual(image_cmd(), ["twist", "pluresync-relay", "--port", "tcp:8080"])
+        """
+        The image runs the relay on plain tcp:8080 (TLS is terminated in
+        front), choosing open authentication explicitly, as a non-loopback
+        relay must.
+        """
+        self.assertEqual(image_cmd(), ["twist", "pluresync-relay", "--port", "tcp:8080", "--auth", "open"])
 
     def test_dockerignore(self):
         """The Dockerfile's own ignore file keeps what pip needs and drops the rest."""

@@ -111,7 +111,9 @@ class ProgramTests(TestCase):
 def _commands():
     """Every `pluresync ...` / `twist pluresync-relay ...` line of the sh blocks."""
     for document, line, _, code in blocks("sh"):
-        for offset, raw in enumerate(code.splitlines()):
+        # Join continuation lines (a trailing backslash) into one command.
+        lines = code.replace("\\\n", " ").splitlines()
+        for offset, raw in enumerate(lines):
             text = raw.strip()
             text = text[2:] if text.startswith("$ ") else text
             text = text.split("  #")[0].strip()

@@ -42,25 +42,31 @@ class OptionsTests(unittest.TestCase):
     """Parsing of the command line."""
 
     def test_defaults(self) -> None:
-        """No options: tcp:8080 and the default limits."""
-        options = parse()
+        """
+        No options: tcp:8080 (every interface), which needs an --auth
+        choice; with one, the default limits.
+        """
+        self.assertRaises(usage.UsageError, parse)
+        options = parse("--auth", "open")
         self.assertEqual(options["endpoint"], "tcp:8080")
         self.assertEqual(options["limits"], RelayLimits())
 
     def test_bare_number(self) -> None:
         """A bare port number means tcp:N."""
-        self.assertEqual(parse("--port", "443")["endpoint"], "tcp:443")
-        self.assertEqual(parse("-p", "8443")["endpoint"], "tcp:8443")
+        self.assertEqual(parse("--port", "443", "--auth", "open")["endpoint"], "tcp:443")
+        self.assertEqual(parse("-p", "8443", "--auth", "open")["endpoint"], "tcp:8443")
 
     def test_endpoint_string(self) -> None:
         """An endpoint string is kept as is."""
         for endpoint in ("tcp:9000:interface=127.0.0.1", "ssl:443:privateKey=k.pem", "unix:/tmp/r"):
-            self.assertEqual(parse("--port", endpoint)["endpoint"], endpoint)
+            self.assertEqual(parse("--port", endpoint, "--auth", "open")["endpoint"], endpoint)
 
     def test_tls(self) -> None:
         """--tls-cert/--tls-key turn a bare or tcp: port into ssl: (key defaults to cert)."""
         self.assertEqual(
-            parse("--port", "443", "--tls-cert", "/c/cert.pem", "--tls-key", "/c/key.pem")["endpoint"],
+            parse("--port", "443", "--auth", "open", "--tls-cert", "/c/cert.pem", "--tls-key", "/c/key.pem")[
+                "endpoint"
+            ],
             "ssl:443:privateKey=/c/key.pem:certKey=/c/cert.pem",
         )
         self.assertEqual(
@@ -76,6 +82,8 @@ class OptionsTests(unittest.TestCase):
     def test_limits(self) -> None:
         """Every limit option reaches the limits."""
         options = parse(
+            "--auth",
+            "open",
             "--max-message",
             "200000",
             "--open-timeout",
@@ -127,7 +135,7 @@ class ServiceTests(unittest.TestCase):
     def test_make_service(self) -> None:
         """makeService returns a relay service listening on the endpoint."""
         memory = MemoryReactorClock()
-        service = makeService(parse("--port", "tcp:1234"), reactor=memory)
+        service = makeService(parse("--port", "tcp:1234", "--auth", "open"), reactor=memory)
         self.assertIsInstance(service, RelayService)
         verifyObject(IService, service)
         service.privilegedStartService()

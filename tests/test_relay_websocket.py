@@ -472,7 +472,7 @@ class HealthAndShutdownTests(RelayTestCase):
         health = json.loads(body)
         self.assertEqual(
             set(health),
-            {"status", "version", "uptime", "connections", "listeners", "sessions", "pending"},
+            {"status", "version", "uptime", "ready", "checks", "connections", "listeners", "sessions", "pending"},
         )
         self.assertEqual(health["status"], "ok")
         self.assertEqual(

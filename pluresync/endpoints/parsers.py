@@ -24,7 +24,60 @@ from pluresync.errors import ConfigurationError
 
 _RELAY_PARAMETERS = frozenset(
     {"url", "keyfile", "key", "topic", "peer", "identity", "wait", "timeout", "ca", "ping", "proxy"}
+    | {"token", "tokenfile"}
 )
+
+#: The environment variable with the relay token (the token, or a file holding it).
+RELAY_TOKEN_ENVIRONMENT_VARIABLE = "PLURESYNC_RELAY_TOKEN"
+
+
+def _valid_token(token: str) -> bool:
+    # RFC 6750 b64token: also keeps CR/LF and spaces out of the header.
+    import re
+
+    return len(token) <= 4096 and re.fullmatch(r"[A-Za-z0-9._~+/-]+=*", token) is not None
+
+
+def _read_token_file(path: str, where: str) -> str:
+    from pathlib import Path
+
+    try:
+        text = Path(path).expanduser().read_text("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigurationError(f"relay endpoint: cannot read {where}={path!r}: {getattr(e, 'strerror', e)}") from None
+    if not _valid_token(text):
+        raise ConfigurationError(f"relay endpoint: {where}={path!r} does not hold a relay token (one line, no spaces)")
+    return text
+
+
+def relay_token(token: str | None, tokenfile: str | None, environ) -> str | None:
+    """
+    The relay token: C{token=}, else C{tokenfile=}, else
+    C{PLURESYNC_RELAY_TOKEN} (a path if it starts with C{/}, C{~} or C{.}
+    or names an existing file, otherwise the token itself), else C{None}.
+    Error messages never include a token.
+    """
+    import os
+
+    if token is not None and tokenfile is not None:
+        raise ConfigurationError("relay endpoint: give either token= or tokenfile=, not both")
+    if token is not None:
+        if not _valid_token(token):
+            raise ConfigurationError("relay endpoint: token= is not a valid relay token (letters, digits, -._~+/ only)")
+        return token
+    if tokenfile is not None:
+        return _read_token_file(tokenfile, "tokenfile")
+    value = (environ.get(RELAY_TOKEN_ENVIRONMENT_VARIABLE) or "").strip()
+    if not value:
+        return None
+    if value.startswith(("/", "~", ".")) or os.path.isfile(os.path.expanduser(value)):
+        return _read_token_file(value, RELAY_TOKEN_ENVIRONMENT_VARIABLE)
+    if not _valid_token(value):
+        raise ConfigurationError(
+            f"relay endpoint: {RELAY_TOKEN_ENVIRONMENT_VARIABLE} is neither a relay token "
+            "nor the path of a file holding one"
+        )
+    return value
 
 
 def _number(name: str, value: str | None, default: float, minimum: float = 0.0) -> float:
@@ -119,6 +172,7 @@ def relay_config(*args: str, **kwargs: str):
         ping_interval=ping,
         ping_timeout=min(10.0, ping) if ping else 0.0,
         proxy=proxy,
+        token=relay_token(kwargs.get("token"), kwargs.get("tokenfile"), os.environ),
     )
 
 

@@ -12,7 +12,7 @@ peer is authenticated, and get a L{SecureChannel} as their transport.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectingCancelledError
@@ -63,6 +63,8 @@ class RelayConfig:
     ping_interval: float = 25.0
     ping_timeout: float = 10.0
     proxy: ProxyConfig | None = None
+    #: The relay token (C{token=}, C{tokenfile=}, C{PLURESYNC_RELAY_TOKEN}); never in a repr.
+    token: str | None = field(default=None, repr=False)
 
     def open(self, reactor, hello: dict, **callbacks) -> Deferred:
         return open_relay_socket(
@@ -73,6 +75,7 @@ class RelayConfig:
             ping_interval=self.ping_interval,
             ping_timeout=self.ping_timeout,
             proxy=self.proxy,
+            token=self.token,
             **callbacks,
         )
 

@@ -18,6 +18,7 @@ L{RelayUnreachableError} when no WebSocket could be opened at all.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -37,6 +38,7 @@ from pluresync.endpoints.tlserrors import describe_tls_failure
 from pluresync.errors import (
     ConfigurationError,
     PeerGoneError,
+    RelayAuthError,
     RelayError,
     RelayLostError,
     RelayUnreachableError,
@@ -52,6 +54,30 @@ MAX_INCOMING_MESSAGE = 256 * 1024
 _STATE_OPEN = WebSocketClientProtocol.STATE_OPEN
 _CLOSE_PEER_GONE = 4010
 _CLOSE_GOING_AWAY = 1001
+#: The relay's refusal reason code at the end of its 401 reason phrase.
+_AUTH_REASON = re.compile(r"\(([a-z][a-z-]{0,30})\)\s*$")
+
+
+def auth_error(host: str, sent_token: bool, status_line: str) -> RelayAuthError:
+    """The error for a 401 answer to our upgrade (never quoting our token)."""
+    match = _AUTH_REASON.search(status_line)
+    why = f" ({match.group(1)})" if match else ""
+    if sent_token:
+        problem = f"the relay at {host} refused our relay token (HTTP 401{why})"
+    else:
+        problem = f"the relay at {host} requires a relay token and none was given (HTTP 401{why})"
+    return RelayAuthError(
+        f"{problem}: give a valid token with tokenfile=PATH in the endpoint string or the "
+        "PLURESYNC_RELAY_TOKEN environment variable (the token itself, or a file holding it); "
+        "ask the relay's operator for one (`pluresync relay-token` mints signed tokens)"
+    )
+
+
+def _upgrade_status(status_line: str | None) -> int | None:
+    parts = (status_line or "").split()
+    if len(parts) >= 2 and parts[0].startswith("HTTP/") and parts[1].isdigit():
+        return int(parts[1])
+    return None
 
 
 @dataclass(frozen=True)
@@ -219,6 +245,9 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
                 tls = describe_tls_failure(self._lost_reason, relay.host, relay.port, transport=self.transport)
                 if tls is not None:
                     return RelayUnreachableError(tls)
+            status_line = getattr(self, "http_status_line", None)
+            if _upgrade_status(status_line) == 401:
+                return auth_error(relay.host, self.factory.sent_token, status_line)
             detail = getattr(self, "wasNotCleanReason", None) or reason or "connection failed"
             return RelayUnreachableError(f"could not open a WebSocket to the relay at {relay.host}: {detail}")
         if code == _CLOSE_GOING_AWAY:
@@ -284,8 +313,12 @@ class RelaySocketFactory(WebSocketClientFactory):
         ping_timeout: float,
         on_incoming: Callable[[str, str | None], None] | None = None,
         on_lost: Callable[[Failure], None] | None = None,
+        token: str | None = None,
     ) -> None:
-        super().__init__(relay.url, protocols=[SUBPROTOCOL], reactor=reactor)
+        # The token travels only in this header (RFC 6750), never in the URL.
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        super().__init__(relay.url, protocols=[SUBPROTOCOL], reactor=reactor, headers=headers)
+        self.sent_token = bool(token)
         self.setProtocolOptions(
             maxFramePayloadSize=MAX_INCOMING_MESSAGE,
             maxMessagePayloadSize=MAX_INCOMING_MESSAGE,
@@ -325,6 +358,7 @@ def open_relay_socket(
     on_incoming: Callable[[str, str | None], None] | None = None,
     on_lost: Callable[[Failure], None] | None = None,
     proxy: ProxyConfig | None = None,
+    token: str | None = None,
 ) -> Deferred[tuple[RelaySocketProtocol, dict]]:
     """
     Open a WebSocket to C{relay}, send C{hello}, and wait for the relay's
@@ -333,6 +367,8 @@ def open_relay_socket(
     @param ca: trust these CA certificates instead of the system's (for a
         private relay). Verification is never switched off.
     @param proxy: reach the relay through this HTTP proxy (CONNECT).
+    @param token: the relay token, sent as C{Authorization: Bearer} on the
+        upgrade (a 401 answer fails with L{RelayAuthError}).
     @return: a Deferred firing with the protocol and the relay's answer;
         cancelling it aborts the socket.
     """
@@ -344,6 +380,7 @@ def open_relay_socket(
         ping_timeout=ping_timeout,
         on_incoming=on_incoming,
         on_lost=on_lost,
+        token=token,
     )
     if proxy is not None:
         # TCP to the proxy, CONNECT relay.host:relay.port; TLS (below) runs

@@ -195,6 +195,37 @@ class Registry:
                 "the listener went away before accepting",
             )
 
+    def retire_listener(self, listener: Listener) -> None:
+        """
+        Unregister C{listener} without failing the connectors already
+        offered to it: their sessions can still be accepted until their
+        accept timers run out.  (A cluster adapter registers a stand-in for
+        a listener of another instance, lets the waiting connectors be
+        offered to it, then retires it.)  Idempotent.
+        """
+        if not listener.registered:
+            return
+        listener.registered = False
+        same_rdv = self._listeners.get(listener.rdv, [])
+        same_rdv.remove(listener)
+        if not same_rdv:
+            del self._listeners[listener.rdv]
+
+    def has_listener(self, rdv: str, peer: str | None = None) -> bool:
+        """Whether a listener of C{rdv} (with peer id C{peer}, if given) is registered."""
+        return any(peer is None or listener.peer == peer for listener in self._listeners.get(rdv, ()))
+
+    def cancel_session(self, session: str, code: ErrorCode, message: str) -> bool:
+        """
+        Fail the connector offered in C{session} (not yet accepted) with
+        C{code}; return whether there was one.
+        """
+        connector = self._offered.get(session)
+        if connector is None:
+            return False
+        self._fail(connector, code, message)
+        return True
+
     # -- connectors ------------------------------------------------------------
 
     def connect(

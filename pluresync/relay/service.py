@@ -96,6 +96,7 @@ class Options(usage.Options):
         ],
         ["tls-cert", None, None, "PEM certificate (chain): turns a bare/tcp port into ssl:."],
         ["tls-key", None, None, "PEM private key for --tls-cert (default: the --tls-cert file)."],
+        ["metrics-port", None, None, "Serve GET /metrics on this endpoint instead of on --port (e.g. a private one)."],
         [
             "max-message",
             None,
@@ -153,10 +154,24 @@ class Options(usage.Options):
             "Seconds a listener has to accept an incoming connector (then: timeout, 4008).",
             _seconds,
         ],
+        [
+            "auth",
+            None,
+            None,
+            "Who may connect: open, tokens or signed (default: open only when listening on "
+            "loopback; elsewhere it must be chosen). See docs/relay.md, Authentication.",
+        ],
+        ["auth-tokens-file", None, None, "--auth tokens: file of allowed tokens, one 'sha256:HEX tenant' per line."],
+        ["auth-secret-file", None, None, "--auth signed: file holding the HMAC secret of `pluresync relay-token`."],
+        ["redis", None, None, "Cluster with the other instances sharing this Redis: redis://HOST:PORT/N."],
+        ["cluster-listen", None, None, "--redis: server endpoint for links from other instances (tcp:PORT:interface=IP)."],
+        ["cluster-address", None, None, "--redis: HOST:PORT other instances reach --cluster-listen at."],
+        ["cluster-secret-file", None, None, "--redis: file holding the secret shared by the instances (>= 16 bytes)."],
     ]
 
     def postOptions(self) -> None:
         self["endpoint"] = port_endpoint(self["port"], self["tls-cert"], self["tls-key"])
+        self["metrics-endpoint"] = port_endpoint(self["metrics-port"]) if self["metrics-port"] else None
         try:
             self["limits"] = RelayLimits(
                 max_message=self["max-message"],
@@ -171,6 +186,18 @@ class Options(usage.Options):
             )
         except ValueError as error:
             raise usage.UsageError(str(error)) from None
+        from .cluster import cluster_config
+
+        try:
+            self["cluster"] = cluster_config(
+                self["redis"], self["cluster-listen"], self["cluster-address"], self["cluster-secret-file"]
+            )
+        except ValueError as error:
+            raise usage.UsageError(str(error)) from None
+        from .authconfig import check_auth_options
+
+        # The rules only (no file is read here): makeService reads them.
+        check_auth_options(self["auth"], self["endpoint"], self["auth-tokens-file"], self["auth-secret-file"])
 
 
 class RelayService(MultiService):
@@ -182,13 +209,20 @@ class RelayService(MultiService):
     closed (at most C{shutdown_timeout} seconds later).
     """
 
-    def __init__(self, reactor: Any, endpoint: str, limits: RelayLimits) -> None:
-        super().__init__()
-        from .site import build_site
+    #: Authentication warnings logged at start (set by L{makeService}).
+    auth_warnings: tuple[str, ...] = ()
 
-        self.site, self.factory = build_site(reactor, limits)
+    def __init__(self, reactor: Any, endpoint: str, limits: RelayLimits, metrics_endpoint: str | None = None) -> None:
+        super().__init__()
+        from .site import build_metrics_site, build_site
+
+        self.site, self.factory = build_site(reactor, limits, metrics=metrics_endpoint is None)
         self.endpoint = endpoint
         StreamServerEndpointService(serverFromString(reactor, endpoint), self.site).setServiceParent(self)
+        if metrics_endpoint is not None:
+            metrics_site = build_metrics_site(reactor, self.factory.metrics)
+            metrics_port = serverFromString(reactor, metrics_endpoint)
+            StreamServerEndpointService(metrics_port, metrics_site).setServiceParent(self)
 
     def startService(self) -> None:
         try:
@@ -201,6 +235,7 @@ class RelayService(MultiService):
             endpoint=self.endpoint.split(":privateKey=")[0],
             nvx=nvx,
         )
+        _log_authentication(self.factory.authenticator, self.auth_warnings)
         super().startService()
 
     def stopService(self) -> Deferred[Any]:
@@ -209,10 +244,51 @@ class RelayService(MultiService):
         return DeferredList([stopped, closed], fireOnOneErrback=True, consumeErrors=True)
 
 
+def _auth_problem(message: str) -> None:
+    log.warn("authentication: {problem}", problem=message)
+
+
+def _log_authentication(authenticator: Any, warnings: tuple[str, ...]) -> None:
+    """The start-up lines about authentication (never a token or secret)."""
+    log.info("authentication: {mode} ({what})", mode=authenticator.mode, what=repr(authenticator))
+    for warning in warnings:
+        log.warn("authentication: {problem}", problem=warning)
+    # Autobahn logs whole upgrade requests (Authorization header included)
+    # at debug level; never let that reach a relay's log.
+    import txaio
+
+    if txaio.get_global_log_level() in ("debug", "trace"):
+        txaio.set_global_log_level("info")
+        log.warn("Autobahn debug logging was on; turned it off (it would log Authorization headers)")
+
+
 def makeService(config: Options, reactor: Any = None) -> RelayService:
     """Build the relay service from parsed L{Options}."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    return RelayService(reactor, config["endpoint"], config["limits"])
+    from .authconfig import relay_authenticator
+
+    try:
+        authenticator, warnings = relay_authenticator(
+            config.get("auth"),
+            config["endpoint"],
+            config.get("auth-tokens-file"),
+            config.get("auth-secret-file"),
+            report=_auth_problem,
+        )
+    except usage.UsageError as e:
+        # `twist` shows a traceback for anything makeService raises; a
+        # configuration problem deserves one clear line (exit status 1).
+        raise SystemExit(f"twist pluresync-relay: error: {e}") from None
+    service = RelayService(
+        reactor, config["endpoint"], config["limits"], metrics_endpoint=config.get("metrics-endpoint")
+    )
+    service.factory.authenticator = authenticator
+    service.auth_warnings = tuple(warnings)
+    if config.get("cluster") is not None:
+        from .cluster import attach_cluster
+
+        attach_cluster(service, config["cluster"], reactor)
+    return service

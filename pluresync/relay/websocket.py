@@ -32,7 +32,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..wsframes import FastDataPath, FrameError, frame_header
+from .auth import Authenticator, OpenAuth
 from .limits import RelayLimits
+from .metrics import RelayMetrics
 from .pairing import Connector, Listener, Registry
 from .wire import (
     CLOSE_GOING_AWAY,
@@ -52,6 +54,9 @@ from .wire import (
 )
 
 log = Logger(namespace="pluresync.relay")
+
+#: The HTTP 401 reason phrase (the refusal's reason code is appended).
+UNAUTHORIZED_REASON = "Unauthorized: this relay requires a valid token"
 
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 _STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
@@ -111,6 +116,8 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
     """
 
     factory: RelayFactory
+    #: The authenticated tenant's name (C{None}: open relay), for logs.
+    tenant: str | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -123,6 +130,7 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
         self._pair: Connector | None = None
         self._received = 0
         self._paired_at = 0.0
+        self._connect_at = 0.0
         self._label = "-"
 
     # -- Autobahn callbacks ----------------------------------------------------
@@ -130,16 +138,35 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.factory.sockets.add(self)
+        self.factory.metrics.connection_opened()
 
     def onConnect(self, request: Any) -> str:
         if self.factory.shutting_down:
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "relay shutting down")
+        # Before anything else: an unauthorised client learns nothing more.
+        # The header is handed to the authenticator and never logged.
+        result = self.factory.authenticator.check(request.headers.get("authorization"), self.factory.reactor.seconds())
+        if not result.ok:
+            log.info("refused upgrade: unauthorized ({reason})", reason=result.reason)
+            raise ConnectionDeny(401, f"{UNAUTHORIZED_REASON} ({result.reason})")
+        self.tenant = result.tenant
         if SUBPROTOCOL not in request.protocols:
             raise ConnectionDeny(
                 ConnectionDeny.BAD_REQUEST,
                 f"the WebSocket subprotocol {SUBPROTOCOL} is required",
             )
         return SUBPROTOCOL
+
+    def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders: Any = None) -> None:
+        # ConnectionDeny carries no headers; a 401 must say how to authenticate.
+        if code == 401:
+            responseHeaders = [*(responseHeaders or ()), ("WWW-Authenticate", 'Bearer realm="pluresync-relay"')]
+        super().sendHttpErrorResponse(code, reason, responseHeaders)
+
+    @property
+    def _tenant_tag(self) -> str:
+        """C{" tenant=NAME"} for log labels (the tenant's name only, never its token)."""
+        return f" tenant={self.tenant}" if self.tenant else ""
 
     def onOpen(self) -> None:
         if self.phase is not Phase.OPENING:
@@ -190,6 +217,7 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
             if clean:
                 partner.close(CLOSE_NORMAL, "peer closed")
             else:
+                self.factory.metrics.error(ErrorCode.PEER_GONE.value)
                 partner.close(ErrorCode.PEER_GONE.close_code, ErrorCode.PEER_GONE.value)
         self.phase = Phase.CLOSED
         self._unregister()
@@ -220,6 +248,13 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
                 f"messages are at most {self.factory.limits.max_message} bytes",
             )
         )
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        # Every refused upgrade passes here (ConnectionDeny from onConnect,
+        # Autobahn's max-connections 503): count auth/limit refusals.
+        if not self.factory.shutting_down:
+            self.factory.metrics.handshake_refused(code)
+        super().failHandshake(reason, code, responseHeaders)
 
     # -- the control phase -----------------------------------------------------
 
@@ -253,14 +288,15 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
 
     def _listen(self, message: Listen) -> None:
         self.phase = Phase.LISTENING
-        self._label = f"rdv={short_id(message.rdv)} peer={short_id(message.peer)}"
+        self._label = f"rdv={short_id(message.rdv)} peer={short_id(message.peer)}{self._tenant_tag}"
         self.sendMessage(encode_ready(), False)
         log.info("listener ready {label}", label=self._label)
         self._listener = self.factory.registry.listen(message.rdv, message.peer, self)
 
     def _connect(self, message: Connect) -> None:
         self.phase = Phase.CONNECTING
-        self._label = f"rdv={short_id(message.rdv)} from={short_id(message.from_)}"
+        self._connect_at = self.factory.reactor.seconds()
+        self._label = f"rdv={short_id(message.rdv)} from={short_id(message.from_)}{self._tenant_tag}"
         log.info(
             "connect {label} want={want} wait={wait}",
             label=self._label,
@@ -279,6 +315,10 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
             pairing = self.factory.registry.accept(message.session)
         except ProtocolError as error:
             self._label = f"session={short_id(message.session)}"
+            if error.code is ErrorCode.NO_SESSION and self.factory.cluster is not None:
+                # Maybe another instance holds the connector (cluster.py).
+                self.factory.cluster.remote_accept(self, message.session)
+                return
             self.fail(error)
             return
         other = pairing.connector.channel
@@ -291,6 +331,7 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
         self._label = f"{other._label} session={short_id(pairing.session)}"
         other._label = self._label
         now = self.factory.reactor.seconds()
+        self.factory.metrics.paired(now - other._connect_at)
         for side, partner in ((self, other), (other, self)):
             side.phase = Phase.PAIRED
             side._partner = partner
@@ -307,6 +348,28 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
         for side in (self, other):
             side.startFastDataPath(masked=True, max_message=self.factory.limits.max_message, on_data=side._forward)
         log.info("paired {label}", label=self._label)
+
+    def pair_remote(self, partner: Any, peer: str | None, connector: Connector | None, session: str) -> None:
+        """
+        Pair this socket with C{partner}, a cluster link standing for a
+        socket on another relay instance (L{pluresync.relay.clusterlink}):
+        same coupling as a local pair.  C{connector} is this socket's
+        registry entry when this instance owns the session.
+        """
+        self._label = f"{self._label} session={short_id(session)}"
+        now = self.factory.reactor.seconds()
+        if connector is not None:
+            self.factory.metrics.paired(now - self._connect_at)
+        self.phase = Phase.PAIRED
+        self._partner = partner
+        self._pair = connector
+        self._paired_at = now
+        self._throttle = _ReadThrottle(self.transport)
+        self.transport.registerProducer(partner._throttle, True)
+        partner.transport.registerProducer(self._throttle, True)
+        self.sendMessage(encode_paired(peer), False)
+        self.startFastDataPath(masked=True, max_message=self.factory.limits.max_message, on_data=self._forward)
+        log.info("paired {label} (cluster link)", label=self._label)
 
     def _hello_expired(self) -> None:
         self._hello_call = None
@@ -351,6 +414,7 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
         if self.phase is Phase.CLOSED:
             return
         self._cancel_hello()
+        self.factory.metrics.error(error.code.value)
         partner = self._partner
         log.info(
             "error {code} {label}: {message}",
@@ -396,6 +460,7 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
                 side._throttle.resumeProducing()
         if self._pair is not None:
             self.factory.registry.unpair(self._pair)
+        self.factory.metrics.pair_closed(self._received, partner._received)
         log.info(
             "closed {label} ({how}) bytes={sent}/{received} duration={duration:.1f}s",
             label=self._label,
@@ -424,9 +489,15 @@ class RelayFactory(WebSocketServerFactory):
 
     protocol = RelayProtocol
     noisy = False
+    #: the L{pluresync.relay.cluster.Cluster} when clustered (C{--redis})
+    cluster: Any = None
 
-    def __init__(self, reactor: IReactorTime, limits: RelayLimits | None = None) -> None:
+    def __init__(
+        self, reactor: IReactorTime, limits: RelayLimits | None = None, authenticator: Authenticator | None = None
+    ) -> None:
         super().__init__(url=None, protocols=[SUBPROTOCOL], reactor=reactor)
+        #: Who may upgrade (L{pluresync.relay.auth}); open by default.
+        self.authenticator: Authenticator = authenticator if authenticator is not None else OpenAuth()
         self.limits = limits = limits or RelayLimits()
         self.registry = Registry(
             reactor.callLater,
@@ -436,6 +507,7 @@ class RelayFactory(WebSocketServerFactory):
             default_wait=limits.default_wait,
         )
         self.sockets: set[RelayProtocol] = set()
+        self.metrics = RelayMetrics(self.stats)
         self.shutting_down = False
         self._closed_waiters: list[Deferred[None]] = []
         self._shutdown_call: Any = None

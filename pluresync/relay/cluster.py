@@ -1,0 +1,616 @@
+"""
+Several relay instances behaving as one, through Redis (C{--redis}).
+
+Each instance keeps its own L{pluresync.relay.pairing.Registry}: it stays
+authoritative for the peers connected to that instance, so two peers that
+meet on one instance pair exactly as without Redis (and go on pairing while
+Redis is down).  Redis only tells instances about each other:
+
+ - C{P:inst:ID} → the instance's cluster address, TTL C{ttl}, refreshed
+   every C{heartbeat} seconds: an instance whose key expired is dead;
+ - C{P:lst:RDV} → hash of C{"INSTANCE PEER"} fields: the listeners of a
+   rendezvous on each instance (refreshed with the heartbeat; fields of dead
+   instances are ignored, and deleted by whoever reads them);
+ - C{P:ses:SESSION} → C{"OWNER ADDRESS"}: which instance holds the
+   connector of an offered session (TTL: the accept timeout + a margin);
+ - channel C{P:i:ID}: messages for one instance (C{incoming} for its
+   listener, C{gone} when that listener went away);
+ - channel C{P:listeners}: every new listener is announced, so instances
+   with connectors waiting for that rendezvous offer them at once.
+
+C{P} is C{pluresync:DB} (pub/sub channels are not per database).
+
+A connector on instance B with no local listener is looked up in Redis; a
+listener found on instance A is represented in B's registry by a stand-in
+(registered, offered the waiting connectors, retired at once), whose
+C{incoming} stores the session's owner and publishes the offer to A; A
+passes it to its listener's control socket.  The listener's C{accept} may
+land on any instance C: C finds the owner B and opens a cluster link to it
+(L{pluresync.relay.clusterlink}), which both instances pair with their
+client socket.  The bytes flow connector ↔ B ↔ link ↔ C ↔ acceptor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
+from twisted.logger import Logger
+
+from .clusterlink import LinkClient, LinkClosed, LinkServer, LinkServerFactory
+from .pairing import Connector, ConnectorState, Listener, Registry
+from .redisstore import RedisAddress, RedisStore, RedisUnavailable
+from .websocket import Phase
+from .wire import ErrorCode, ProtocolError, short_id
+
+log = Logger(namespace="pluresync.relay.cluster")
+
+MIN_SECRET_BYTES = 16
+_STATE_OPEN = WebSocketProtocol.STATE_OPEN
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """
+    What C{--redis}, C{--cluster-*} configure.
+
+    @ivar listen: server endpoint of the cluster link port.
+    @ivar address: C{host:port} other instances reach that port at.
+    @ivar secret: the shared cluster secret (HMAC key of the links).
+    """
+
+    redis: RedisAddress
+    listen: str
+    address: str
+    secret: bytes
+    heartbeat: float = 2.0
+    ttl: float = 6.0
+    lookup_timeout: float = 2.0
+
+
+def read_secret(path: str) -> bytes:
+    """
+    The cluster secret in C{path} (surrounding whitespace stripped).
+
+    @raise ValueError: unreadable, or shorter than 16 bytes.
+    """
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as error:
+        raise ValueError(f"cannot read the cluster secret file {path!r}: {error.strerror}") from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"the cluster secret in {path!r} is too short ({len(secret)} bytes; at least {MIN_SECRET_BYTES}): "
+            "e.g. `head -c 32 /dev/urandom | base64 > cluster.secret`"
+        )
+    return secret
+
+
+def default_address(listen: str) -> str | None:
+    """C{host:port} from a C{tcp:PORT:interface=HOST} endpoint with a specific host, else None."""
+    parts = listen.split(":")
+    if len(parts) < 2 or parts[0] != "tcp" or not parts[1].isdigit():
+        return None
+    for part in parts[2:]:
+        if part.startswith("interface=") and part[len("interface=") :] not in ("", "0.0.0.0", "::"):
+            return f"{part[len('interface='):]}:{parts[1]}"
+    return None
+
+
+class _RemoteListener:
+    """The registry channel of a stand-in for a listener on another instance."""
+
+    def __init__(self, cluster: Cluster, instance: str, rdv: str, peer: str) -> None:
+        self.cluster = cluster
+        self.instance = instance
+        self.rdv = rdv
+        self.peer = peer
+
+    def incoming(self, session: str, peer: str | None) -> None:
+        self.cluster._offer_remote(self, session, peer)
+
+
+class ClusterRegistry:
+    """
+    The registry the WebSocket adapter sees on a clustered relay: the local
+    L{Registry}'s interface, with registrations mirrored to Redis and
+    connectors with no local listener looked up there.
+    """
+
+    def __init__(self, local: Registry, cluster: Cluster) -> None:
+        self.local = local
+        self._cluster = cluster
+        #: local listeners by rendezvous and peer id (for offers from elsewhere)
+        self.listeners: dict[str, dict[str, list[Listener]]] = {}
+        #: local connectors waiting for a listener, by rendezvous
+        self.waiting: dict[str, list[Connector]] = {}
+
+    # -- counts ----------------------------------------------------------------
+
+    @property
+    def listener_count(self) -> int:
+        return self.local.listener_count
+
+    @property
+    def pending_count(self) -> int:
+        return self.local.pending_count
+
+    @property
+    def paired_count(self) -> int:
+        return self.local.paired_count
+
+    # -- listeners -------------------------------------------------------------
+
+    def listen(self, rdv: str, peer: str, channel: Any) -> Listener:
+        listener = self.local.listen(rdv, peer, channel)
+        peers = self.listeners.setdefault(rdv, {})
+        first = peer not in peers
+        peers.setdefault(peer, []).append(listener)
+        if first:
+            self._cluster.listener_added(rdv, peer)
+        return listener
+
+    def remove_listener(self, listener: Listener) -> None:
+        self.local.remove_listener(listener)
+        peers = self.listeners.get(listener.rdv, {})
+        same = peers.get(listener.peer, [])
+        if listener in same:
+            same.remove(listener)
+            if not same:
+                del peers[listener.peer]
+                if not peers:
+                    del self.listeners[listener.rdv]
+                self._cluster.listener_removed(listener.rdv, listener.peer)
+
+    def local_listener(self, rdv: str, peer: str) -> Listener | None:
+        """A registered local listener of C{rdv} with peer id C{peer} (round-robin)."""
+        same = self.listeners.get(rdv, {}).get(peer)
+        if not same:
+            return None
+        same.append(same.pop(0))
+        return same[-1]
+
+    # -- connectors ------------------------------------------------------------
+
+    def connect(self, rdv: str, peer: str | None, from_: str | None, wait: float | None, channel: Any) -> Connector:
+        cluster = self._cluster
+        if not cluster.up or self.local.has_listener(rdv, peer):
+            connector = self.local.connect(rdv, peer, from_, wait, channel)
+            self._track(connector)
+            return connector
+        # No listener here: ask Redis.  A connector that will not wait
+        # waits for the answer of the lookup only.
+        immediate = wait is not None and wait <= 0
+        connector = self.local.connect(rdv, peer, from_, cluster.config.lookup_timeout if immediate else wait, channel)
+        self._track(connector)
+        if connector.state is ConnectorState.WAITING:
+            cluster.look_up(rdv).addCallback(self._looked_up, rdv, connector if immediate else None)
+        return connector
+
+    def _track(self, connector: Connector) -> None:
+        if connector.state is ConnectorState.WAITING:
+            self.waiting.setdefault(connector.rdv, []).append(connector)
+
+    def waiting_for(self, rdv: str) -> list[Connector]:
+        """The connectors still waiting for a listener of C{rdv}."""
+        waiting = [c for c in self.waiting.get(rdv, ()) if c.state is ConnectorState.WAITING]
+        if waiting:
+            self.waiting[rdv] = waiting
+        else:
+            self.waiting.pop(rdv, None)
+        return waiting
+
+    def offer_remote(self, rdv: str, found: list[tuple[str, str]]) -> None:
+        """Offer the connectors waiting for C{rdv} to listeners found elsewhere."""
+        random.shuffle(found)
+        for instance, peer in found:
+            waiting = self.waiting_for(rdv)
+            if not any(c.peer in (None, peer) for c in waiting):
+                continue
+            stand_in = self.local.listen(rdv, peer, _RemoteListener(self._cluster, instance, rdv, peer))
+            self.local.retire_listener(stand_in)
+
+    def _looked_up(self, found: list[tuple[str, str]], rdv: str, immediate: Connector | None) -> None:
+        self.offer_remote(rdv, found)
+        if immediate is not None and immediate.state is ConnectorState.WAITING:
+            self.local.remove_connector(immediate)
+            peer = immediate.peer
+            message = (
+                "no listener for this rendezvous"
+                if peer is None
+                else f"no listener with peer id {short_id(peer)}... for this rendezvous"
+            )
+            immediate.channel.failed(ProtocolError(ErrorCode.NO_LISTENER, message))
+
+    def remove_connector(self, connector: Connector) -> None:
+        self.local.remove_connector(connector)
+
+    def accept(self, session: str) -> Any:
+        pairing = self.local.accept(session)
+        self._cluster.session_done(session)
+        return pairing
+
+    def unpair(self, connector: Connector) -> None:
+        self.local.unpair(connector)
+
+    def cancel_session(self, session: str, code: ErrorCode, message: str) -> bool:
+        return self.local.cancel_session(session, code, message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.local, name)
+
+
+class Cluster(Service):
+    """
+    The clustering of one relay instance: its Redis store, heartbeats,
+    pub/sub handling, link server and link clients.  Attach with
+    L{attach_cluster}.
+    """
+
+    def __init__(self, reactor: Any, factory: Any, config: ClusterConfig) -> None:
+        self.reactor = reactor
+        self.factory = factory
+        self.config = config
+        self.instance = os.urandom(8).hex()
+        db = config.redis.db
+        self.prefix = f"pluresync:{db}:"
+        self.registry = ClusterRegistry(factory.registry, self)
+        self.store = RedisStore(
+            reactor,
+            config.redis,
+            channels=lambda: [self._channel(self.instance), self.prefix + "listeners"],
+            on_message=self._message,
+            on_up=self._redis_up,
+            on_down=self._redis_down,
+        )
+        self.link_factory = LinkServerFactory(reactor, config.secret, factory.limits.max_message, self._link_accept)
+        self.clients: set[LinkClient] = set()
+        self._port: Any = None
+        self._heartbeat_call: Any = None
+        self._suspects: dict[str, float] = {}
+
+    # -- keys ------------------------------------------------------------------
+
+    def _channel(self, instance: str) -> str:
+        return f"{self.prefix}i:{instance}"
+
+    def _inst_key(self, instance: str) -> str:
+        return f"{self.prefix}inst:{instance}"
+
+    def _lst_key(self, rdv: str) -> str:
+        return f"{self.prefix}lst:{rdv}"
+
+    def _ses_key(self, session: str) -> str:
+        return f"{self.prefix}ses:{session}"
+
+    @property
+    def up(self) -> bool:
+        """Whether Redis is usable (clustering active)."""
+        return self.store.up
+
+    # -- service ---------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        endpoint = serverFromString(self.reactor, self.config.listen)
+        endpoint.listen(self.link_factory).addCallbacks(self._listening, self._listen_failed)
+        self.store.start()
+        log.info(
+            "cluster instance {instance} at {address}, Redis {redis}",
+            instance=self.instance[:8],
+            address=self.config.address,
+            redis=str(self.config.redis),
+        )
+
+    def _listening(self, port: Any) -> None:
+        self._port = port
+
+    def _listen_failed(self, reason: Any) -> None:
+        log.error("cannot listen for cluster links on {endpoint}: {reason}", endpoint=self.config.listen, reason=reason.value)
+        from twisted.internet import reactor
+
+        if reactor.running:
+            reactor.stop()
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        if self._heartbeat_call is not None and self._heartbeat_call.active():
+            self._heartbeat_call.cancel()
+        self._heartbeat_call = None
+        waits: list[Deferred[Any]] = []
+        # Forget this instance at once (its listeners are going away).
+        if self.store.up:
+            waits.append(self._quiet(self.store.command("DEL", self._inst_key(self.instance))))
+        for link in list(self.link_factory.links) + list(self.clients):
+            link.close(1001, "going away")
+            waits.append(link.lost)
+        if self._port is not None:
+            waits.append(self._port.stopListening())
+        done = gatherResults(waits, consumeErrors=True)
+        done.addBoth(lambda _: self.store.stop())
+        return done
+
+    @staticmethod
+    def _quiet(d: Deferred[Any]) -> Deferred[Any]:
+        return d.addErrback(lambda _: None)
+
+    # -- Redis up / down -------------------------------------------------------
+
+    def _redis_up(self) -> None:
+        # Redis may have lost everything (restart): publish our state again,
+        # announce our listeners, and look up every waiting connector.
+        self._heartbeat()
+        for rdv, peers in self.registry.listeners.items():
+            for peer in peers:
+                self._announce(rdv, peer)
+        for rdv in list(self.registry.waiting):
+            if self.registry.waiting_for(rdv):
+                self.look_up(rdv).addCallback(lambda found, rdv=rdv: self.registry.offer_remote(rdv, found))
+
+    def _redis_down(self) -> None:
+        if self._heartbeat_call is not None and self._heartbeat_call.active():
+            self._heartbeat_call.cancel()
+        self._heartbeat_call = None
+
+    def _heartbeat(self) -> None:
+        self._heartbeat_call = None
+        if not self.store.up:
+            return
+        ttl = max(1, int(round(self.config.ttl)))
+        sends = [self.store.command("SET", self._inst_key(self.instance), self.config.address, "EX", ttl)]
+        for rdv, peers in self.registry.listeners.items():
+            key = self._lst_key(rdv)
+            for peer in peers:
+                sends.append(self.store.command("HSET", key, f"{self.instance} {peer}", "1"))
+            sends.append(self.store.command("EXPIRE", key, ttl))
+        gatherResults(sends, consumeErrors=True).addErrback(
+            lambda f: log.debug("heartbeat failed: {reason}", reason=f.value)
+        )
+        self._heartbeat_call = self.reactor.callLater(self.config.heartbeat, self._heartbeat)
+
+    # -- listeners -------------------------------------------------------------
+
+    def listener_added(self, rdv: str, peer: str) -> None:
+        if not self.store.up:
+            return
+        ttl = max(1, int(round(self.config.ttl)))
+        key = self._lst_key(rdv)
+        self._quiet(self.store.command("HSET", key, f"{self.instance} {peer}", "1"))
+        self._quiet(self.store.command("EXPIRE", key, ttl))
+        self._announce(rdv, peer)
+
+    def _announce(self, rdv: str, peer: str) -> None:
+        message = json.dumps({"rdv": rdv, "peer": peer, "instance": self.instance})
+        self._quiet(self.store.command("PUBLISH", self.prefix + "listeners", message))
+
+    def listener_removed(self, rdv: str, peer: str) -> None:
+        if self.store.up:
+            self._quiet(self.store.command("HDEL", self._lst_key(rdv), f"{self.instance} {peer}"))
+
+    def look_up(self, rdv: str) -> Deferred[list[tuple[str, str]]]:
+        """
+        The live listeners of C{rdv} on other instances, as C{(instance,
+        peer)}; empty when there are none or Redis fails.
+        """
+        return Deferred.fromCoroutine(self._look_up(rdv)).addErrback(self._lookup_failed)
+
+    def _lookup_failed(self, failure: Any) -> list[tuple[str, str]]:
+        if not failure.check(RedisUnavailable):
+            log.debug("cluster lookup failed: {reason}", reason=failure.value)
+        return []
+
+    async def _look_up(self, rdv: str) -> list[tuple[str, str]]:
+        fields = await self.store.command("HKEYS", self._lst_key(rdv))
+        now = self.reactor.seconds()
+        entries: list[tuple[str, str]] = []
+        for field in fields or ():
+            instance, _, peer = str(field).partition(" ")
+            if instance == self.instance or not peer:
+                continue
+            if self._suspects.get(instance, 0) > now:
+                continue
+            entries.append((instance, peer))
+        if not entries:
+            return []
+        instances = sorted({instance for instance, _ in entries})
+        alive = await self.store.command("MGET", *[self._inst_key(i) for i in instances])
+        dead = {i for i, address in zip(instances, alive) if address is None}
+        if dead:
+            stale = [f"{i} {p}" for i, p in entries if i in dead]
+            self._quiet(self.store.command("HDEL", self._lst_key(rdv), *stale))
+        return [(i, p) for i, p in entries if i not in dead]
+
+    # -- offers ----------------------------------------------------------------
+
+    def _offer_remote(self, stand_in: Any, session: str, from_: str | None) -> None:
+        """A local connector is offered (in C{session}) to a listener on another instance."""
+        Deferred.fromCoroutine(self._send_offer(stand_in, session, from_)).addErrback(
+            lambda f: self.registry.cancel_session(
+                session, ErrorCode.NO_LISTENER, "the listener's relay instance could not be reached"
+            )
+        )
+
+    async def _send_offer(self, stand_in: Any, session: str, from_: str | None) -> None:
+        ttl = max(1, int(self.factory.limits.accept_timeout + self.config.ttl))
+        owner = f"{self.instance} {self.config.address}"
+        message = json.dumps(
+            {
+                "t": "incoming",
+                "rdv": stand_in.rdv,
+                "peer": stand_in.peer,
+                "session": session,
+                "from": from_,
+                "owner": self.instance,
+            }
+        )
+        # Pipelined: the session key exists before the offer is delivered.
+        stored = self.store.command("SET", self._ses_key(session), owner, "EX", ttl)
+        published = self.store.command("PUBLISH", self._channel(stand_in.instance), message)
+        await stored
+        receivers = await published
+        if not receivers:
+            # Nobody subscribes to that instance's channel: it is dead (its
+            # keys have not expired yet).  Skip it until they have.
+            self._suspects[stand_in.instance] = self.reactor.seconds() + self.config.ttl
+            self._quiet(self.store.command("DEL", self._inst_key(stand_in.instance)))
+            self.registry.cancel_session(session, ErrorCode.NO_LISTENER, "the listener's relay instance is gone")
+
+    def session_done(self, session: str) -> None:
+        if self.store.up:
+            self._quiet(self.store.command("DEL", self._ses_key(session)))
+
+    # -- pub/sub ---------------------------------------------------------------
+
+    def _message(self, channel: str, message: str) -> None:
+        try:
+            body = json.loads(message)
+        except ValueError:
+            return
+        if not isinstance(body, dict):
+            return
+        if channel == self.prefix + "listeners":
+            instance, rdv, peer = body.get("instance"), body.get("rdv"), body.get("peer")
+            if instance != self.instance and isinstance(rdv, str) and isinstance(peer, str):
+                self._suspects.pop(instance, None)
+                if self.registry.waiting_for(rdv):
+                    self.registry.offer_remote(rdv, [(instance, peer)])
+            return
+        kind = body.get("t")
+        session = body.get("session")
+        if not isinstance(session, str):
+            return
+        if kind == "incoming":
+            listener = self.registry.local_listener(str(body.get("rdv")), str(body.get("peer")))
+            if listener is None:
+                owner = body.get("owner")
+                if isinstance(owner, str) and self.store.up:
+                    gone = json.dumps({"t": "gone", "session": session})
+                    self._quiet(self.store.command("PUBLISH", self._channel(owner), gone))
+                return
+            from_ = body.get("from")
+            listener.channel.incoming(session, from_ if isinstance(from_, str) else None)
+        elif kind == "gone":
+            self.registry.cancel_session(session, ErrorCode.NO_LISTENER, "the listener went away before accepting")
+
+    # -- accepts ---------------------------------------------------------------
+
+    def _link_accept(self, session: str, link: LinkServer) -> tuple[Any, Any]:
+        """A link from the instance where the accept landed claims C{session}."""
+        pairing = self.registry.accept(session)
+        other = pairing.connector.channel
+        if other.state != _STATE_OPEN or other.phase is not Phase.CONNECTING:
+            self.registry.unpair(pairing.connector)
+            raise ProtocolError(ErrorCode.PEER_GONE, "the connector went away")
+        return other, pairing
+
+    def remote_accept(self, protocol: Any, session: str) -> None:
+        """
+        C{protocol} (an C{accept} socket) names a session unknown here: if
+        Redis knows its owner, pair through a cluster link to it.
+        """
+        if not self.store.up:
+            protocol.fail(ProtocolError(ErrorCode.NO_SESSION, "no such session (unknown, expired or already accepted)"))
+            return
+        protocol.phase = Phase.CONNECTING
+        protocol._label = f"session={short_id(session)}"
+        Deferred.fromCoroutine(self._remote_accept(protocol, session)).addErrback(
+            lambda f: (log.failure("remote accept failed", f), protocol.fail(ProtocolError(ErrorCode.PEER_GONE, "internal error")))
+        )
+
+    async def _remote_accept(self, protocol: Any, session: str) -> None:
+        no_session = ProtocolError(ErrorCode.NO_SESSION, "no such session (unknown, expired or already accepted)")
+        try:
+            owner = await self.store.command("GET", self._ses_key(session))
+        except Exception:
+            owner = None
+        if not owner:
+            protocol.fail(no_session)
+            return
+        instance, _, address = str(owner).partition(" ")
+        host, _, port = address.rpartition(":")
+        if instance == self.instance or not host or not port.isdigit():
+            protocol.fail(no_session)
+            return
+        link = LinkClient(self.config.secret, self.reactor, self.factory.limits.max_message, session)
+        self.clients.add(link)
+        link.lost.addBoth(lambda _: self.clients.discard(link))
+        endpoint = TCP4ClientEndpoint(self.reactor, host.strip("[]"), int(port), timeout=5)
+        try:
+            await connectProtocol(endpoint, link)
+            _, peer = await link.result
+        except ProtocolError as error:
+            protocol.fail(error)
+            return
+        except (LinkClosed, Exception) as error:
+            log.warn("cluster link to {instance} failed: {reason}", instance=instance[:8], reason=error)
+            protocol.fail(ProtocolError(ErrorCode.PEER_GONE, "the connector's relay instance is unreachable"))
+            return
+        if protocol.state != _STATE_OPEN or protocol.phase is not Phase.CONNECTING or link.state != _STATE_OPEN:
+            # The acceptor left meanwhile (or the link broke).
+            link.close(ErrorCode.PEER_GONE.close_code, ErrorCode.PEER_GONE.value)
+            if protocol.phase is Phase.CONNECTING:
+                protocol.fail(ProtocolError(ErrorCode.PEER_GONE, "the connector went away"))
+            return
+        link.link_to(protocol)
+        protocol.pair_remote(link, peer, None, session)
+
+    # -- health ----------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {"cluster_links": len(self.link_factory.links) + len(self.clients)}
+
+
+def attach_cluster(service: Any, config: ClusterConfig, reactor: Any) -> Cluster:
+    """
+    Cluster the relay C{service} (a L{pluresync.relay.service.RelayService}):
+    swap its registry for a L{ClusterRegistry}, add the C{redis} readiness
+    check to C{/health}, and run the L{Cluster} as its child service.
+    """
+    factory = service.factory
+    cluster = Cluster(reactor, factory, config)
+    factory.registry = cluster.registry
+    factory.cluster = cluster
+    health = getattr(service.site, "health", None)
+    if health is not None:
+        health.checks["redis"] = lambda: cluster.up
+    cluster.setServiceParent(service)
+    return cluster
+
+
+def cluster_config(
+    redis: str | None, listen: str | None, address: str | None, secret_file: str | None
+) -> ClusterConfig | None:
+    """
+    The L{ClusterConfig} of C{--redis} and the C{--cluster-*} options, or
+    C{None} without C{--redis}.
+
+    @raise ValueError: an option is missing, malformed or unusable.
+    """
+    if redis is None:
+        if listen or address or secret_file:
+            raise ValueError("--cluster-listen/--cluster-address/--cluster-secret-file need --redis")
+        return None
+    redis_address = RedisAddress.parse(redis)
+    if not secret_file:
+        raise ValueError("--redis needs --cluster-secret-file (links between instances must be authenticated)")
+    if not listen:
+        raise ValueError("--redis needs --cluster-listen (e.g. tcp:9090:interface=10.0.0.5)")
+    listen = listen.strip()
+    if listen.isdigit():
+        listen = f"tcp:{listen}"
+    if address is None:
+        address = default_address(listen)
+        if address is None:
+            raise ValueError("--redis needs --cluster-address HOST:PORT (the address other instances reach this one at)")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--cluster-address must be HOST:PORT, got {address!r}")
+    return ClusterConfig(redis=redis_address, listen=listen, address=address, secret=read_secret(secret_file))
