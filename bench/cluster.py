@@ -125,14 +125,10 @@ def in_process(relay_ports: list[int], redis_port: int, pairings: int, pubsub_mb
         out["pubsub"] = await pubsub_throughput(reactor, redis_port, pubsub_mb)
 
     def done(result) -> None:
-        print("DONE", repr(result)[:3000], file=sys.stderr)
         out["error"] = result
         reactor.callLater(0.1, reactor.stop)
 
     # Not task.react: it exits the process when done.
-    import traceback
-    real_stop = reactor.stop
-    reactor.stop = lambda: (traceback.print_stack(), real_stop())
     ensureDeferred(main()).addBoth(done)
     reactor.run()
     error = out.pop("error")

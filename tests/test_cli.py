@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from pluresync.cli import main
-from pluresync.cli.home import home, with_identity
+from pluresync.cli.home import ensure_identity, home, with_identity
 from pluresync.cli.logs import LineObserver
 from pluresync.cli.progress import Progress, format_bytes, format_duration
 from pluresync.keys import PeerIdentity, SyncKey
@@ -167,25 +167,38 @@ class PeerIdTests(SynchronousTestCase):
 class WithIdentityTests(SynchronousTestCase):
     """The machine's identity added to relay:/auto: endpoint strings."""
 
+    def identity(self, directory: str = "home") -> Path:
+        base = Path(self.mktemp()).resolve() / directory
+        base.mkdir(parents=True)
+        return base / "identity"
+
     def test_added_escaped(self):
-        """relay: and auto: strings without identity= get it, with : and \\ escaped."""
-        path = Path("/tmp/a:b/identity")
-        self.assertEqual(
-            with_identity("relay:azure:keyfile=k", path), "relay:azure:keyfile=k:identity=/tmp/a\\:b/identity"
-        )
-        self.assertEqual(with_identity("auto:keyfile=k", path), "auto:keyfile=k:identity=/tmp/a\\:b/identity")
+        """relay: and auto: strings without identity= get it (created now), with : and \\ escaped."""
+        path = self.identity("a:b")
+        quoted = str(path).replace(":", "\\:")
+        self.assertEqual(with_identity("relay:azure:keyfile=k", path), f"relay:azure:keyfile=k:identity={quoted}")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(with_identity("auto:keyfile=k", path), f"auto:keyfile=k:identity={quoted}")
+        self.assertEqual(os.listdir(path.parent), ["identity"])  # no temporary file left behind
 
     def test_left_alone(self):
-        """A string with its own identity=, or of another type, is unchanged."""
-        path = Path("/x")
+        """A string with its own identity=, or of another type, is unchanged (and no identity is made)."""
+        path = self.identity()
         for description in ("relay:azure:identity=mine", "tcp:2222:interface=127.0.0.1", "relay\\:odd", "unix:/s"):
             self.assertEqual(with_identity(description, path), description)
+        self.assertFalse(path.exists())
 
     def test_escaped_colons_do_not_split(self):
         """An escaped colon in a value is not a separator (url=ws\\://...)."""
-        path = Path("/x")
+        path = self.identity()
         description = "relay:url=ws\\://h\\:1:keyfile=k"
-        self.assertEqual(with_identity(description, path), description + ":identity=/x")
+        self.assertEqual(with_identity(description, path), f"{description}:identity={path}")
+
+    def test_existing_identity_is_kept(self):
+        """An identity that exists is used as it is."""
+        path = self.identity()
+        mine = PeerIdentity.from_file(path, create=True)
+        self.assertEqual(ensure_identity(path), mine)
 
     def test_home(self):
         """PLURESYNC_HOME, else ~/.pluresync."""

@@ -45,9 +45,34 @@ def identity_path(environ: Mapping[str, str] | None = None) -> Path:
     return directory / IDENTITY_FILE
 
 
+def ensure_identity(path: Path) -> PeerIdentity:
+    """
+    Read the identity at C{path}, creating it first if missing, safely
+    against another process doing the same at the same moment.
+
+    C{PeerIdentity.from_file(create=True)} creates the file (O_EXCL) and
+    only then writes it, so a second process starting at the same time (say
+    C{listen} and C{connect} on a fresh machine) can read it empty and fail.
+    Here the identity is written in full to a private temporary file and
+    then hard-linked into place: the name appears with its content, and
+    whoever links first wins; everybody reads the winner's.
+    """
+    if not path.exists():
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+        try:
+            PeerIdentity.from_file(temporary, create=True)
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                pass
+        finally:
+            temporary.unlink(missing_ok=True)
+    return PeerIdentity.from_file(path)
+
+
 def machine_identity(environ: Mapping[str, str] | None = None) -> PeerIdentity:
     """This machine's identity, created on first use."""
-    return PeerIdentity.from_file(identity_path(environ), create=True)
+    return ensure_identity(identity_path(environ))
 
 
 def _split(description: str) -> list[str]:
@@ -79,4 +104,5 @@ def with_identity(description: str, path: Path | None = None, environ: Mapping[s
     if pieces[0] not in _IDENTITY_PREFIXES or any(p.startswith("identity=") for p in pieces[1:]):
         return description
     path = identity_path(environ) if path is None else path
+    ensure_identity(path)  # made here, race-free, before the endpoint parser reads it
     return f"{description}:identity={quoteStringArgument(str(path))}"

@@ -6,8 +6,8 @@ commands. Neither touches the network, so both run without a reactor.
 from __future__ import annotations
 
 from pluresync.cli.base import BaseOptions
-from pluresync.cli.home import identity_path
-from pluresync.keys import PeerIdentity, SyncKey
+from pluresync.cli.home import machine_identity
+from pluresync.keys import SyncKey
 
 
 class KeygenOptions(BaseOptions):
@@ -41,5 +41,5 @@ class PeerIdOptions(BaseOptions):
     )
 
     def run(self) -> int:
-        print(PeerIdentity.from_file(identity_path(), create=True).peer_id)
+        print(machine_identity().peer_id)
         return 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -266,10 +266,18 @@ async def drain(reactor, timeout: float = DRAIN_TIMEOUT, interval: float = 0.02)
         await deferLater(reactor, interval)
 
 
-def _cut(failure: Failure):
-    """A splice's failure as the command's one-line error."""
-    failure.trap(SpliceFailed)
-    raise CommandError(str(failure.value))
+async def _outcome(done: Deferred) -> CommandError | None:
+    """
+    Wait for a splice (or a server's last one): C{None} if it ended cleanly,
+    the one-line error if it was cut. (Returned, not raised, so the caller
+    can close up before failing; no C{finally} that awaits, which would
+    misbehave when the process exits with the coroutine suspended.)
+    """
+    try:
+        await done
+    except SpliceFailed as e:
+        return CommandError(str(e))
+    return None
 
 
 class NetcatOptions(EndpointArgument, BaseOptions):
@@ -306,12 +314,12 @@ async def connect_command(reactor, options: ConnectOptions) -> int:
     protocol = await endpoint.connect(_Once(splice.b))
     _log.info("connected to {peer}", peer=describe_address(protocol.transport.getPeer()))
     progress = _progress(reactor, options, splice)
-    try:
-        await splice.done.addErrback(_cut)
-    finally:
-        if progress is not None:
-            progress.stop()
-        await drain(reactor)
+    error = await _outcome(splice.done)
+    if progress is not None:
+        progress.stop()
+    await drain(reactor)
+    if error is not None:
+        raise error
     return 0
 
 
@@ -378,7 +386,7 @@ class _StdioServer(Factory):
         """Stop listening, if still listening."""
         port, self._port = self._port, None
         if port is not None:
-            await port.stopListening()
+            await maybeDeferred(port.stopListening)  # TCP ports may return None
 
     def _relistenFailed(self, failure: Failure) -> None:
         if not self.finished.called:
@@ -390,9 +398,9 @@ async def listen_command(reactor, options: ListenOptions) -> int:
     endpoint = serverFromString(reactor, with_identity(options.endpoint))
     server = _StdioServer(reactor, endpoint, options)
     await server.listen()
-    try:
-        await server.finished.addErrback(_cut)
-    finally:
-        await server.stop()
-        await drain(reactor)
+    error = await _outcome(server.finished)
+    await server.stop()
+    await drain(reactor)
+    if error is not None:
+        raise error
     return 0
