@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,29 @@ _PERSON_RDV = b"pluresync-rdv"
 _PERSON_PSK = b"pluresync-psk"
 _PERSON_CHECK = b"pluresync-check"
 _PERSON_SALT = b"pluresync-salt"
+
+
+def _create_private_file(path: Path, text: str) -> bool:
+    """
+    Create C{path} holding C{text}, readable by its owner only, in one atomic
+    step: the content is written to a private temporary file beside it and
+    hard-linked into place, so no other process (or a racing one creating the
+    same file) ever sees it empty or half-written.
+
+    @return: C{False} if C{path} exists already (it is left alone).
+    """
+    fd, temporary = tempfile.mkstemp(prefix=".pluresync-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(temporary, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(temporary)
+    return True
 
 
 def _blake2b(data: bytes, person: bytes, key: bytes = b"", size: int = 32) -> bytes:
@@ -141,12 +165,8 @@ class SyncKey:
         when another user could read it; an existing file is never overwritten.
         """
         path = Path(path).expanduser()
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise KeyFileError(f"{str(path)!r} exists already; not overwriting a key") from None
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(self.to_text() + "\n")
+        if not _create_private_file(path, self.to_text() + "\n"):
+            raise KeyFileError(f"{str(path)!r} exists already; not overwriting a key")
 
     def fingerprint(self) -> str:
         """A short, safe-to-log tag telling keys apart (never enough to guess one)."""
@@ -204,14 +224,9 @@ class PeerIdentity:
         path = Path(path).expanduser()
         if create and not path.exists():
             identity = cls.generate()
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass  # another process made it first: read theirs below
-            else:
-                with os.fdopen(fd, "w", encoding="ascii") as f:
-                    f.write(_encode(IDENTITY_PREFIX, identity.private) + "\n")
+            if _create_private_file(path, _encode(IDENTITY_PREFIX, identity.private) + "\n"):
                 return identity
+            # another process made it first: read theirs below
         try:
             text = path.read_text("ascii")
         except (OSError, UnicodeDecodeError) as e:

@@ -289,6 +289,11 @@ class AutoStringTests(SynchronousTestCase):
 
     def test_defaults(self):
         """auto: races azure then vercel, one identity for both, default delay and timeout."""
+        import os
+
+        os.environ["PLURESYNC_KEY"] = self.keyfile
+        self.addCleanup(os.environ.pop, "PLURESYNC_KEY", None)
+        self.assertEqual(len(clientFromString(self.reactor, "auto:")._config.paths), 2)
         endpoint = clientFromString(self.reactor, f"auto:keyfile={self.keyfile}")
         config = endpoint._config
         self.assertEqual([p.name for p in config.paths], ["relay:azure", "relay:vercel"])

@@ -225,6 +225,7 @@ def auto_config(*args: str, **kwargs: str):
             f"auto endpoint: unknown parameter(s) {', '.join(unknown)}; "
             f"known: {', '.join(sorted(_AUTO_PARAMETERS))}"
         )
+    args = tuple(arg for arg in args if arg)  # "auto:" alone parses as one empty argument
     if args:
         raise ConfigurationError(f"auto endpoint: takes only name=value parameters, got {':'.join(args)!r}")
     seed = read_config(kwargs["config"]) if "config" in kwargs else None

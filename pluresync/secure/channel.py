@@ -313,11 +313,14 @@ class SecureChannel:
             half.readConnectionLost()
 
     def _finish(self) -> None:
-        """Both directions are done: close with an authenticated CLOSE."""
+        """
+        Both directions are done: close with an authenticated CLOSE. The
+        protocol hears C{connectionLost} once the pipe has delivered
+        everything (or the peer's CLOSE arrives), as after C{loseConnection}.
+        """
         self._sendRecord(_CLOSE)
-        self._state = _State.CLOSED
+        self._state = _State.CLOSING
         self._pipe.close()
-        self._connectionLost(Failure(ConnectionDone("both sides ended the connection")))
 
     # -- the user side ------------------------------------------------------
 
