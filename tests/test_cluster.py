@@ -62,7 +62,7 @@ class _Clients:
         listener = await self.open(relay)
         listener.send_json({"v": 1, "op": "listen", "rdv": rdv, "peer": peer})
         ready = await listener.next_json().addTimeout(T, reactor)
-        assert ready == {"op": "ready"}, ready
+        assert dict(ready, limits=None) == {"op": "ready", "limits": None}, ready
         return listener
 
     async def connect(self, relay: RelayProcess, rdv: str, wait: float = 10, from_: str | None = None) -> RelayTestClient:
@@ -93,9 +93,9 @@ class _Clients:
         assert incoming["op"] == "incoming" and incoming["peer"] == me, incoming
         acceptor = await self.accept(acceptor_relay, incoming["session"])
         paired = await acceptor.next_json().addTimeout(T, reactor)
-        assert paired == {"op": "paired", "peer": me}, paired
+        assert dict(paired, limits=None) == {"op": "paired", "peer": me, "limits": None}, paired
         paired = await connector.next_json().addTimeout(T, reactor)
-        assert paired == {"op": "paired", "peer": listener_peer}, paired
+        assert dict(paired, limits=None) == {"op": "paired", "peer": listener_peer, "limits": None}, paired
         return connector, acceptor
 
 
@@ -195,7 +195,7 @@ class ClusterTests(unittest.TestCase):
             acceptor = await self.clients.accept(r1, incoming["session"])
             for client, expected in ((acceptor, me), (connector, peer)):
                 paired = await client.next_json().addTimeout(T, reactor)
-                self.assertEqual(paired, {"op": "paired", "peer": expected})
+                self.assertEqual(dict(paired, limits=None), {"op": "paired", "peer": expected, "limits": None})
             await _exchange(self, connector, acceptor)
 
             immediate = await self.clients.connect(r3, rdv, wait=0)

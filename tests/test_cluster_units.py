@@ -18,7 +18,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from pluresync.relay.cluster import cluster_config, default_address
+from pluresync.relay.cluster import cluster_config, default_address, read_secret
 from pluresync.relay.clusterlink import LinkClient, LinkClosed, LinkServerFactory
 from pluresync.relay.pairing import ConnectorState, Registry
 from pluresync.relay.redisstore import RedisAddress
@@ -108,7 +108,8 @@ class OptionsTests(unittest.TestCase):
         config = cluster_config("redis://10.0.0.2:6380/3", "tcp:9090", "10.0.0.5:9090", self.secret_file())
         assert config is not None
         self.assertEqual((config.redis.host, config.redis.port, config.redis.db), ("10.0.0.2", 6380, 3))
-        self.assertEqual((config.listen, config.address, config.secret), ("tcp:9090", "10.0.0.5:9090", SECRET))
+        self.assertEqual((config.listen, config.address), ("tcp:9090", "10.0.0.5:9090"))
+        self.assertEqual(read_secret(config.secret_file), SECRET)
 
     def test_default_address(self) -> None:
         """The link address defaults to a specific C{interface=} of the listen endpoint."""
@@ -130,12 +131,28 @@ class OptionsTests(unittest.TestCase):
             ("redis://r", "tcp:9090", "h:1", None),
             ("redis://r", None, "h:1", good),
             ("http://r", "tcp:9090", "h:1", good),
-            ("redis://r", "tcp:9090", "h:1", self.secret_file(b"short")),
-            ("redis://r", "tcp:9090", "h:1", "/nonexistent/secret"),
             ("redis://r", "tcp:9090", "nope", good),
         ]
         for args in bad:
             self.assertRaises(ValueError, cluster_config, *args)
+        # The secret file is read when the service is made, not when the
+        # options are parsed.
+        for path in (self.secret_file(b"short \n"), "/nonexistent/secret"):
+            self.assertRaises(ValueError, read_secret, path)
+
+    def test_unusable_secret_file(self) -> None:
+        """An unreadable or short secret stops the relay with one clear line."""
+        from pluresync.relay.service import Options, makeService
+
+        options = Options()
+        options.parseOptions(
+            ["--port", "tcp:0:interface=127.0.0.1", "--redis", "redis://127.0.0.1:1/0",
+             "--cluster-listen", "tcp:0:interface=127.0.0.1", "--cluster-address", "127.0.0.1:1",
+             "--cluster-secret-file", self.secret_file(b"short")]
+        )
+        with self.assertRaises(SystemExit) as caught:
+            makeService(options)
+        self.assertIn("too short", str(caught.exception))
 
     def test_redis_url(self) -> None:
         """User, password and database come from the URL; the password is never shown."""

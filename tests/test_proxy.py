@@ -813,7 +813,7 @@ class TinyProxyTests(unittest.TestCase):
         endpoint = ProxyTunnelEndpoint(reactor, ProxyConfig("127.0.0.1", proxy.port), "127.0.0.1", relay_port)
         yield _within(endpoint.connect(factory))
         protocol, answer = yield _within(factory.answer)
-        self.assertEqual(answer, {"op": "ready"})
+        self.assertEqual(dict(answer, limits=None), {"op": "ready", "limits": None})
         self.assertIn(f"CONNECT 127.0.0.1:{relay_port} HTTP/1.1", proxy.log())
         self.assertIn(b'"op": "listen"', relay.tapped)
         protocol.sendClose(1000)

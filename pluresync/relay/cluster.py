@@ -63,13 +63,16 @@ class ClusterConfig:
 
     @ivar listen: server endpoint of the cluster link port.
     @ivar address: C{host:port} other instances reach that port at.
-    @ivar secret: the shared cluster secret (HMAC key of the links).
+    @ivar secret_file: the file holding the shared cluster secret.
+    @ivar secret: the secret itself (HMAC key of the links), once read
+        (L{attach_cluster} reads it: options parsing reads no file).
     """
 
     redis: RedisAddress
     listen: str
     address: str
-    secret: bytes
+    secret_file: str
+    secret: bytes = b""
     heartbeat: float = 2.0
     ttl: float = 6.0
     lookup_timeout: float = 2.0
@@ -573,7 +576,13 @@ def attach_cluster(service: Any, config: ClusterConfig, reactor: Any) -> Cluster
     Cluster the relay C{service} (a L{pluresync.relay.service.RelayService}):
     swap its registry for a L{ClusterRegistry}, add the C{redis} readiness
     check to C{/health}, and run the L{Cluster} as its child service.
+
+    @raise ValueError: the cluster secret file cannot be used.
     """
+    if not config.secret:
+        from dataclasses import replace
+
+        config = replace(config, secret=read_secret(config.secret_file))
     factory = service.factory
     cluster = Cluster(reactor, factory, config)
     factory.registry = cluster.registry
@@ -613,4 +622,4 @@ def cluster_config(
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"--cluster-address must be HOST:PORT, got {address!r}")
-    return ClusterConfig(redis=redis_address, listen=listen, address=address, secret=read_secret(secret_file))
+    return ClusterConfig(redis=redis_address, listen=listen, address=address, secret_file=secret_file)

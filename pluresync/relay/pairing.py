@@ -161,6 +161,10 @@ class Registry:
         """Sessions paired and not yet ended."""
         return self._paired
 
+    def listeners_of(self, rdv: str) -> int:
+        """Listeners registered (on this instance) under C{rdv}."""
+        return len(self._listeners.get(rdv, ()))
+
     # -- listeners -------------------------------------------------------------
 
     def listen(self, rdv: str, peer: str, channel: ListenerChannel) -> Listener:

@@ -163,11 +163,53 @@ class Options(usage.Options):
         ],
         ["auth-tokens-file", None, None, "--auth tokens: file of allowed tokens, one 'sha256:HEX tenant' per line."],
         ["auth-secret-file", None, None, "--auth signed: file holding the HMAC secret of `pluresync relay-token`."],
+        [
+            "connections-per-second",
+            None,
+            _DEFAULTS.rate.connections_per_second,
+            "New WebSockets per second per client address (beyond: HTTP 429; 0: unlimited).",
+            float,
+        ],
+        ["connections-burst", None, _DEFAULTS.rate.connections_burst, "New WebSockets one address may open at once.", _positive_int],
+        [
+            "connections-per-address",
+            None,
+            _DEFAULTS.rate.connections_per_address,
+            "Concurrent WebSockets per client address (beyond: HTTP 429; 0: unlimited).",
+            _positive_int,
+        ],
+        [
+            "listeners-per-rdv",
+            None,
+            _DEFAULTS.rate.listeners_per_rdv,
+            "Listeners per rendezvous id (beyond: rate-limited, 4029; 0: unlimited).",
+            _positive_int,
+        ],
+        [
+            "session-bytes-per-second",
+            None,
+            _DEFAULTS.rate.session_bytes_per_second,
+            "Bytes per second each side of a session may send (0: unlimited).",
+            _positive_int,
+        ],
+        ["session-bytes", None, _DEFAULTS.rate.session_bytes, "Bytes a session may forward (then 4029; 0: no cap).", _positive_int],
+        ["session-seconds", None, _DEFAULTS.rate.session_seconds, "Longest session (then 4029; 0: no cap).", _seconds],
+        [
+            "global-bytes-per-second",
+            None,
+            _DEFAULTS.rate.global_bytes_per_second,
+            "Bytes per second the relay forwards in all (0: unlimited).",
+            _positive_int,
+        ],
         ["redis", None, None, "Cluster with the other instances sharing this Redis: redis://HOST:PORT/N."],
         ["cluster-listen", None, None, "--redis: server endpoint for links from other instances (tcp:PORT:interface=IP)."],
         ["cluster-address", None, None, "--redis: HOST:PORT other instances reach --cluster-listen at."],
         ["cluster-secret-file", None, None, "--redis: file holding the secret shared by the instances (>= 16 bytes)."],
     ]
+
+    def opt_trusted_proxy(self, cidr: str) -> None:
+        """Believe X-Forwarded-For from this proxy address or CIDR network (repeatable)."""
+        self.setdefault("trusted-proxy", []).append(cidr)
 
     def postOptions(self) -> None:
         self["endpoint"] = port_endpoint(self["port"], self["tls-cert"], self["tls-key"])
@@ -183,6 +225,7 @@ class Options(usage.Options):
                 max_pending=self["max-pending"],
                 max_wait=self["max-wait"],
                 accept_timeout=self["accept-timeout"],
+                rate=_rate_limits(self),
             )
         except ValueError as error:
             raise usage.UsageError(str(error)) from None
@@ -198,6 +241,23 @@ class Options(usage.Options):
 
         # The rules only (no file is read here): makeService reads them.
         check_auth_options(self["auth"], self["endpoint"], self["auth-tokens-file"], self["auth-secret-file"])
+
+
+def _rate_limits(options: Any) -> Any:
+    """The L{pluresync.relay.ratelimit.RateLimits} of the options (docs/relay.md, "Rate limits")."""
+    from .ratelimit import RateLimits, parse_networks
+
+    return RateLimits(
+        connections_per_second=options["connections-per-second"],
+        connections_burst=options["connections-burst"],
+        connections_per_address=options["connections-per-address"],
+        listeners_per_rdv=options["listeners-per-rdv"],
+        session_bytes_per_second=options["session-bytes-per-second"],
+        session_bytes=options["session-bytes"],
+        session_seconds=options["session-seconds"],
+        global_bytes_per_second=options["global-bytes-per-second"],
+        trusted_proxies=parse_networks(options.get("trusted-proxy", [])),
+    )
 
 
 class RelayService(MultiService):
@@ -290,5 +350,8 @@ def makeService(config: Options, reactor: Any = None) -> RelayService:
     if config.get("cluster") is not None:
         from .cluster import attach_cluster
 
-        attach_cluster(service, config["cluster"], reactor)
+        try:
+            attach_cluster(service, config["cluster"], reactor)
+        except ValueError as e:
+            raise SystemExit(f"twist pluresync-relay: error: {e}") from None
     return service

@@ -36,6 +36,7 @@ from .auth import Authenticator, OpenAuth
 from .limits import RelayLimits
 from .metrics import RelayMetrics
 from .pairing import Connector, Listener, Registry
+from .ratelimit import UNLIMITED, ConnectionLimiter, SessionBudget, SessionMeter, TokenBucket, client_address
 from .wire import (
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
@@ -93,16 +94,54 @@ class _ReadThrottle:
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
-        self.paused = False
+        self.paused = False  # flow control: the partner's send buffer is full
+        self.limited = False  # rate limit: a bucket asked us to wait
+        self._until = 0.0
+        self._call: Any = None
+
+    # The transport is paused while either reason holds: a flow-control
+    # resume never lifts a rate-limit pause, nor the other way round.
 
     def pauseProducing(self) -> None:
         if not self.paused:
             self.paused = True
-            self._transport.pauseProducing()
+            if not self.limited:
+                self._transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         if self.paused:
             self.paused = False
+            if not self.limited:
+                self._transport.resumeProducing()
+
+    def limit(self, delay: float, reactor: Any) -> None:
+        """Stop reading for C{delay} seconds (extending a pause under way)."""
+        until = reactor.seconds() + delay
+        if self._call is not None:
+            if until > self._until:
+                self._until = until
+                self._call.reset(delay)
+            return
+        self._until = until
+        self._call = reactor.callLater(delay, self._unlimit)
+        self.limited = True
+        if not self.paused:
+            self._transport.pauseProducing()
+
+    def _unlimit(self) -> None:
+        self._call = None
+        if self.limited:
+            self.limited = False
+            if not self.paused:
+                self._transport.resumeProducing()
+
+    def release(self) -> None:
+        """The pair ended: cancel any rate-limit pause and read again."""
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+        if self.paused or self.limited:
+            self.paused = self.limited = False
             self._transport.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -118,6 +157,12 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
     factory: RelayFactory
     #: The authenticated tenant's name (C{None}: open relay), for logs.
     tenant: str | None = None
+    #: What each forwarded frame draws from (L{pluresync.relay.ratelimit}).
+    _bucket: Any = UNLIMITED
+    #: The address counted against the per-address limits (never logged).
+    _address: str | None = None
+    _cap_call: Any = None
+    _retry_after = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -143,6 +188,7 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
     def onConnect(self, request: Any) -> str:
         if self.factory.shutting_down:
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "relay shutting down")
+        self._admit(request)
         # Before anything else: an unauthorised client learns nothing more.
         # The header is handed to the authenticator and never logged.
         result = self.factory.authenticator.check(request.headers.get("authorization"), self.factory.reactor.seconds())
@@ -161,6 +207,8 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
         # ConnectionDeny carries no headers; a 401 must say how to authenticate.
         if code == 401:
             responseHeaders = [*(responseHeaders or ()), ("WWW-Authenticate", 'Bearer realm="pluresync-relay"')]
+        elif code == 429:
+            responseHeaders = [*(responseHeaders or ()), ("Retry-After", str(self._retry_after))]
         super().sendHttpErrorResponse(code, reason, responseHeaders)
 
     @property
@@ -189,6 +237,9 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
         if partner is not None and partner.state == _STATE_OPEN:
             self._received += len(payload)
             partner.transport.writeSequence((frame_header(len(payload), opcode, fin), payload))
+            delay = self._bucket.take(len(payload))
+            if delay:
+                self._rate_wait(delay)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         # Binary messages come here only if they arrived before the fast
@@ -231,7 +282,7 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
         """
         throttle = self._throttle
         timer = getattr(self.factory, "_batched_timer", None)
-        if throttle is not None and throttle.paused and timer is not None:
+        if throttle is not None and (throttle.paused or throttle.limited) and timer is not None:
             self.autoPingTimeoutCall = None
             self.autoPingPending = None
             self.autoPingPendingCall = timer.call_later(self.autoPingInterval, self._sendAutoPing)
@@ -289,7 +340,11 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
     def _listen(self, message: Listen) -> None:
         self.phase = Phase.LISTENING
         self._label = f"rdv={short_id(message.rdv)} peer={short_id(message.peer)}{self._tenant_tag}"
-        self.sendMessage(encode_ready(), False)
+        cap = self.factory.limits.rate.listeners_per_rdv
+        if cap and self.factory.registry.listeners_of(message.rdv) >= cap:
+            self.fail(ProtocolError(ErrorCode.RATE_LIMITED, f"at most {cap} listeners per rendezvous id"))
+            return
+        self.sendMessage(encode_ready(self.factory.announced_limits), False)
         log.info("listener ready {label}", label=self._label)
         self._listener = self.factory.registry.listen(message.rdv, message.peer, self)
 
@@ -338,11 +393,14 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
             side._pair = pairing.connector
             side._paired_at = now
             side._throttle = _ReadThrottle(side.transport)
+        budget = SessionBudget(self.factory.limits.rate.session_bytes)
+        self._start_limits(budget)
+        other._start_limits(budget)
         # When one side's send buffer is full, stop reading the other side.
         self.transport.registerProducer(other._throttle, True)
         other.transport.registerProducer(self._throttle, True)
-        other.sendMessage(encode_paired(pairing.listener_peer), False)
-        self.sendMessage(encode_paired(pairing.connector_peer), False)
+        other.sendMessage(encode_paired(pairing.listener_peer, self.factory.announced_limits), False)
+        self.sendMessage(encode_paired(pairing.connector_peer, self.factory.announced_limits), False)
         # From now on each frame costs a header parse, an unmask and one
         # write (wsframes); Autobahn sees only control frames.
         for side in (self, other):
@@ -365,9 +423,10 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
         self._pair = connector
         self._paired_at = now
         self._throttle = _ReadThrottle(self.transport)
+        self._start_limits(SessionBudget(self.factory.limits.rate.session_bytes))
         self.transport.registerProducer(partner._throttle, True)
         partner.transport.registerProducer(self._throttle, True)
-        self.sendMessage(encode_paired(peer), False)
+        self.sendMessage(encode_paired(peer, self.factory.announced_limits), False)
         self.startFastDataPath(masked=True, max_message=self.factory.limits.max_message, on_data=self._forward)
         log.info("paired {label} (cluster link)", label=self._label)
 
@@ -385,6 +444,77 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
         if self._hello_call is not None:
             self._hello_call.cancel()
             self._hello_call = None
+
+    # -- rate limits (pluresync.relay.ratelimit) -------------------------------
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._address is not None:
+            self.factory.connection_limiter.release(self._address)
+            self._address = None
+        super().connectionLost(reason)
+
+    def _admit(self, request: Any) -> None:
+        """Count this upgrade against its client address, or refuse it with HTTP 429."""
+        factory = self.factory
+        limiter = factory.connection_limiter
+        if not limiter.enabled or self.transport is None:
+            return
+        peer = getattr(self.transport.getPeer(), "host", None) or "local"
+        address = client_address(peer, request.headers.get("x-forwarded-for"), factory.limits.rate.trusted_proxies)
+        wait, why = limiter.admit(address)
+        if wait:
+            retry = factory.limits.rate.retry if wait == float("inf") else wait
+            self._retry_after = max(1, int(retry + 0.999))
+            log.debug("refused upgrade: rate-limited ({why})", why=why)
+            raise ConnectionDeny(429, f"Too Many Requests ({why} limit per client address)")
+        self._address = address
+
+    def _retry_hint(self, error: ProtocolError) -> float | None:
+        if error.retry is not None or error.code is not ErrorCode.RATE_LIMITED:
+            return error.retry
+        return self.factory.limits.rate.retry
+
+    def _start_limits(self, budget: SessionBudget) -> None:
+        """Pairing: set up what this side's frames draw from, and the duration cap."""
+        factory = self.factory
+        rate = factory.limits.rate
+        if rate.session_bytes_per_second or factory.global_bucket is not None or budget.cap:
+            bucket = None
+            if rate.session_bytes_per_second:
+                bucket = TokenBucket(rate.session_bytes_per_second, None, factory.reactor.seconds)
+            self._bucket = SessionMeter(bucket, factory.global_bucket, budget)
+        if rate.session_seconds:
+            self._cap_call = factory.reactor.callLater(rate.session_seconds, self._rate_close, "duration")
+
+    def _stop_limits(self) -> None:
+        self._bucket = UNLIMITED
+        if self._cap_call is not None:
+            if self._cap_call.active():
+                self._cap_call.cancel()
+            self._cap_call = None
+        if self._throttle is not None:
+            self._throttle.release()
+
+    def _rate_wait(self, delay: float) -> None:
+        """A bucket asked this side to wait C{delay} seconds (C{inf}: byte cap reached)."""
+        if delay == float("inf"):
+            self._rate_close("bytes")
+        elif self._throttle is not None:
+            self._throttle.limit(delay, self.factory.reactor)
+
+    def _rate_close(self, what: str) -> None:
+        """A session cap (C{bytes} or C{duration}) is reached: close both sides with 4029."""
+        self._cap_call = None
+        partner = self._partner
+        if partner is None:
+            return
+        retry = self.factory.limits.rate.retry
+        self.factory.metrics.error(ErrorCode.RATE_LIMITED.value)
+        log.info("rate-limited {label}: session {what} cap reached", label=self._label, what=what)
+        self._end_pair(partner, f"rate-limited {what}")
+        reason = f"{ErrorCode.RATE_LIMITED.value} retry={retry:g}"
+        partner.close(ErrorCode.RATE_LIMITED.close_code, reason)
+        self.close(ErrorCode.RATE_LIMITED.close_code, reason)
 
     # -- registry channel methods --------------------------------------------
 
@@ -426,7 +556,7 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
             self._end_pair(partner, error.code.value)
             partner.close(ErrorCode.PEER_GONE.close_code, ErrorCode.PEER_GONE.value)
         elif self.state == _STATE_OPEN:
-            self.sendMessage(encode_error(error.code, error.message), False)
+            self.sendMessage(encode_error(error.code, error.message, self._retry_hint(error)), False)
         self.close(error.code.close_code, error.code.value)
         self._unregister()
 
@@ -458,6 +588,8 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
                 side.transport.unregisterProducer()
             if side._throttle is not None:
                 side._throttle.resumeProducing()
+            if isinstance(side, RelayProtocol):
+                side._stop_limits()
         if self._pair is not None:
             self.factory.registry.unpair(self._pair)
         self.factory.metrics.pair_closed(self._received, partner._received)
@@ -507,6 +639,15 @@ class RelayFactory(WebSocketServerFactory):
             default_wait=limits.default_wait,
         )
         self.sockets: set[RelayProtocol] = set()
+        rate = limits.rate
+        self.connection_limiter = ConnectionLimiter(
+            rate.connections_per_second, rate.connections_burst, rate.connections_per_address, reactor.seconds
+        )
+        self.global_bucket = (
+            TokenBucket(rate.global_bytes_per_second, None, reactor.seconds) if rate.global_bytes_per_second else None
+        )
+        #: the C{limits} object of C{ready} and C{paired}
+        self.announced_limits = rate.announced(limits.max_message)
         self.metrics = RelayMetrics(self.stats)
         self.shutting_down = False
         self._closed_waiters: list[Deferred[None]] = []

@@ -65,10 +65,12 @@ class ProtocolError(Exception):
     @ivar message: a human-readable explanation (never a full rendezvous id).
     """
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, retry: float | None = None) -> None:
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
+        #: seconds after which trying again may succeed (C{rate-limited}), or C{None}
+        self.retry = retry
 
 
 @dataclass(frozen=True)
@@ -192,9 +194,11 @@ def _encode(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode("utf-8")
 
 
-def encode_ready() -> bytes:
-    """The relay's answer to a listener's C{listen}."""
-    return _encode({"op": "ready"})
+def encode_ready(limits: dict[str, Any] | None = None) -> bytes:
+    """The relay's answer to a listener's C{listen} (with the C{limits} in force)."""
+    if limits is None:
+        return _encode({"op": "ready"})
+    return _encode({"op": "ready", "limits": limits})
 
 
 def encode_incoming(session: str, peer: str | None) -> bytes:
@@ -202,14 +206,18 @@ def encode_incoming(session: str, peer: str | None) -> bytes:
     return _encode({"op": "incoming", "session": session, "peer": peer})
 
 
-def encode_paired(peer: str | None) -> bytes:
-    """Tell one end of a pair the other side's declared peer id."""
-    return _encode({"op": "paired", "peer": peer})
+def encode_paired(peer: str | None, limits: dict[str, Any] | None = None) -> bytes:
+    """Tell one end of a pair the other side's declared peer id (and the C{limits} in force)."""
+    if limits is None:
+        return _encode({"op": "paired", "peer": peer})
+    return _encode({"op": "paired", "peer": peer, "limits": limits})
 
 
-def encode_error(code: ErrorCode, message: str) -> bytes:
-    """The relay's last control message before it closes with C{code}."""
-    return _encode({"op": "error", "code": code.value, "message": message})
+def encode_error(code: ErrorCode, message: str, retry: float | None = None) -> bytes:
+    """The relay's last control message before it closes with C{code} (C{retry}: a hint, seconds)."""
+    if retry is None:
+        return _encode({"op": "error", "code": code.value, "message": message})
+    return _encode({"op": "error", "code": code.value, "message": message, "retry": retry})
 
 
 def short_id(value: str | None) -> str:
