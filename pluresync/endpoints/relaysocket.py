@@ -196,6 +196,8 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
             if isinstance(session, str):
                 self.factory.on_incoming(session, peer if isinstance(peer, str) else None)
         elif op in ("ready", "paired") and not self._answered:
+            # Their "limits" (docs/protocol.md) are not used yet: a client
+            # could pick another relay before reaching them.
             self._answered = True
             self.factory.answered(self, message)
         else:
