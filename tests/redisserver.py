@@ -128,7 +128,9 @@ class RedisServer:
         """Run one Redis command on a fresh connection; its reply."""
         import txredisapi
 
-        connection = await txredisapi.Connection("127.0.0.1", self.port, reconnect=False, connectTimeout=5, replyTimeout=5)
+        connection = await txredisapi.Connection(
+            "127.0.0.1", self.port, reconnect=False, connectTimeout=5, replyTimeout=5
+        )
         try:
             return await connection.execute_command(*args)
         finally:

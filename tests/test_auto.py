@@ -230,7 +230,7 @@ class NetworkIdTests(SynchronousTestCase):
         """The default route's interface and gateway name the network."""
         table = self.mktemp()
         with open(table, "w") as f:
-            f.write("Iface\tDestination\tGateway\n" "eth0\t0000FEA9\t00000000\n" "wlan0\t00000000\t0102A8C0\n")
+            f.write("Iface\tDestination\tGateway\neth0\t0000FEA9\t00000000\nwlan0\t00000000\t0102A8C0\n")
         from pathlib import Path
 
         self.assertEqual(network_id(Path(table)), "wlan0/0102A8C0")

@@ -25,7 +25,9 @@ class AutoLoopbackTests(TestCase):
         self.waiting: list[Deferred] = []
 
     def description(self, **params: str) -> str:
-        urls = {name: relay.url.replace(":", "\\:") for name, relay in (("azure", self.primary), ("vercel", self.backup))}
+        urls = {
+            name: relay.url.replace(":", "\\:") for name, relay in (("azure", self.primary), ("vercel", self.backup))
+        }
         extra = "".join(f":{k}={v}" for k, v in params.items())
         return f"auto:key={self.key.to_text()}:azure={urls['azure']}:vercel={urls['vercel']}{extra}"
 

@@ -65,7 +65,9 @@ class _Clients:
         assert dict(ready, limits=None) == {"op": "ready", "limits": None}, ready
         return listener
 
-    async def connect(self, relay: RelayProcess, rdv: str, wait: float = 10, from_: str | None = None) -> RelayTestClient:
+    async def connect(
+        self, relay: RelayProcess, rdv: str, wait: float = 10, from_: str | None = None
+    ) -> RelayTestClient:
         connector = await self.open(relay)
         message: dict[str, Any] = {"v": 1, "op": "connect", "rdv": rdv, "wait": wait}
         if from_ is not None:

@@ -146,9 +146,18 @@ class OptionsTests(unittest.TestCase):
 
         options = Options()
         options.parseOptions(
-            ["--port", "tcp:0:interface=127.0.0.1", "--redis", "redis://127.0.0.1:1/0",
-             "--cluster-listen", "tcp:0:interface=127.0.0.1", "--cluster-address", "127.0.0.1:1",
-             "--cluster-secret-file", self.secret_file(b"short")]
+            [
+                "--port",
+                "tcp:0:interface=127.0.0.1",
+                "--redis",
+                "redis://127.0.0.1:1/0",
+                "--cluster-listen",
+                "tcp:0:interface=127.0.0.1",
+                "--cluster-address",
+                "127.0.0.1:1",
+                "--cluster-secret-file",
+                self.secret_file(b"short"),
+            ]
         )
         with self.assertRaises(SystemExit) as caught:
             makeService(options)
@@ -231,4 +240,3 @@ class LinkAuthenticationTests(unittest.TestCase):
                 await self._claim(SECRET, fake.getHost().port)
 
         return ensureDeferred(run())
-

@@ -24,7 +24,6 @@ registry here: C{az bicep install} or the Bicep release binary).
 
 from __future__ import annotations
 
-import http.client
 import importlib.util
 import json
 import os
@@ -34,9 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -382,15 +379,8 @@ process.exit(failed ? 1 : 0);
 """
 
 
-def load_placeholder():
-    spec = importlib.util.spec_from_file_location("pluresync_vercel_placeholder", VERCEL / "api" / "relay.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class VercelTests(SynchronousTestCase):
-    """deploy/vercel/: the configuration of the (not yet implemented) backup relay."""
+    """deploy/vercel/: the configuration of the backup relay (the function itself: test_vercel_relay)."""
 
     def setUp(self):
         self.config = json.loads((VERCEL / "vercel.json").read_text())
@@ -426,65 +416,31 @@ class VercelTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
 
     def test_requirements(self):
-        """requirements.txt holds only comments while the function is a stdlib placeholder."""
+        """requirements.txt installs pluresync from the repository (../..) and redis-py."""
         lines = (VERCEL / "requirements.txt").read_text().splitlines()
-        self.assertEqual([line for line in lines if line.strip() and not line.startswith("#")], [])
+        requirements = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        self.assertIn("../..", requirements)
+        self.assertTrue(any(r.startswith("redis") for r in requirements), requirements)
 
-    def test_readme_says_not_implemented(self):
-        """The README and docs/deploy.md say plainly that the Vercel relay is not implemented."""
-        self.assertIn("NOT implemented", (VERCEL / "README.md").read_text())
-        self.assertIn("NOT implemented", DOCS.read_text())
+    def test_readme_says_unverified(self):
+        """The README and docs/deploy.md say plainly that the function never ran on Vercel."""
+        self.assertIn("never deployed", (VERCEL / "README.md").read_text())
+        self.assertIn("never deployed", DOCS.read_text())
 
-    def serve_placeholder(self) -> int:
-        module = load_placeholder()
-        server = ThreadingHTTPServer(("127.0.0.1", 0), module.handler)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
+    def test_function_exposes_asgi_app(self):
+        """api/relay.py exposes the ASGI app of pluresync.relay.asgi (unconfigured: it says why)."""
+        saved = {
+            k: os.environ.pop(k) for k in list(os.environ) if k.startswith("PLURESYNC_") or k in ("REDIS_URL", "KV_URL")
+        }
+        self.addCleanup(os.environ.update, saved)
+        spec = importlib.util.spec_from_file_location("pluresync_vercel_function", VERCEL / "api" / "relay.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        from pluresync.relay.asgi import RelayApp
 
-        def stop():
-            server.shutdown()
-            server.server_close()
-            thread.join(10)
-
-        self.addCleanup(stop)
-        return server.server_address[1]
-
-    def request(self, port: int, path: str, headers: dict[str, str] | None = None):
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        self.addCleanup(connection.close)
-        connection.request("GET", path, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-
-    def test_placeholder_health(self):
-        """The placeholder answers /health with 501 and a not-implemented JSON body."""
-        port = self.serve_placeholder()
-        status, headers, body = self.request(port, "/health")
-        self.assertEqual(status, 501)
-        self.assertEqual(headers["Content-Type"], "application/json")
-        document = json.loads(body)
-        self.assertEqual(document["status"], "not-implemented")
-        self.assertIn("issue 5", document["detail"])
-
-    def test_placeholder_refuses_upgrade(self):
-        """A WebSocket upgrade gets 501 (never 101) with the reason in the body."""
-        port = self.serve_placeholder()
-        status, headers, body = self.request(
-            port,
-            "/",
-            {
-                "Upgrade": "websocket",
-                "Connection": "Upgrade",
-                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-                "Sec-WebSocket-Version": "13",
-                "Sec-WebSocket-Protocol": "pluresync.v1",
-            },
-        )
-        self.assertEqual(status, 501)
-        self.assertNotIn("Upgrade", headers)
-        document = json.loads(body)
-        self.assertEqual(document["status"], "not-implemented")
-        self.assertTrue(document["detail"].startswith("WebSocket upgrade refused"))
+        self.assertIsInstance(module.app, RelayApp)
+        self.assertIn("PLURESYNC_REDIS_URL", module.app.error)
+        # The running relay (two instances, Redis): tests/test_vercel_relay.py.
 
 
 class DocsTests(SynchronousTestCase):

@@ -108,7 +108,7 @@ class DocumentTests(SynchronousTestCase):
         """relative_links finds relative targets and skips URLs and code; anchors() slugs headings."""
         text = (
             "[a](docs/a.md) [b](b.md#part) [c](https://example.com) [d](#here)\n"
-            "`[e](e.md)`\n```\n[f](f.md)\n```\n[g](../g.py \"title\")"
+            '`[e](e.md)`\n```\n[f](f.md)\n```\n[g](../g.py "title")'
         )
         self.assertEqual(relative_links(text), ["docs/a.md", "b.md#part", "#here", "../g.py"])
         self.assertEqual(

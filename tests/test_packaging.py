@@ -117,7 +117,5 @@ class PackageListTests(SynchronousTestCase):
         config = configparser.ConfigParser()
         config.read(ROOT / "setup.cfg")
         listed = set(config["options"]["packages"].split())
-        found = {
-            ".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "pluresync").rglob("__init__.py")
-        }
+        found = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "pluresync").rglob("__init__.py")}
         self.assertEqual(found - listed, set())

@@ -57,6 +57,7 @@ class ProxyEndToEndTests(TestCase):
     async def test_env_proxy_unreachable(self):
         """HTTP_PROXY pointing nowhere: the message names the proxy and where it came from."""
         import os
+
         relay = LocalRelay(self)
         self.patch(os, "environ", {**os.environ, "HTTP_PROXY": "http://127.0.0.1:9"})
         endpoint = clientFromString(reactor, relay.endpoint(SyncKey.generate(), wait="0"))

@@ -222,8 +222,7 @@ def auto_config(*args: str, **kwargs: str):
     unknown = sorted(set(kwargs) - _AUTO_PARAMETERS)
     if unknown:
         raise ConfigurationError(
-            f"auto endpoint: unknown parameter(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(_AUTO_PARAMETERS))}"
+            f"auto endpoint: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(_AUTO_PARAMETERS))}"
         )
     args = tuple(arg for arg in args if arg)  # "auto:" alone parses as one empty argument
     if args:

@@ -276,7 +276,7 @@ class Relay:
             self._spawn(self._subscriber(ready))
             try:
                 await asyncio.wait_for(asyncio.shield(ready), 3.0)
-            except (asyncio.TimeoutError, Exception):
+            except Exception:
                 pass
             self._spawn(self._heartbeat_loop())
 
@@ -456,7 +456,9 @@ class Relay:
             same.remove(socket)
             if not same:
                 del self.listeners[(listener.rdv, listener.peer)]
-                self._spawn(self._quiet(self.redis.hdel(self.key("lst", listener.rdv), f"{self.instance} {listener.peer}")))
+                self._spawn(
+                    self._quiet(self.redis.hdel(self.key("lst", listener.rdv), f"{self.instance} {listener.peer}"))
+                )
         # Connectors of other instances offered to this listener and not yet
         # accepted: no-listener (a "gone" for an accepted one changes nothing).
         for session, owner in socket.remote_offers.items():
@@ -526,10 +528,10 @@ class Relay:
             if not entries:
                 return []
             alive = await self.redis.mget([self.key("inst", i) for i, _ in entries])
-            dead = [f"{i} {p}" for (i, p), a in zip(entries, alive) if a is None]
+            dead = [f"{i} {p}" for (i, p), a in zip(entries, alive, strict=True) if a is None]
             if dead:
                 self._spawn(self._quiet(self.redis.hdel(self.key("lst", rdv), *dead)))
-            return [entry for entry, a in zip(entries, alive) if a is not None]
+            return [entry for entry, a in zip(entries, alive, strict=True) if a is not None]
         except Exception as error:
             log.warning("listener lookup failed: %r", error)
             return []
@@ -593,8 +595,10 @@ class Relay:
         )
         try:
             answer = await asyncio.wait_for(future, self.config.answer_timeout)
-        except asyncio.TimeoutError:
-            raise ProtocolError(ErrorCode.NO_SESSION, "no such session (unknown, expired or already accepted)") from None
+        except TimeoutError:
+            raise ProtocolError(
+                ErrorCode.NO_SESSION, "no such session (unknown, expired or already accepted)"
+            ) from None
         finally:
             self.answers.pop(req, None)
         if answer.get("ok"):
@@ -630,7 +634,9 @@ class Relay:
 
         async def pair() -> None:
             await self._paired_here(pairing)
-            await self.publish(self.channel(reply), {"op": "answer", "req": req, "ok": True, "peer": pairing.connector_peer})
+            await self.publish(
+                self.channel(reply), {"op": "answer", "req": req, "ok": True, "peer": pairing.connector_peer}
+            )
 
         self._spawn(pair())
 
@@ -768,7 +774,13 @@ class Pipe:
                     code = int(item[1:])
                     self._finish()
                     await self.socket.close(code, _CLOSE_REASONS.get(code, "peer-gone"))
-                    await self._cleanup()
+                    # The partner ended first and writes nothing more: the
+                    # last one out deletes every key of the session.
+                    await Relay._quiet(
+                        redis.delete(
+                            self.in_key, self.out_key, self.my_acks, self.their_acks, self.alive_key, self.partner_alive
+                        )
+                    )
                     return
                 if delivered:
                     pipe = redis.pipeline(transaction=False)
@@ -879,7 +891,9 @@ class RelaySocket:
                     await self._hello(text, data)
                 else:
                     await self.fail_now(
-                        ProtocolError(ErrorCode.BAD_REQUEST, "one control message per WebSocket, then nothing before pairing")
+                        ProtocolError(
+                            ErrorCode.BAD_REQUEST, "one control message per WebSocket, then nothing before pairing"
+                        )
                     )
         finally:
             for timer in self._timers:
@@ -889,7 +903,9 @@ class RelaySocket:
     def _hello_expired(self) -> None:
         if self.phase == "hello" and not self.closed:
             seconds = self.relay.config.limits.hello_timeout
-            self.relay._spawn(self.fail_now(ProtocolError(ErrorCode.TIMEOUT, f"no control message within {seconds:g} s")))
+            self.relay._spawn(
+                self.fail_now(ProtocolError(ErrorCode.TIMEOUT, f"no control message within {seconds:g} s"))
+            )
 
     async def going_away(self) -> None:
         """The function's maximum duration (or shutdown) is near: 1001, partner too."""
@@ -1040,7 +1056,9 @@ class RelayApp:
                 if part
             )
             status = 503 if probe and not ready else 200
-            await _respond(send, status, _dumps(body).encode(), [(b"cache-control", b"no-store")], scope["method"] == "HEAD")
+            await _respond(
+                send, status, _dumps(body).encode(), [(b"cache-control", b"no-store")], scope["method"] == "HEAD"
+            )
             return
         await _respond(
             send,
@@ -1092,7 +1110,9 @@ class RelayApp:
             relay.sockets.discard(socket)
 
 
-async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]], head: bool = False) -> None:
+async def _respond(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]], head: bool = False
+) -> None:
     await send(
         {
             "type": "http.response.start",
@@ -1111,7 +1131,11 @@ async def _refuse(scope: Scope, send: Send, status: int, text: str, headers: lis
             {
                 "type": "websocket.http.response.start",
                 "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *headers,
+                ],
             }
         )
         await send({"type": "websocket.http.response.body", "body": body})

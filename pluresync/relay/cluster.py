@@ -104,7 +104,7 @@ def default_address(listen: str) -> str | None:
         return None
     for part in parts[2:]:
         if part.startswith("interface=") and part[len("interface=") :] not in ("", "0.0.0.0", "::"):
-            return f"{part[len('interface='):]}:{parts[1]}"
+            return f"{part[len('interface=') :]}:{parts[1]}"
     return None
 
 
@@ -317,7 +317,9 @@ class Cluster(Service):
         self._port = port
 
     def _listen_failed(self, reason: Any) -> None:
-        log.error("cannot listen for cluster links on {endpoint}: {reason}", endpoint=self.config.listen, reason=reason.value)
+        log.error(
+            "cannot listen for cluster links on {endpoint}: {reason}", endpoint=self.config.listen, reason=reason.value
+        )
         from twisted.internet import reactor
 
         if reactor.running:
@@ -425,7 +427,7 @@ class Cluster(Service):
             return []
         instances = sorted({instance for instance, _ in entries})
         alive = await self.store.command("MGET", *[self._inst_key(i) for i in instances])
-        dead = {i for i, address in zip(instances, alive) if address is None}
+        dead = {i for i, address in zip(instances, alive, strict=True) if address is None}
         if dead:
             stale = [f"{i} {p}" for i, p in entries if i in dead]
             self._quiet(self.store.command("HDEL", self._lst_key(rdv), *stale))
@@ -525,7 +527,10 @@ class Cluster(Service):
         protocol.phase = Phase.CONNECTING
         protocol._label = f"session={short_id(session)}"
         Deferred.fromCoroutine(self._remote_accept(protocol, session)).addErrback(
-            lambda f: (log.failure("remote accept failed", f), protocol.fail(ProtocolError(ErrorCode.PEER_GONE, "internal error")))
+            lambda f: (
+                log.failure("remote accept failed", f),
+                protocol.fail(ProtocolError(ErrorCode.PEER_GONE, "internal error")),
+            )
         )
 
     async def _remote_accept(self, protocol: Any, session: str) -> None:
@@ -618,7 +623,9 @@ def cluster_config(
     if address is None:
         address = default_address(listen)
         if address is None:
-            raise ValueError("--redis needs --cluster-address HOST:PORT (the address other instances reach this one at)")
+            raise ValueError(
+                "--redis needs --cluster-address HOST:PORT (the address other instances reach this one at)"
+            )
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"--cluster-address must be HOST:PORT, got {address!r}")

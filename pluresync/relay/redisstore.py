@@ -189,14 +189,18 @@ class RedisStore:
     def _open(self, protocol: Any) -> Deferred[Any]:
         """Connect C{protocol}; fires with it once ready (AUTH/SELECT done)."""
         protocol.factory = _Factory()
-        endpoint = TCP4ClientEndpoint(self._reactor, self.address.host, self.address.port, timeout=self._connect_timeout)
+        endpoint = TCP4ClientEndpoint(
+            self._reactor, self.address.host, self.address.port, timeout=self._connect_timeout
+        )
         ready: Deferred[Any] = Deferred()
 
         def connected(_: Any) -> None:
             protocol.whenConnected().addCallback(lambda p: ready.called or ready.callback(p))
             protocol.whenDisconnected().addCallback(
-                lambda _: ready.called
-                or ready.errback(RedisUnavailable(protocol.factory.error or "connection closed during set-up"))
+                lambda _: (
+                    ready.called
+                    or ready.errback(RedisUnavailable(protocol.factory.error or "connection closed during set-up"))
+                )
             )
 
         def failed(reason: Any) -> None:
@@ -204,7 +208,9 @@ class RedisStore:
                 ready.errback(reason)
 
         connectProtocol(endpoint, protocol).addCallbacks(connected, failed)
-        timer = self._reactor.callLater(self._connect_timeout + self._reply_timeout, lambda: ready.called or ready.cancel())
+        timer = self._reactor.callLater(
+            self._connect_timeout + self._reply_timeout, lambda: ready.called or ready.cancel()
+        )
         ready.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
         return ready
 

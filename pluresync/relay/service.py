@@ -170,7 +170,13 @@ class Options(usage.Options):
             "New WebSockets per second per client address (beyond: HTTP 429; 0: unlimited).",
             float,
         ],
-        ["connections-burst", None, _DEFAULTS.rate.connections_burst, "New WebSockets one address may open at once.", _positive_int],
+        [
+            "connections-burst",
+            None,
+            _DEFAULTS.rate.connections_burst,
+            "New WebSockets one address may open at once.",
+            _positive_int,
+        ],
         [
             "connections-per-address",
             None,
@@ -192,7 +198,13 @@ class Options(usage.Options):
             "Bytes per second each side of a session may send (0: unlimited).",
             _positive_int,
         ],
-        ["session-bytes", None, _DEFAULTS.rate.session_bytes, "Bytes a session may forward (then 4029; 0: no cap).", _positive_int],
+        [
+            "session-bytes",
+            None,
+            _DEFAULTS.rate.session_bytes,
+            "Bytes a session may forward (then 4029; 0: no cap).",
+            _positive_int,
+        ],
         ["session-seconds", None, _DEFAULTS.rate.session_seconds, "Longest session (then 4029; 0: no cap).", _seconds],
         [
             "global-bytes-per-second",
@@ -202,7 +214,12 @@ class Options(usage.Options):
             _positive_int,
         ],
         ["redis", None, None, "Cluster with the other instances sharing this Redis: redis://HOST:PORT/N."],
-        ["cluster-listen", None, None, "--redis: server endpoint for links from other instances (tcp:PORT:interface=IP)."],
+        [
+            "cluster-listen",
+            None,
+            None,
+            "--redis: server endpoint for links from other instances (tcp:PORT:interface=IP).",
+        ],
         ["cluster-address", None, None, "--redis: HOST:PORT other instances reach --cluster-listen at."],
         ["cluster-secret-file", None, None, "--redis: file holding the secret shared by the instances (>= 16 bytes)."],
     ]
