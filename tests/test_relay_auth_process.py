@@ -65,3 +65,32 @@ class SignedTokenProcessTests(TestCase):
         for secret_text in (token, token.split(".")[-1], secret.read_text().strip()):
             self.assertNotIn(secret_text, relay.output)
         self.assertIn("acme", relay.output)
+
+
+class MetricsProcessTests(TestCase):
+    timeout = 60
+
+    async def test_metrics_of_a_real_relay(self):
+        """
+        A `twist pluresync-relay` process serves /metrics on its port: after
+        one pairing through it the pairing counter says so, and no line
+        carries the rendezvous id.
+        """
+        import treq
+        from twisted.web.client import HTTPConnectionPool
+
+        relay = await start_relay(self)
+        key = SyncKey.generate()
+        base = f"relay:url={relay.escaped_url}:key={key.to_text()}"
+        port = await serverFromString(reactor, base).listen(Factory.forProtocol(Collector))
+        self.addCleanup(port.stopListening)
+        client = await clientFromString(reactor, base + ":wait=10").connect(Factory.forProtocol(Collector))
+        client.transport.loseConnection()
+        await client.lost
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = await treq.get(f"http://127.0.0.1:{relay.port}/metrics", pool=pool)
+        self.assertEqual(response.code, 200)
+        text = (await response.text()).splitlines()
+        self.assertIn("pluresync_relay_pairings_total 1.0", text)
+        rdv = key.topic().rendezvous_id.hex()
+        self.assertFalse([line for line in text if rdv[:8] in line])
