@@ -320,10 +320,10 @@ class Cluster(Service):
         log.error(
             "cannot listen for cluster links on {endpoint}: {reason}", endpoint=self.config.listen, reason=reason.value
         )
-        from twisted.internet import reactor
-
-        if reactor.running:
-            reactor.stop()
+        # A relay that cannot take cluster links would silently pair only
+        # locally: stop instead, so the operator sees the error.
+        if getattr(self.reactor, "running", False):
+            self.reactor.stop()
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
