@@ -187,9 +187,13 @@ class ClientAddressTests(unittest.TestCase):
         self.assertEqual(client_address("10.1.1.1", " , ", self.trusted), "10.1.1.1")
 
     def test_ports_ipv6_and_mapped(self) -> None:
+        """Ports are dropped; an IPv6 client counts as its /64 (one host usually owns it all)."""
         self.assertEqual(client_address("::1", "1.2.3.4:5678", self.trusted), "1.2.3.4")
-        self.assertEqual(client_address("::1", "[2001:db8::1]:443", self.trusted), "2001:db8::1")
-        self.assertEqual(client_address("::ffff:10.0.0.1", "2001:db8::2", self.trusted), "2001:db8::2")
+        self.assertEqual(client_address("::1", "[2001:db8::1]:443", self.trusted), "2001:db8::/64")
+        self.assertEqual(client_address("::ffff:10.0.0.1", "2001:db8::2", self.trusted), "2001:db8::/64")
+        self.assertEqual(
+            client_address("2001:db8:0:0:aaaa::1", None, ()), client_address("2001:db8:0:0:bbbb::9", None, ())
+        )
 
     def test_garbage_entry_is_the_client(self) -> None:
         self.assertEqual(client_address("10.1.1.1", "1.2.3.4, unknown", self.trusted), "unknown")

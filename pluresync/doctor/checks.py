@@ -487,6 +487,7 @@ async def check_websocket(ctx: _Context) -> Row:
                 ping_interval=0,
                 ping_timeout=0,
                 proxy=ctx.proxy,
+                token=config.token,
                 on_lost=lost,
             ),
             ctx.timeout,

@@ -88,6 +88,10 @@ _CLOSE_REASONS = {1000: "peer closed", 1001: "going away", 4010: "peer-gone"}
 UNAUTHORIZED_REASON = "this relay requires a valid token"
 
 
+#: Remote offers a listener's socket remembers (see Relay.offer_received).
+_MAX_REMOTE_OFFERS = 1024
+
+
 class ConfigError(ValueError):
     """The environment does not configure a usable relay."""
 
@@ -482,6 +486,10 @@ class Relay:
         socket = same.pop(0)
         same.append(socket)
         socket.remote_offers[str(session)] = str(owner)
+        # Bounded: offers are only remembered to say "gone" when the listener
+        # leaves; the oldest are long accepted or expired.
+        while len(socket.remote_offers) > _MAX_REMOTE_OFFERS:
+            del socket.remote_offers[next(iter(socket.remote_offers))]
         socket.incoming(str(session), from_ if isinstance(from_, str) else None, record=False)
 
     # -- connectors --------------------------------------------------------------
@@ -975,6 +983,13 @@ class RelaySocket:
         if self.connector is not None and self.connector.state is not ConnectorState.PAIRED:
             assert relay.registry is not None
             relay.registry.remove_connector(self.connector)
+        if self.connector is not None:
+            # Connectors for rendezvous ids nobody listens on must not pile up.
+            waiting = relay.waiting.get(self.connector.rdv)
+            if waiting is not None and self.connector in waiting:
+                waiting.remove(self.connector)
+                if not waiting:
+                    del relay.waiting[self.connector.rdv]
 
 
 # -- the ASGI application ---------------------------------------------------------

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
@@ -72,7 +72,7 @@ class ClusterConfig:
     listen: str
     address: str
     secret_file: str
-    secret: bytes = b""
+    secret: bytes = field(default=b"", repr=False)
     heartbeat: float = 2.0
     ttl: float = 6.0
     lookup_timeout: float = 2.0
@@ -235,6 +235,20 @@ class ClusterRegistry:
 
     def remove_connector(self, connector: Connector) -> None:
         self.local.remove_connector(connector)
+        self._untrack(connector)
+
+    def _untrack(self, connector: Connector) -> None:
+        """Forget a connector that left (every socket's end comes here), so
+        connectors for rendezvous ids nobody ever listens on do not pile up."""
+        waiting = self.waiting.get(connector.rdv)
+        if waiting is None:
+            return
+        try:
+            waiting.remove(connector)
+        except ValueError:
+            pass
+        if not waiting:
+            del self.waiting[connector.rdv]
 
     def accept(self, session: str) -> Any:
         pairing = self.local.accept(session)
@@ -416,8 +430,8 @@ class Cluster(Service):
         fields = await self.store.command("HKEYS", self._lst_key(rdv))
         now = self.reactor.seconds()
         entries: list[tuple[str, str]] = []
-        for field in fields or ():
-            instance, _, peer = str(field).partition(" ")
+        for entry in fields or ():
+            instance, _, peer = str(entry).partition(" ")
             if instance == self.instance or not peer:
                 continue
             if self._suspects.get(instance, 0) > now:

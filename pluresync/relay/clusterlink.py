@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +55,8 @@ log = Logger(namespace="pluresync.relay.cluster")
 LINK_VERSION = 1
 MAX_SETUP_MESSAGE = 4096
 _LEN = struct.Struct(">I")
+_SESSION = re.compile(r"[0-9a-f]{32}")
+_MAC = re.compile(r"[0-9a-f]{64}")
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 _STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
 
@@ -290,6 +293,11 @@ class LinkServer(LinkProtocol):
         except (KeyError, ValueError):
             self._refuse("malformed cluster link request")
             return
+        if not (_SESSION.fullmatch(session) and _MAC.fullmatch(mac)):
+            # Checked before any hashing: an outsider's odd bytes must not
+            # raise inside link_mac or compare_digest.
+            self._refuse("malformed cluster link request")
+            return
         expected = link_mac(self._secret, b"accept", self._nonce, client_nonce, session)
         if message.get("op") != "accept" or len(client_nonce) != 16 or not hmac.compare_digest(mac, expected):
             self._refuse("cluster link authentication failed (wrong cluster secret?)")
@@ -387,7 +395,8 @@ class LinkClient(LinkProtocol):
             self.transport.loseConnection()
             return
         expected = link_mac(self._secret, b"paired", self._server_nonce, self._nonce, self.session)
-        if not hmac.compare_digest(str(message.get("mac", "")), expected):
+        answer = str(message.get("mac", ""))
+        if not (_MAC.fullmatch(answer) and hmac.compare_digest(answer, expected)):
             self.setup_failed("the other instance failed cluster link authentication")
             self.transport.abortConnection()
             return

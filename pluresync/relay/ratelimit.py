@@ -312,6 +312,17 @@ def _trusted(address: ipaddress.IPv4Address | ipaddress.IPv6Address, networks: t
     return any(address.version == n.version and address in n for n in networks)
 
 
+def _limit_key(address) -> str:
+    """
+    What one client is, for counting: an IPv4 address, or an IPv6 /64 (one
+    host usually owns a whole /64, and could otherwise use a fresh address
+    for every connection).
+    """
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
 def client_address(peer: str, forwarded_for: str | None, trusted: tuple[IPNetwork, ...]) -> str:
     """
     The address the limits count a connection against.
@@ -324,15 +335,15 @@ def client_address(peer: str, forwarded_for: str | None, trusted: tuple[IPNetwor
     """
     peer_ip = _ip(peer)
     if peer_ip is None or not trusted or not forwarded_for or not _trusted(peer_ip, trusted):
-        return str(peer_ip) if peer_ip is not None else peer
+        return _limit_key(peer_ip) if peer_ip is not None else peer
     entries = [e for e in (part.strip() for part in forwarded_for.split(",")) if e]
     if not entries:
-        return str(peer_ip)
+        return _limit_key(peer_ip)
     for entry in reversed(entries):
         address = _ip(entry)
         if address is None:
             return entry[:64]
         if not _trusted(address, trusted):
-            return str(address)
+            return _limit_key(address)
     first = _ip(entries[0])
-    return str(first)
+    return _limit_key(first)

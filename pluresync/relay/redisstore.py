@@ -20,8 +20,9 @@ cluster can re-publish what Redis may have lost; C{on_down} when they break.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -37,6 +38,11 @@ class RedisUnavailable(Exception):
     """Redis is not connected right now; the caller must not wait for it."""
 
 
+def _without_password(url: str) -> str:
+    """C{url} with any password replaced by C{***}."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
 @dataclass(frozen=True)
 class RedisAddress:
     """A parsed C{redis://[[user]:password@]host[:port][/db]} URL."""
@@ -44,7 +50,7 @@ class RedisAddress:
     host: str
     port: int = 6379
     db: int = 0
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     username: str | None = None
 
     @classmethod
@@ -53,18 +59,20 @@ class RedisAddress:
         @raise ValueError: not a C{redis://} URL, or a bad port or db.
         """
         parts = urlsplit(url)
+        # Errors quote the URL without its password (they reach stderr and logs).
+        shown = repr(_without_password(url))
         if parts.scheme != "redis":
-            raise ValueError(f"--redis needs a redis://HOST:PORT/N URL, got {url!r}")
+            raise ValueError(f"--redis needs a redis://HOST:PORT/N URL, got {shown}")
         if not parts.hostname:
-            raise ValueError(f"no host in the Redis URL {url!r}")
+            raise ValueError(f"no host in the Redis URL {shown}")
         path = parts.path.strip("/")
         try:
             db = int(path) if path else 0
             port = parts.port or 6379
         except ValueError:
-            raise ValueError(f"bad port or database number in the Redis URL {url!r}") from None
+            raise ValueError(f"bad port or database number in the Redis URL {shown}") from None
         if db < 0:
-            raise ValueError(f"bad database number in the Redis URL {url!r}")
+            raise ValueError(f"bad database number in the Redis URL {shown}")
         return cls(
             host=parts.hostname,
             port=port,

@@ -251,6 +251,9 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
                 partner.sendMessage(payload, True)
             except Disconnected:
                 pass
+            delay = self._bucket.take(len(payload))
+            if delay:
+                self._rate_wait(delay)
             return
         self._control_frame(payload, isBinary)
 
