@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from pluresync.keys import SyncKey
@@ -134,3 +134,25 @@ class Collector(Protocol):
     @property
     def data(self) -> bytes:
         return b"".join(self.chunks)
+
+
+class Listening:
+    """A relay listener whose accepted protocols are Collectors, kept in order."""
+
+    def __init__(self) -> None:
+        self.accepted: list[Collector] = []
+        self.waiting: list[Deferred] = []
+        self.factory = Factory.forProtocol(self._build)
+
+    def _build(self) -> Collector:
+        protocol = Collector()
+        self.accepted.append(protocol)
+        if self.waiting:
+            protocol.made.addCallback(self.waiting.pop(0).callback)
+        return protocol
+
+    def next(self) -> Deferred:
+        """Fires with the next protocol accepted from now on, once it is connected."""
+        d = Deferred()
+        self.waiting.append(d)
+        return d

@@ -39,14 +39,17 @@ def redis_server_binary(test: Any) -> str:
     return path
 
 
-class _Output(ProcessProtocol):
-    def __init__(self) -> None:
+class ProcessOutput(ProcessProtocol):
+    """A server process's last output (bounded) and a Deferred for its end."""
+
+    def __init__(self, keep: int = 200_000) -> None:
         self.output = bytearray()
+        self.keep = keep
         self.ended: Deferred[Any] = Deferred()
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
-        del self.output[:-100_000]
+        del self.output[: -self.keep]
 
     errReceived = outReceived
 
@@ -79,7 +82,7 @@ class RedisServer:
     def __init__(self, binary: str, port: int | None = None) -> None:
         self.binary = binary
         self.port = port or free_port()
-        self._protocol: _Output | None = None
+        self._protocol: ProcessOutput | None = None
         self._transport: Any = None
 
     @property
@@ -96,7 +99,7 @@ class RedisServer:
 
     async def start(self) -> RedisServer:
         """Spawn and wait (bounded) until it answers PING."""
-        self._protocol = _Output()
+        self._protocol = ProcessOutput()
         args = [
             self.binary,
             "--port",

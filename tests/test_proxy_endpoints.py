@@ -10,8 +10,7 @@ from pluresync.errors import RelayUnreachableError
 from pluresync.keys import SyncKey
 
 from .httpproxy import TinyProxy
-from .localrelay import Collector, LocalRelay
-from .test_relay_endpoints import Listening
+from .localrelay import Collector, Listening, LocalRelay
 
 
 class ProxyEndToEndTests(TestCase):

@@ -19,29 +19,7 @@ from pluresync.address import PeerAddress
 from pluresync.errors import PeerGoneError, RelayError, RelayLostError
 from pluresync.keys import PeerIdentity, SyncKey
 
-from .localrelay import Collector, LocalRelay
-
-
-class Listening:
-    """A relay listener whose accepted protocols are Collectors, kept in order."""
-
-    def __init__(self) -> None:
-        self.accepted: list[Collector] = []
-        self.waiting: list[Deferred] = []
-        self.factory = Factory.forProtocol(self._build)
-
-    def _build(self) -> Collector:
-        protocol = Collector()
-        self.accepted.append(protocol)
-        if self.waiting:
-            protocol.made.addCallback(self.waiting.pop(0).callback)
-        return protocol
-
-    def next(self) -> Deferred:
-        """Fires with the next protocol accepted from now on, once it is connected."""
-        d = Deferred()
-        self.waiting.append(d)
-        return d
+from .localrelay import Collector, Listening, LocalRelay
 
 
 class RelayEndpointTests(TestCase):

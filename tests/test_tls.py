@@ -38,7 +38,7 @@ from pluresync.errors import ConfigurationError, RelayUnreachableError
 from pluresync.keys import SyncKey
 from pluresync.relay.site import build_site
 
-from .localrelay import Collector
+from .localrelay import Collector, Listening
 from .testca import ServerCert, TestPKI
 
 #: Does relaysocket.py explain TLS failures with describe_tls_failure yet?
@@ -53,26 +53,6 @@ UNTRUSTED = (
 
 def _esc(text) -> str:
     return str(text).replace("\\", "\\\\").replace(":", "\\:")
-
-
-class Listening:
-    """A relay listener whose accepted protocols are Collectors."""
-
-    def __init__(self) -> None:
-        self.waiting: list[Deferred] = []
-        self.factory = Factory.forProtocol(self._build)
-
-    def _build(self) -> Collector:
-        protocol = Collector()
-        if self.waiting:
-            protocol.made.addCallback(self.waiting.pop(0).callback)
-        return protocol
-
-    def next(self) -> Deferred:
-        """Fires with the next protocol accepted from now on, once it is connected."""
-        d = Deferred()
-        self.waiting.append(d)
-        return d
 
 
 class _BadRequest(Protocol):

@@ -24,7 +24,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import ConnectionDone, ProcessExitedAlready
-from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.protocol import Factory
 from twisted.protocols.basic import FileSender
 from twisted.python import log
 from twisted.trial.unittest import SkipTest, TestCase
@@ -33,7 +33,7 @@ from pluresync.errors import RelayError
 from pluresync.keys import SyncKey
 
 from .localrelay import Collector
-from .redisserver import start_redis
+from .redisserver import ProcessOutput, start_redis
 from .relayclient import connect as raw_connect
 from .relayprocess import ROOT, escaped_url, free_port, poll
 
@@ -55,21 +55,6 @@ def _require_servers(test: Any) -> None:
         raise SkipTest(message)
 
 
-class _Output(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = bytearray()
-        self.ended: Deferred[Any] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        del self.output[:-200_000]
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Any) -> None:
-        self.ended.callback(None)
-
-
 class VercelInstance:
     """One instance of the Vercel function: C{uvicorn relay:app} on 127.0.0.1."""
 
@@ -77,7 +62,7 @@ class VercelInstance:
         self.redis_url = redis_url
         self.env = env or {}
         self.port = free_port()
-        self._protocol: _Output | None = None
+        self._protocol: ProcessOutput | None = None
         self._transport: Any = None
 
     @property
@@ -93,7 +78,7 @@ class VercelInstance:
         return self._protocol is not None and not self._protocol.ended.called
 
     async def start(self) -> VercelInstance:
-        self._protocol = _Output()
+        self._protocol = ProcessOutput()
         env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
