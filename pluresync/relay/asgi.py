@@ -88,6 +88,9 @@ _CLOSE_REASONS = {1000: "peer closed", 1001: "going away", 4010: "peer-gone"}
 UNAUTHORIZED_REASON = "this relay requires a valid token"
 
 
+#: Seconds after a pipe's cleanup to delete its keys once more (see Pipe._cleanup).
+_LATE_CLEANUP = 1.0
+
 #: Remote offers a listener's socket remembers (see Relay.offer_received).
 _MAX_REMOTE_OFFERS = 1024
 
@@ -752,7 +755,16 @@ class Pipe:
 
     async def _cleanup(self) -> None:
         # Our out-list is the partner's to read (and delete); ours are the in-list and acks.
-        await Relay._quiet(self.relay.redis.delete(self.in_key, self.my_acks, self.alive_key))
+        keys = (self.in_key, self.my_acks, self.alive_key)
+        await Relay._quiet(self.relay.redis.delete(*keys))
+        # A partner ending at the same moment may still push its END or last
+        # acks into our keys, re-creating them just after this delete (each
+        # would then only expire with its TTL): delete once more a little later.
+        self.relay._spawn(self._delete_later(keys))
+
+    async def _delete_later(self, keys: tuple[str, ...]) -> None:
+        await asyncio.sleep(_LATE_CLEANUP)
+        await Relay._quiet(self.relay.redis.delete(*keys))
 
     # -- Redis → client ------------------------------------------------------------
 
