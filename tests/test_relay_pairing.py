@@ -121,6 +121,26 @@ class RegistryTests(unittest.TestCase):
         self.assertEqual(channel.codes, [ErrorCode.NO_LISTENER])
         self.assertEqual(self.registry.pending_count, 0)
 
+    def test_waiting_queries(self) -> None:
+        """
+        waiting_for and waiting_rendezvous show exactly the connectors still
+        waiting: not those offered, expired or gone (the fronts rely on it
+        instead of keeping lists of their own, which could pile up).
+        """
+        offered, _ = self.connect(wait=5)
+        expiring, _ = self.connect(wait=2)
+        leaving, _ = self.connect(rdv="c" * 64, wait=5)
+        self.assertEqual(self.registry.waiting_for(RDV), [offered, expiring])
+        self.assertEqual(sorted(self.registry.waiting_rendezvous()), sorted([RDV, "c" * 64]))
+        self.registry.remove_connector(leaving)
+        self.clock.advance(2)
+        self.assertEqual(self.registry.waiting_for(RDV), [offered])
+        self.assertEqual(self.registry.waiting_rendezvous(), [RDV])
+        self.listen()
+        self.assertEqual(self.registry.waiting_for(RDV), [])
+        self.assertEqual(self.registry.waiting_rendezvous(), [])
+        self.clock.advance(10)
+
     def test_default_wait_and_clamp(self) -> None:
         """No wait means 30 s; a wait above max_wait is clamped to it."""
         _, default = self.connect()

@@ -32,7 +32,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from pluresync.errors import RelayError
 from pluresync.keys import SyncKey
 
-from .localrelay import Collector
+from .localrelay import Collector, Listening
 from .redisserver import ProcessOutput, start_redis
 from .relayclient import connect as raw_connect
 from .relayprocess import ROOT, escaped_url, free_port, poll
@@ -147,27 +147,6 @@ class VercelInstance:
             except ProcessExitedAlready:
                 pass
         await self._protocol.ended
-
-
-class Listening:
-    """A relay listener whose accepted protocols are Collectors."""
-
-    def __init__(self) -> None:
-        self.accepted: list[Collector] = []
-        self.waiting: list[Deferred[Any]] = []
-        self.factory = Factory.forProtocol(self._build)
-
-    def _build(self) -> Collector:
-        protocol = Collector()
-        self.accepted.append(protocol)
-        if self.waiting:
-            protocol.made.addCallback(self.waiting.pop(0).callback)
-        return protocol
-
-    def next(self) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.waiting.append(d)
-        return d
 
 
 class _VercelCase(TestCase):

@@ -232,8 +232,6 @@ class Relay:
         self.sockets: set[RelaySocket] = set()
         #: local listener sockets by (rdv, peer), round-robin order
         self.listeners: dict[tuple[str, str], list[RelaySocket]] = {}
-        #: local connectors waiting for a listener, by rdv
-        self.waiting: dict[str, list[Connector]] = {}
         #: pending accept requests sent to other instances
         self.answers: dict[str, asyncio.Future[dict[str, Any]]] = {}
         #: pipes alive on this instance (for the heartbeat)
@@ -356,7 +354,8 @@ class Relay:
         await self._heartbeat_once()
         for rdv, peer in list(self.listeners):
             await self._announce(rdv, peer)
-        for rdv in list(self.waiting):
+        assert self.registry is not None
+        for rdv in self.registry.waiting_rendezvous():
             if self.waiting_for(rdv):
                 self.offer_remote(rdv, await self.look_up(rdv))
 
@@ -506,7 +505,6 @@ class Relay:
         wait = self.config.answer_timeout if immediate else message.wait
         connector = registry.connect(message.rdv, message.peer, message.from_, wait, socket)
         if connector.state is ConnectorState.WAITING:
-            self.waiting.setdefault(message.rdv, []).append(connector)
             self.offer_remote(message.rdv, await self.look_up(message.rdv))
             if immediate and connector.state is ConnectorState.WAITING:
                 registry.remove_connector(connector)
@@ -520,12 +518,9 @@ class Relay:
         return connector
 
     def waiting_for(self, rdv: str) -> list[Connector]:
-        waiting = [c for c in self.waiting.get(rdv, ()) if c.state is ConnectorState.WAITING]
-        if waiting:
-            self.waiting[rdv] = waiting
-        else:
-            self.waiting.pop(rdv, None)
-        return waiting
+        """The connectors still waiting for a listener of C{rdv} (the registry knows)."""
+        assert self.registry is not None
+        return self.registry.waiting_for(rdv)
 
     async def look_up(self, rdv: str) -> list[tuple[str, str]]:
         """Live listeners of C{rdv} on other instances, as C{(instance, peer)}."""
@@ -995,13 +990,7 @@ class RelaySocket:
         if self.connector is not None and self.connector.state is not ConnectorState.PAIRED:
             assert relay.registry is not None
             relay.registry.remove_connector(self.connector)
-        if self.connector is not None:
-            # Connectors for rendezvous ids nobody listens on must not pile up.
-            waiting = relay.waiting.get(self.connector.rdv)
-            if waiting is not None and self.connector in waiting:
-                waiting.remove(self.connector)
-                if not waiting:
-                    del relay.waiting[self.connector.rdv]
+
 
 
 # -- the ASGI application ---------------------------------------------------------

@@ -133,8 +133,6 @@ class ClusterRegistry:
         self._cluster = cluster
         #: local listeners by rendezvous and peer id (for offers from elsewhere)
         self.listeners: dict[str, dict[str, list[Listener]]] = {}
-        #: local connectors waiting for a listener, by rendezvous
-        self.waiting: dict[str, list[Connector]] = {}
 
     # -- counts ----------------------------------------------------------------
 
@@ -186,30 +184,18 @@ class ClusterRegistry:
     def connect(self, rdv: str, peer: str | None, from_: str | None, wait: float | None, channel: Any) -> Connector:
         cluster = self._cluster
         if not cluster.up or self.local.has_listener(rdv, peer):
-            connector = self.local.connect(rdv, peer, from_, wait, channel)
-            self._track(connector)
-            return connector
+            return self.local.connect(rdv, peer, from_, wait, channel)
         # No listener here: ask Redis.  A connector that will not wait
         # waits for the answer of the lookup only.
         immediate = wait is not None and wait <= 0
         connector = self.local.connect(rdv, peer, from_, cluster.config.lookup_timeout if immediate else wait, channel)
-        self._track(connector)
         if connector.state is ConnectorState.WAITING:
             cluster.look_up(rdv).addCallback(self._looked_up, rdv, connector if immediate else None)
         return connector
 
-    def _track(self, connector: Connector) -> None:
-        if connector.state is ConnectorState.WAITING:
-            self.waiting.setdefault(connector.rdv, []).append(connector)
-
     def waiting_for(self, rdv: str) -> list[Connector]:
-        """The connectors still waiting for a listener of C{rdv}."""
-        waiting = [c for c in self.waiting.get(rdv, ()) if c.state is ConnectorState.WAITING]
-        if waiting:
-            self.waiting[rdv] = waiting
-        else:
-            self.waiting.pop(rdv, None)
-        return waiting
+        """The connectors still waiting for a listener of C{rdv} (the local registry knows)."""
+        return self.local.waiting_for(rdv)
 
     def offer_remote(self, rdv: str, found: list[tuple[str, str]]) -> None:
         """Offer the connectors waiting for C{rdv} to listeners found elsewhere."""
@@ -235,20 +221,6 @@ class ClusterRegistry:
 
     def remove_connector(self, connector: Connector) -> None:
         self.local.remove_connector(connector)
-        self._untrack(connector)
-
-    def _untrack(self, connector: Connector) -> None:
-        """Forget a connector that left (every socket's end comes here), so
-        connectors for rendezvous ids nobody ever listens on do not pile up."""
-        waiting = self.waiting.get(connector.rdv)
-        if waiting is None:
-            return
-        try:
-            waiting.remove(connector)
-        except ValueError:
-            pass
-        if not waiting:
-            del self.waiting[connector.rdv]
 
     def accept(self, session: str) -> Any:
         pairing = self.local.accept(session)
@@ -370,7 +342,7 @@ class Cluster(Service):
         for rdv, peers in self.registry.listeners.items():
             for peer in peers:
                 self._announce(rdv, peer)
-        for rdv in list(self.registry.waiting):
+        for rdv in self.registry.local.waiting_rendezvous():
             if self.registry.waiting_for(rdv):
                 self.look_up(rdv).addCallback(lambda found, rdv=rdv: self.registry.offer_remote(rdv, found))
 

@@ -179,6 +179,14 @@ class Registry:
             self._offer(connector, listener)
         return listener
 
+    def waiting_for(self, rdv: str) -> list[Connector]:
+        """The connectors waiting for a listener of C{rdv} (a copy)."""
+        return list(self._waiting.get(rdv, ()))
+
+    def waiting_rendezvous(self) -> list[str]:
+        """Every rendezvous id some connector waits for (a front re-announces them)."""
+        return list(self._waiting)
+
     def remove_listener(self, listener: Listener) -> None:
         """
         The listener's control socket went away: unregister it, and fail its
