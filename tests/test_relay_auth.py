@@ -569,12 +569,18 @@ class RelayAuthLoopbackTests(TestCase):
         tokenfile = Path(self.mktemp())
         tokenfile.write_text(self.token + "\n")
         received = []
+        arrived: Deferred[None] = Deferred()
         factory = Factory.forProtocol(Collector)
         accepted: Deferred[Collector] = Deferred()
 
+        def data(chunk: bytes) -> None:
+            received.append(chunk)
+            if not arrived.called:
+                arrived.callback(None)
+
         def build(addr):
             protocol = Collector()
-            protocol.dataArrived = lambda data: received.append(data)
+            protocol.dataArrived = data
             protocol.made.addCallback(accepted.callback)
             return protocol
 
@@ -588,8 +594,7 @@ class RelayAuthLoopbackTests(TestCase):
         self.addCleanup(client.transport.abortConnection)
         server = await accepted
         client.transport.write(b"hello")
-        while not received:
-            await _tick()
+        await arrived
         self.assertEqual(b"".join(received), b"hello")
         self.assertIsNotNone(server)
         texts = self.log.texts()
@@ -599,8 +604,3 @@ class RelayAuthLoopbackTests(TestCase):
         self.log.assertNever(self, self.token.split(".")[2])
         self.assertIn(b"Authorization: Bearer ", self.relay.tapped)
 
-
-def _tick() -> Deferred:
-    d: Deferred = Deferred()
-    reactor.callLater(0.01, d.callback, None)
-    return d

@@ -21,6 +21,7 @@ from pluresync.relay.limits import RelayLimits
 from pluresync.relay.site import build_site
 
 from .relayclient import HandshakeFailed, RelayTestClient, connect
+from .relayprocess import poll
 
 RDV = "ab" * 32
 RDV2 = "cd" * 32
@@ -62,6 +63,15 @@ class RelayTestCase(unittest.TestCase):
         yield _within(gatherResults([c.closed for c in self.clients]))
         yield self.port.stopListening()
         yield _within(self.factory.close_all())
+
+    def relayState(self, name: str, value: int) -> Deferred:
+        """
+        Fires once the relay's C{stats()[name]} equals C{value}: the relay has
+        taken in what the clients sent (bounded: 5 s, then the test fails).
+        """
+        return Deferred.fromCoroutine(
+            poll(lambda: self.factory.stats()[name] == value, timeout=5, interval=0.01, what=f"relay {name} == {value}")
+        )
 
     def client(self, protocols: list[str] | None = None, max_message: int = 0) -> RelayTestClient:
         """A new test client (not yet open)."""
@@ -238,8 +248,7 @@ class PairingTests(RelayTestCase):
         """A connector that arrives first is matched when the listener registers."""
         connector = yield self.open()
         connector.send_json({"v": 1, "op": "connect", "rdv": RDV, "wait": 10})
-        yield deferLater(reactor, 0.05, lambda: None)
-        self.assertEqual(self.factory.stats()["pending"], 1)
+        yield self.relayState("pending", 1)
         listener = yield self.listener()
         yield self.accept(listener)
         paired = yield _within(connector.next_json())
@@ -438,7 +447,7 @@ class ErrorTests(RelayTestCase):
         for _ in range(2):
             waiting = yield self.open()
             waiting.send_json({"v": 1, "op": "connect", "rdv": RDV, "wait": 60})
-        yield deferLater(reactor, 0.05, lambda: None)
+        yield self.relayState("pending", 2)
         extra = yield self.open()
         extra.send_json({"v": 1, "op": "connect", "rdv": RDV, "wait": 60})
         yield self.assertClosedWith(extra, "rate-limited", 4029)
@@ -463,7 +472,7 @@ class HealthAndShutdownTests(RelayTestCase):
         yield self.pair()
         connector = yield self.open()
         connector.send_json({"v": 1, "op": "connect", "rdv": RDV2, "wait": 60})
-        yield deferLater(reactor, 0.05, lambda: None)
+        yield self.relayState("pending", 1)
         pool = HTTPConnectionPool(reactor, persistent=False)
         response = yield Agent(reactor, pool=pool).request(b"GET", b"http://127.0.0.1:%d/health" % self.port_number)
         body = yield readBody(response)
@@ -490,7 +499,7 @@ class HealthAndShutdownTests(RelayTestCase):
         waiting = yield self.open()
         waiting.send_json({"v": 1, "op": "connect", "rdv": RDV2, "wait": 60})
         fresh = yield self.open()
-        yield deferLater(reactor, 0.05, lambda: None)
+        yield self.relayState("pending", 1)
         yield _within(self.factory.close_all())
         for client in (listener, connector, acceptor, waiting, fresh):
             clean, code, reason = yield _within(client.closed)
