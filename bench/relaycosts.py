@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prometheus_client import generate_latest  # noqa: E402
 
-from pluresync.relay.auth import SignedTokenAuth, TokenFileAuth, hash_token, mint_token  # noqa: E402
-from pluresync.relay.metrics import RelayMetrics  # noqa: E402
+from pluresync.relay.core.auth import SignedTokenAuth, TokenFileAuth, hash_token, mint_token  # noqa: E402
+from pluresync.relay.server.metrics import RelayMetrics  # noqa: E402
 
 
 def per_call(function, n: int) -> float:

@@ -11,8 +11,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from pluresync.keys import SyncKey
-from pluresync.relay.limits import RelayLimits
-from pluresync.relay.site import build_site
+from pluresync.relay.core.limits import RelayLimits
+from pluresync.relay.server.site import build_site
 
 
 class _Tap(ProtocolWrapper):

@@ -18,11 +18,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from pluresync.relay.cluster import cluster_config, default_address, read_secret
-from pluresync.relay.clusterlink import LinkClient, LinkClosed, LinkServerFactory
-from pluresync.relay.pairing import ConnectorState, Registry
-from pluresync.relay.redisstore import RedisAddress
-from pluresync.relay.wire import ErrorCode, ProtocolError
+from pluresync.relay.cluster.link import LinkClient, LinkClosed, LinkServerFactory
+from pluresync.relay.cluster.redisstore import RedisAddress
+from pluresync.relay.cluster.service import cluster_config, default_address, read_secret
+from pluresync.relay.core.pairing import ConnectorState, Registry
+from pluresync.relay.core.wire import ErrorCode, ProtocolError
 
 RDV = "ab" * 32
 PEER = "cd" * 32
@@ -142,7 +142,7 @@ class OptionsTests(unittest.TestCase):
 
     def test_unusable_secret_file(self) -> None:
         """An unreadable or short secret stops the relay with one clear line."""
-        from pluresync.relay.service import Options, makeService
+        from pluresync.relay.server.service import Options, makeService
 
         options = Options()
         options.parseOptions(

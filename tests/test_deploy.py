@@ -428,7 +428,7 @@ class VercelTests(SynchronousTestCase):
         self.assertIn("never deployed", DOCS.read_text())
 
     def test_function_exposes_asgi_app(self):
-        """api/relay.py exposes the ASGI app of pluresync.relay.asgi (unconfigured: it says why)."""
+        """api/relay.py exposes the ASGI app of pluresync.relay.asgi.app (unconfigured: it says why)."""
         saved = {
             k: os.environ.pop(k) for k in list(os.environ) if k.startswith("PLURESYNC_") or k in ("REDIS_URL", "KV_URL")
         }
@@ -436,7 +436,7 @@ class VercelTests(SynchronousTestCase):
         spec = importlib.util.spec_from_file_location("pluresync_vercel_function", VERCEL / "api" / "relay.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        from pluresync.relay.asgi import RelayApp
+        from pluresync.relay.asgi.app import RelayApp
 
         self.assertIsInstance(module.app, RelayApp)
         self.assertIn("PLURESYNC_REDIS_URL", module.app.error)

@@ -135,7 +135,7 @@ class ShellCommandTests(SynchronousTestCase):
         from twisted.python import usage
 
         from pluresync.cli import Options as CLIOptions
-        from pluresync.relay.service import Options as RelayOptions
+        from pluresync.relay.server.service import Options as RelayOptions
 
         problems = []
         for where, words in _commands():

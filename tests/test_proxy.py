@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from pluresync.endpoints.proxy import MAX_RESPONSE_HEADER, ProxyConfig, ProxyTunnelEndpoint, proxy_for
+from pluresync.dial.proxy import MAX_RESPONSE_HEADER, ProxyConfig, ProxyTunnelEndpoint, proxy_for
 from pluresync.errors import ConfigurationError, RelayUnreachableError
 
 from .httpproxy import TinyProxy
@@ -796,7 +796,7 @@ class TinyProxyTests(unittest.TestCase):
     @inlineCallbacks
     def test_relay_through_tinyproxy(self) -> Any:
         """A pluresync relay reached through tinyproxy answers a listen hello with ready; the CONNECT is in the log."""
-        from pluresync.endpoints.relaysocket import RelaySocketFactory, RelayURL
+        from pluresync.pipes.websocket import RelaySocketFactory, RelayURL
 
         relay = LocalRelay(self)
         relay_port = relay.port.getHost().port

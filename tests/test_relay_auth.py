@@ -25,8 +25,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from pluresync.endpoints.parsers import _RELAY_PARAMETERS, relay_config, relay_token
 from pluresync.errors import ConfigurationError, RelayAuthError, RelayUnreachableError
 from pluresync.keys import SyncKey
-from pluresync.relay import auth
-from pluresync.relay.auth import (
+from pluresync.relay.core import auth
+from pluresync.relay.core.auth import (
     BAD_SIGNATURE,
     EXPIRED,
     MALFORMED,
@@ -41,10 +41,10 @@ from pluresync.relay.auth import (
     hash_token,
     mint_token,
 )
-from pluresync.relay.authconfig import is_loopback_endpoint
-from pluresync.relay.limits import RelayLimits
-from pluresync.relay.service import Options, makeService
-from pluresync.relay.tokencli import RelayTokenOptions, parse_duration, relay_token_command
+from pluresync.relay.core.limits import RelayLimits
+from pluresync.relay.server.authconfig import is_loopback_endpoint
+from pluresync.relay.server.service import Options, makeService
+from pluresync.relay.server.tokencli import RelayTokenOptions, parse_duration, relay_token_command
 
 from .localrelay import Collector, LocalRelay
 

@@ -13,10 +13,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
 from pluresync.endpoints.relay import RelayClientEndpoint, RelayConfig, RelayListeningPort, RelayServerEndpoint
-from pluresync.endpoints.relaysocket import RelayURL, _WebSocketPipe
 from pluresync.errors import ConfigurationError, ConnectionTimeoutError
 from pluresync.interfaces import IPipe
 from pluresync.keys import PeerIdentity, SyncKey
+from pluresync.pipes.websocket import RelayURL, _WebSocketPipe
 
 
 def config(**overrides) -> RelayConfig:

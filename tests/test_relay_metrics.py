@@ -23,11 +23,11 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from pluresync.relay.limits import RelayLimits
-from pluresync.relay.metrics import RelayMetrics
-from pluresync.relay.service import Options, makeService
-from pluresync.relay.site import build_site
-from pluresync.relay.websocket import RelayProtocol
+from pluresync.relay.core.limits import RelayLimits
+from pluresync.relay.server.metrics import RelayMetrics
+from pluresync.relay.server.service import Options, makeService
+from pluresync.relay.server.site import build_site
+from pluresync.relay.server.websocket import RelayProtocol
 from pluresync.wsframes import FastDataPath
 
 from .relayclient import HandshakeFailed, RelayTestClient, connect

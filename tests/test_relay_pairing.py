@@ -9,8 +9,8 @@ import itertools
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from pluresync.relay.pairing import ConnectorState, Registry
-from pluresync.relay.wire import ErrorCode, ProtocolError
+from pluresync.relay.core.pairing import ConnectorState, Registry
+from pluresync.relay.core.wire import ErrorCode, ProtocolError
 
 RDV = "ab" * 32
 RDV2 = "cd" * 32

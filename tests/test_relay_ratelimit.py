@@ -1,5 +1,5 @@
 """
-Rate limits and quotas (L{pluresync.relay.ratelimit}): the pure buckets and
+Rate limits and quotas (L{pluresync.relay.core.ratelimit}): the pure buckets and
 limiters on a fake clock, then the relay enforcing them over loopback, and a
 flood test (one client opening connections as fast as it can and one sending
 garbage, while well-behaved pairs transfer data).
@@ -22,8 +22,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.trial import unittest
 
-from pluresync.relay.limits import RelayLimits
-from pluresync.relay.ratelimit import (
+from pluresync.relay.core.limits import RelayLimits
+from pluresync.relay.core.ratelimit import (
     UNLIMITED,
     ConnectionLimiter,
     RateLimits,
@@ -33,7 +33,7 @@ from pluresync.relay.ratelimit import (
     client_address,
     parse_networks,
 )
-from pluresync.relay.wire import ErrorCode, ProtocolError, encode_error, encode_paired, encode_ready
+from pluresync.relay.core.wire import ErrorCode, ProtocolError, encode_error, encode_paired, encode_ready
 
 from .relayclient import SUBPROTOCOL, RelayTestClient
 from .test_relay_websocket import PEER_A, RDV, RelayTestCase, _within

@@ -17,8 +17,8 @@ from twisted.python import usage
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from pluresync.relay.limits import RelayLimits
-from pluresync.relay.service import Options, RelayService, makeService, port_endpoint
+from pluresync.relay.core.limits import RelayLimits
+from pluresync.relay.server.service import Options, RelayService, makeService, port_endpoint
 
 from .relayclient import connect
 
@@ -155,7 +155,7 @@ class ServiceTests(unittest.TestCase):
         plugin = found[0]
         verifyObject(IServiceMaker, plugin)
         self.assertIs(plugin.options, Options)
-        self.assertEqual(plugin.module, "pluresync.relay.service")
+        self.assertEqual(plugin.module, "pluresync.relay.server.service")
         self.assertEqual(plugin.tapname, "pluresync-relay")
 
 

@@ -17,8 +17,8 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from zope.interface import implementer
 
-from pluresync.relay.limits import RelayLimits
-from pluresync.relay.site import build_site
+from pluresync.relay.core.limits import RelayLimits
+from pluresync.relay.server.site import build_site
 
 from .relayclient import HandshakeFailed, RelayTestClient, connect
 from .relayprocess import poll

@@ -8,7 +8,7 @@ import json
 
 from twisted.trial import unittest
 
-from pluresync.relay.wire import (
+from pluresync.relay.core.wire import (
     MAX_CONTROL_BYTES,
     Accept,
     Connect,

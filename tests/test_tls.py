@@ -1,12 +1,12 @@
 """
 C{wss://}: relay endpoints over TLS to a relay on 127.0.0.1 whose certificate
 comes from a test CA (L{tests.testca}), and the one-line explanations of TLS
-failures (L{pluresync.endpoints.tlserrors}).
+failures (L{pluresync.dial.tlserrors}).
 
 Each failing connection's real reason (what C{RelaySocketProtocol.connectionLost}
 receives, and the TLS connection it happened on) is captured and explained
 with L{describe_tls_failure}, so these tests pass whether or not
-C{relaysocket.py} already uses it; once it does (L{WIRED}), the error the user
+C{pipes/websocket.py} already uses it; once it does (L{WIRED}), the error the user
 gets must carry the same explanation.
 """
 
@@ -31,17 +31,18 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pluresync.endpoints import relaysocket, tlserrors
-from pluresync.endpoints.relaysocket import RelaySocketProtocol
-from pluresync.endpoints.tlserrors import describe_tls_failure
+from pluresync.dial.tlserrors import describe_tls_failure
+from pluresync.dial import tlserrors
+from pluresync.pipes import websocket as relaysocket
 from pluresync.errors import ConfigurationError, RelayUnreachableError
 from pluresync.keys import SyncKey
-from pluresync.relay.site import build_site
+from pluresync.pipes.websocket import RelaySocketProtocol
+from pluresync.relay.server.site import build_site
 
 from .localrelay import Collector, Listening
 from .testca import ServerCert, TestPKI
 
-#: Does relaysocket.py explain TLS failures with describe_tls_failure yet?
+#: Does pipes/websocket.py explain TLS failures with describe_tls_failure yet?
 #: (The lead wires it in; until then the user-facing message is Autobahn's.)
 WIRED = getattr(relaysocket, "describe_tls_failure", None) is describe_tls_failure
 
@@ -353,11 +354,11 @@ class WSSEndToEndTests(TestCase):
         self.assertIn("could not open a WebSocket to the relay at localhost", str(error))
 
     def test_wiring(self):
-        """relaysocket.py explains TLS failures with describe_tls_failure."""
+        """pipes/websocket.py explains TLS failures with describe_tls_failure."""
         self.assertTrue(WIRED)
 
     if not WIRED:
-        test_wiring.skip = "relaysocket.py does not call describe_tls_failure yet"
+        test_wiring.skip = "pipes/websocket.py does not call describe_tls_failure yet"
 
 
 class NoSwitchOffTests(SynchronousTestCase):

@@ -63,7 +63,7 @@ else:
 
 
 try:
-    from pluresync.relay.tokencli import RelayTokenOptions
+    from pluresync.relay.server.tokencli import RelayTokenOptions
 except ImportError:
     pass
 else:

@@ -29,16 +29,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pluresync.endpoints.proxy import ProxyTunnelEndpoint
+from pluresync.dial.proxy import ProxyTunnelEndpoint
+from pluresync.dial.tcp import tcp_endpoint
+from pluresync.dial.tlserrors import describe_tls_failure
+from pluresync.doctor import tlsinfo
+from pluresync.doctor.report import FAIL, OK, SKIPPED, WARN, Row, Section
 from pluresync.endpoints.relay import RelayClientEndpoint, RelayConfig, RelayListeningPort
-from pluresync.endpoints.relaysocket import SUBPROTOCOL, open_relay_socket
-from pluresync.endpoints.tcp import tcp_endpoint
-from pluresync.endpoints.tlserrors import describe_tls_failure
 from pluresync.errors import RelayError
 from pluresync.keys import PeerIdentity, SyncKey
-
-from . import tlsinfo
-from .report import FAIL, OK, SKIPPED, WARN, Row, Section
+from pluresync.pipes.websocket import SUBPROTOCOL, open_relay_socket
 
 #: How long closing a connection may take once a check is done with it.
 CLOSE_TIMEOUT = 5.0

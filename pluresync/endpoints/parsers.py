@@ -130,10 +130,10 @@ def relay_config(*args: str, **kwargs: str):
     """
     import os
 
-    from pluresync.endpoints.proxy import proxy_for
+    from pluresync.dial.proxy import proxy_for
     from pluresync.endpoints.relay import PRESETS, RelayConfig
-    from pluresync.endpoints.relaysocket import RelayURL
     from pluresync.keys import PeerIdentity, load_sync_key, parse_peer_id
+    from pluresync.pipes.websocket import RelayURL
 
     unknown = sorted(set(kwargs) - _RELAY_PARAMETERS)
     if unknown:

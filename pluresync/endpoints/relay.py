@@ -23,11 +23,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pluresync.address import PeerAddress
-from pluresync.endpoints.proxy import ProxyConfig
-from pluresync.endpoints.relaysocket import RelayURL, open_relay_socket
+from pluresync.dial.proxy import ProxyConfig
 from pluresync.errors import ConnectionTimeoutError, NotChosenError, PeerGoneError, PluresyncError, RelayError
 from pluresync.interfaces import IPath
 from pluresync.keys import PeerIdentity, Topic, format_peer_id
+from pluresync.pipes.websocket import RelayURL, open_relay_socket
 from pluresync.secure.channel import SecureChannel
 from pluresync.secure.handshake import Handshake
 

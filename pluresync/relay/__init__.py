@@ -1,16 +1,17 @@
 """
 The pluresync relay: pairs peers by rendezvous id and pipes their bytes.
 
-The parts, one idea each:
+Its parts, one folder each:
 
-  - L{wire}: the control messages of relay protocol v1 (pure);
-  - L{pairing}: the rendezvous registry and session pairing (pure);
-  - L{limits}: the relay's limits and their defaults;
-  - L{auth}: who may connect: open, a tokens file, signed tokens (pure);
-    L{authconfig} (the C{--auth} options), L{tokencli} (C{pluresync relay-token});
-  - L{websocket}: the Autobahn adapter (control phase, piping, flow control);
-  - L{health}, L{site}: the HTTP side (C{/health} and the WebSocket at C{/});
-  - L{service}: the C{twist pluresync-relay} options and service.
+  - L{core}: pure rules, no Twisted, Autobahn or asyncio: the relay
+    protocol v1 messages (L{core.wire}, which clients import too), the
+    rendezvous registry (L{core.pairing}), limits, rate limits and auth;
+  - L{server}: the Twisted front (C{twist pluresync-relay}): the Autobahn
+    adapter, the HTTP site, C{/health}, C{/metrics}, the service;
+  - L{cluster}: several Twisted relay instances behaving as one through
+    Redis, and the links that carry a session between two of them;
+  - L{asgi}: the Vercel front, an ASGI application clustered through Redis.
 
-The wire format is specified in C{docs/protocol.md}.
+The wire format is specified in C{docs/protocol.md}.  Importing this package
+imports nothing else.
 """

@@ -16,8 +16,8 @@ from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from .._version import __version__
-from .limits import RelayLimits
+from pluresync._version import __version__
+from pluresync.relay.core.limits import RelayLimits
 
 log = Logger(namespace="pluresync.relay")
 
@@ -246,7 +246,7 @@ class Options(usage.Options):
             )
         except ValueError as error:
             raise usage.UsageError(str(error)) from None
-        from .cluster import cluster_config
+        from pluresync.relay.cluster.service import cluster_config
 
         try:
             self["cluster"] = cluster_config(
@@ -254,15 +254,15 @@ class Options(usage.Options):
             )
         except ValueError as error:
             raise usage.UsageError(str(error)) from None
-        from .authconfig import check_auth_options
+        from pluresync.relay.server.authconfig import check_auth_options
 
         # The rules only (no file is read here): makeService reads them.
         check_auth_options(self["auth"], self["endpoint"], self["auth-tokens-file"], self["auth-secret-file"])
 
 
 def _rate_limits(options: Any) -> Any:
-    """The L{pluresync.relay.ratelimit.RateLimits} of the options (docs/relay.md, "Rate limits")."""
-    from .ratelimit import RateLimits, parse_networks
+    """The L{pluresync.relay.core.ratelimit.RateLimits} of the options (docs/relay.md, "Rate limits")."""
+    from pluresync.relay.core.ratelimit import RateLimits, parse_networks
 
     return RateLimits(
         connections_per_second=options["connections-per-second"],
@@ -291,7 +291,7 @@ class RelayService(MultiService):
 
     def __init__(self, reactor: Any, endpoint: str, limits: RelayLimits, metrics_endpoint: str | None = None) -> None:
         super().__init__()
-        from .site import build_metrics_site, build_site
+        from pluresync.relay.server.site import build_metrics_site, build_site
 
         self.site, self.factory = build_site(reactor, limits, metrics=metrics_endpoint is None)
         self.endpoint = endpoint
@@ -345,7 +345,7 @@ def makeService(config: Options, reactor: Any = None) -> RelayService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    from .authconfig import relay_authenticator
+    from pluresync.relay.server.authconfig import relay_authenticator
 
     try:
         authenticator, warnings = relay_authenticator(
@@ -365,7 +365,7 @@ def makeService(config: Options, reactor: Any = None) -> RelayService:
     service.factory.authenticator = authenticator
     service.auth_warnings = tuple(warnings)
     if config.get("cluster") is not None:
-        from .cluster import attach_cluster
+        from pluresync.relay.cluster.service import attach_cluster
 
         try:
             attach_cluster(service, config["cluster"], reactor)

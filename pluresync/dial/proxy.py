@@ -36,7 +36,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pluresync.endpoints.tcp import tcp_endpoint
+from pluresync.dial.tcp import tcp_endpoint
 from pluresync.errors import ConfigurationError, RelayUnreachableError
 
 __all__ = ["MAX_RESPONSE_HEADER", "ProxyConfig", "ProxyTunnelEndpoint", "proxy_for"]

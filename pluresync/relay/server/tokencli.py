@@ -20,8 +20,14 @@ import time
 from twisted.python import usage
 
 from pluresync.errors import ConfigurationError
-
-from .auth import AuthConfigError, hash_token, mint_token, new_random_token, read_secret_file, valid_tenant
+from pluresync.relay.core.auth import (
+    AuthConfigError,
+    hash_token,
+    mint_token,
+    new_random_token,
+    read_secret_file,
+    valid_tenant,
+)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)\Z")

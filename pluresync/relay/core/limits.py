@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .ratelimit import RateLimits
+from pluresync.relay.core.ratelimit import RateLimits
 
 #: pluresync clients send binary messages of up to two 65,537-byte record
 #: frames (131,074 bytes); a relay must accept at least this much.
@@ -55,7 +55,7 @@ class RelayLimits:
     default_wait: float = 30.0
     accept_timeout: float = 10.0
     shutdown_timeout: float = 5.0
-    #: rate limits and quotas (L{pluresync.relay.ratelimit.RateLimits})
+    #: rate limits and quotas (L{pluresync.relay.core.ratelimit.RateLimits})
     rate: RateLimits = RateLimits()
 
     def __post_init__(self) -> None:

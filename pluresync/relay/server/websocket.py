@@ -5,7 +5,7 @@ Each socket has one control phase (exactly one JSON text message from the
 client: C{listen}, C{connect} or C{accept}); a C{listen} socket then stays
 the listener's control channel, and a C{connect} socket and the matching
 C{accept} socket become a pair that forwards binary messages unchanged.
-The pairing rules live in L{pluresync.relay.pairing}; this module only
+The pairing rules live in L{pluresync.relay.core.pairing}; this module only
 moves messages, enforces the timeouts and limits, and couples the two TCP
 transports of a pair as producer and consumer so a slow reader slows its
 writer.
@@ -31,13 +31,18 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..wsframes import FastDataPath, FrameError, frame_header
-from .auth import Authenticator, OpenAuth
-from .limits import RelayLimits
-from .metrics import RelayMetrics
-from .pairing import Connector, Listener, Registry
-from .ratelimit import UNLIMITED, ConnectionLimiter, SessionBudget, SessionMeter, TokenBucket, client_address
-from .wire import (
+from pluresync.relay.core.auth import Authenticator, OpenAuth
+from pluresync.relay.core.limits import RelayLimits
+from pluresync.relay.core.pairing import Connector, Listener, Registry
+from pluresync.relay.core.ratelimit import (
+    UNLIMITED,
+    ConnectionLimiter,
+    SessionBudget,
+    SessionMeter,
+    TokenBucket,
+    client_address,
+)
+from pluresync.relay.core.wire import (
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
     SUBPROTOCOL,
@@ -53,6 +58,8 @@ from .wire import (
     parse_control,
     short_id,
 )
+from pluresync.relay.server.metrics import RelayMetrics
+from pluresync.wsframes import FastDataPath, FrameError, frame_header
 
 log = Logger(namespace="pluresync.relay")
 
@@ -157,7 +164,7 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
     factory: RelayFactory
     #: The authenticated tenant's name (C{None}: open relay), for logs.
     tenant: str | None = None
-    #: What each forwarded frame draws from (L{pluresync.relay.ratelimit}).
+    #: What each forwarded frame draws from (L{pluresync.relay.core.ratelimit}).
     _bucket: Any = UNLIMITED
     #: The address counted against the per-address limits (never logged).
     _address: str | None = None
@@ -413,7 +420,7 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
     def pair_remote(self, partner: Any, peer: str | None, connector: Connector | None, session: str) -> None:
         """
         Pair this socket with C{partner}, a cluster link standing for a
-        socket on another relay instance (L{pluresync.relay.clusterlink}):
+        socket on another relay instance (L{pluresync.relay.cluster.link}):
         same coupling as a local pair.  C{connector} is this socket's
         registry entry when this instance owns the session.
         """
@@ -448,7 +455,7 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
             self._hello_call.cancel()
             self._hello_call = None
 
-    # -- rate limits (pluresync.relay.ratelimit) -------------------------------
+    # -- rate limits (pluresync.relay.core.ratelimit) -------------------------------
 
     def connectionLost(self, reason: Any) -> None:
         if self._address is not None:
@@ -624,14 +631,14 @@ class RelayFactory(WebSocketServerFactory):
 
     protocol = RelayProtocol
     noisy = False
-    #: the L{pluresync.relay.cluster.Cluster} when clustered (C{--redis})
+    #: the L{pluresync.relay.cluster.service.Cluster} when clustered (C{--redis})
     cluster: Any = None
 
     def __init__(
         self, reactor: IReactorTime, limits: RelayLimits | None = None, authenticator: Authenticator | None = None
     ) -> None:
         super().__init__(url=None, protocols=[SUBPROTOCOL], reactor=reactor)
-        #: Who may upgrade (L{pluresync.relay.auth}); open by default.
+        #: Who may upgrade (L{pluresync.relay.core.auth}); open by default.
         self.authenticator: Authenticator = authenticator if authenticator is not None else OpenAuth()
         self.limits = limits = limits or RelayLimits()
         self.registry = Registry(

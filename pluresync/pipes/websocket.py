@@ -32,9 +32,9 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pluresync.endpoints.proxy import ProxyConfig, ProxyTunnelEndpoint
-from pluresync.endpoints.tcp import tcp_endpoint
-from pluresync.endpoints.tlserrors import describe_tls_failure
+from pluresync.dial.proxy import ProxyConfig, ProxyTunnelEndpoint
+from pluresync.dial.tcp import tcp_endpoint
+from pluresync.dial.tlserrors import describe_tls_failure
 from pluresync.errors import (
     ConfigurationError,
     PeerGoneError,

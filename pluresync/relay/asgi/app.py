@@ -7,9 +7,9 @@ Vercel runs a Python function as an ASGI app; each WebSocket is pinned to the
 function instance that took its upgrade, instances cannot reach each other,
 and every connection ends at the function's maximum duration.  So:
 
- - pairing uses the shared pure core L{pluresync.relay.pairing.Registry}
+ - pairing uses the shared pure core L{pluresync.relay.core.pairing.Registry}
    (one per instance, authoritative for the connectors on that instance) and
-   the control-message rules of L{pluresync.relay.wire};
+   the control-message rules of L{pluresync.relay.core.wire};
  - Redis is the only way between instances.  Signalling (a listener's
    registration, an C{incoming} offer for a listener on another instance, a
    listener gone, an C{accept} and its answer) is Redis pub/sub: small
@@ -54,11 +54,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._version import __version__
-from .auth import Authenticator, OpenAuth, SignedTokenAuth, parse_secret_file
-from .limits import RelayLimits
-from .pairing import Connector, ConnectorState, Listener, Pairing, Registry
-from .wire import (
+from pluresync._version import __version__
+from pluresync.relay.core.auth import Authenticator, OpenAuth, SignedTokenAuth, parse_secret_file
+from pluresync.relay.core.limits import RelayLimits
+from pluresync.relay.core.pairing import Connector, ConnectorState, Listener, Pairing, Registry
+from pluresync.relay.core.wire import (
     SUBPROTOCOL,
     Accept,
     Connect,
@@ -73,7 +73,7 @@ from .wire import (
     short_id,
 )
 
-log = logging.getLogger("pluresync.relay.asgi")
+log = logging.getLogger("pluresync.relay.asgi.app")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

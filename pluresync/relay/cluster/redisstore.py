@@ -1,5 +1,5 @@
 """
-The relay's connection to Redis, for clustering (L{pluresync.relay.cluster}).
+The relay's connection to Redis, for clustering (L{pluresync.relay.cluster.service}).
 
 Two connections to one Redis server, through txredisapi's protocol classes
 (a Twisted-native RESP client) but with the connection life cycle kept
@@ -31,7 +31,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.logger import Logger
 
-log = Logger(namespace="pluresync.relay.cluster")
+log = Logger(namespace="pluresync.relay.cluster.service")
 
 
 class RedisUnavailable(Exception):

@@ -11,11 +11,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from .auth import Authenticator
-from .health import HealthResource
-from .limits import RelayLimits
-from .metrics import MetricsResource, RelayMetrics
-from .websocket import RelayFactory, RelayResource
+from pluresync.relay.core.auth import Authenticator
+from pluresync.relay.core.limits import RelayLimits
+from pluresync.relay.server.health import HealthResource
+from pluresync.relay.server.metrics import MetricsResource, RelayMetrics
+from pluresync.relay.server.websocket import RelayFactory, RelayResource
 
 
 class RelaySite(Site):
@@ -40,8 +40,8 @@ def build_site(
 
     @param metrics: serve C{/metrics} on this site (false when it gets a
         port of its own, L{build_metrics_site}).
-    @param authenticator: who may open a WebSocket (L{pluresync.relay.auth});
-        default: everyone (L{pluresync.relay.auth.OpenAuth}). C{/health}
+    @param authenticator: who may open a WebSocket (L{pluresync.relay.core.auth});
+        default: everyone (L{pluresync.relay.core.auth.OpenAuth}). C{/health}
         stays open.
     @return: C{(site, factory)}; the factory holds the registry, the live
         sockets (C{factory.close_all()} shuts them down) and the metrics

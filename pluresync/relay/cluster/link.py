@@ -47,10 +47,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..wsframes import OP_CLOSE, FrameError, FrameReader, frame_header
-from .wire import CLOSE_NORMAL, ErrorCode, ProtocolError
+from pluresync.relay.core.wire import CLOSE_NORMAL, ErrorCode, ProtocolError
+from pluresync.wsframes import OP_CLOSE, FrameError, FrameReader, frame_header
 
-log = Logger(namespace="pluresync.relay.cluster")
+log = Logger(namespace="pluresync.relay.cluster.service")
 
 LINK_VERSION = 1
 MAX_SETUP_MESSAGE = 4096
@@ -96,7 +96,7 @@ class _ReadThrottle:
 class LinkProtocol(Protocol):
     """
     One end of a cluster link.  After set-up it is the I{partner} of one
-    local relay socket (L{pluresync.relay.websocket.RelayProtocol}): it has
+    local relay socket (L{pluresync.relay.server.websocket.RelayProtocol}): it has
     the few members a partner needs (C{state}, C{transport}, C{phase},
     C{_partner}, C{_throttle}, C{_received}, C{close}, C{sendMessage}).
     """
@@ -221,6 +221,9 @@ class LinkProtocol(Protocol):
         self._frames = FrameReader(
             masked=False, max_message=self._max_message, on_data=self._on_data, on_control=lambda raw: None
         )
+
+    def flush(self) -> None:
+        """Deliver the frames that arrived during set-up (after the local socket was told C{paired})."""
         rest, self._buffer = self._buffer, b""
         if rest:
             self._feed(rest)
@@ -315,6 +318,7 @@ class LinkServer(LinkProtocol):
         self.send_setup({"ok": True, "peer": pairing.connector_peer, "mac": reply_mac})
         self.link_to(local)
         local.pair_remote(self, pairing.listener_peer, pairing.connector, session)
+        self.flush()
 
     def _refuse(self, reason: str) -> None:
         log.warn("cluster link refused: {reason}", reason=reason)

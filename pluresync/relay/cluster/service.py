@@ -1,7 +1,7 @@
 """
 Several relay instances behaving as one, through Redis (C{--redis}).
 
-Each instance keeps its own L{pluresync.relay.pairing.Registry}: it stays
+Each instance keeps its own L{pluresync.relay.core.pairing.Registry}: it stays
 authoritative for the peers connected to that instance, so two peers that
 meet on one instance pair exactly as without Redis (and go on pairing while
 Redis is down).  Redis only tells instances about each other:
@@ -26,7 +26,7 @@ listener found on instance A is represented in B's registry by a stand-in
 C{incoming} stores the session's owner and publishes the offer to A; A
 passes it to its listener's control socket.  The listener's C{accept} may
 land on any instance C: C finds the owner B and opens a cluster link to it
-(L{pluresync.relay.clusterlink}), which both instances pair with their
+(L{pluresync.relay.cluster.link}), which both instances pair with their
 client socket.  The bytes flow connector ↔ B ↔ link ↔ C ↔ acceptor.
 """
 
@@ -44,13 +44,13 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
 from twisted.logger import Logger
 
-from .clusterlink import LinkClient, LinkClosed, LinkServer, LinkServerFactory
-from .pairing import Connector, ConnectorState, Listener, Registry
-from .redisstore import RedisAddress, RedisStore, RedisUnavailable
-from .websocket import Phase
-from .wire import ErrorCode, ProtocolError, short_id
+from pluresync.relay.cluster.link import LinkClient, LinkClosed, LinkServer, LinkServerFactory
+from pluresync.relay.cluster.redisstore import RedisAddress, RedisStore, RedisUnavailable
+from pluresync.relay.core.pairing import Connector, ConnectorState, Listener, Registry
+from pluresync.relay.core.wire import ErrorCode, ProtocolError, short_id
+from pluresync.relay.server.websocket import Phase
 
-log = Logger(namespace="pluresync.relay.cluster")
+log = Logger(namespace="pluresync.relay.cluster.service")
 
 MIN_SECRET_BYTES = 16
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
@@ -555,6 +555,7 @@ class Cluster(Service):
             return
         link.link_to(protocol)
         protocol.pair_remote(link, peer, None, session)
+        link.flush()
 
     # -- health ----------------------------------------------------------------
 
@@ -564,7 +565,7 @@ class Cluster(Service):
 
 def attach_cluster(service: Any, config: ClusterConfig, reactor: Any) -> Cluster:
     """
-    Cluster the relay C{service} (a L{pluresync.relay.service.RelayService}):
+    Cluster the relay C{service} (a L{pluresync.relay.server.service.RelayService}):
     swap its registry for a L{ClusterRegistry}, add the C{redis} readiness
     check to C{/health}, and run the L{Cluster} as its child service.
 

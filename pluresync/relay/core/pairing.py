@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .wire import ErrorCode, ProtocolError, short_id
+from pluresync.relay.core.wire import ErrorCode, ProtocolError, short_id
 
 
 class Cancellable(Protocol):

@@ -1,5 +1,5 @@
 """
-The relay's C{--auth} options: which L{pluresync.relay.auth.Authenticator}
+The relay's C{--auth} options: which L{pluresync.relay.core.auth.Authenticator}
 to run, and the rule that an open relay is the default only on loopback.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from twisted.python import usage
 
-from .auth import AuthConfigError, Authenticator, OpenAuth, SignedTokenAuth, TokenFileAuth
+from pluresync.relay.core.auth import AuthConfigError, Authenticator, OpenAuth, SignedTokenAuth, TokenFileAuth
 
 AUTH_MODES = ("open", "tokens", "signed")
 

@@ -4,7 +4,7 @@ Rate limits and quotas of the relay: token buckets and counters.
 Pure Python (no Twisted, no Autobahn) with an injected clock (a function
 returning seconds, e.g. C{reactor.seconds} or C{time.monotonic}), so another
 front end (a serverless one) can reuse it.  The Twisted adapter
-(L{pluresync.relay.websocket}) decides what to do with the answers: refuse
+(L{pluresync.relay.server.websocket}) decides what to do with the answers: refuse
 an upgrade with HTTP 429, or pause reading a socket for the number of
 seconds a bucket asks for.
 
