@@ -5,6 +5,7 @@ Endpoint users see only Twisted's own interfaces (IStreamClientEndpoint,
 ITransport, ...); these two are for the message-oriented API in L{pluresync.api}.
 """
 
+from twisted.internet.interfaces import IPushProducer
 from zope.interface import Attribute, Interface
 
 
@@ -129,4 +130,38 @@ class IPath(Interface):
         """
         @return: an C{IListeningPort} not yet started, with
             C{startListening(keep_trying=True)} and a C{connected} flag.
+        """
+
+
+class IPairEnd(IPushProducer):
+    """
+    One side of a relay pair, as the other side sees it: a client's socket on
+    this relay, or a cluster link standing for a socket on another instance.
+
+    The relay couples the two ends of a pair symmetrically:
+    C{a.registerProducer(b, True)} and C{b.registerProducer(a, True)}, so when
+    one end's outgoing buffer fills up, the other end stops reading its
+    client and TCP pushes back on that writer.  As an C{IPushProducer},
+    C{pauseProducing}/C{resumeProducing} stop and restart reading this end's
+    client; C{stopProducing} does nothing (a pair ends through L{end}, with a
+    close code, never by a dropped connection).
+    """
+
+    def writeData(payload, opcode, fin):
+        """
+        A data frame from the other end, for this end's client, unchanged:
+        C{opcode} is binary (2) or continuation (0), C{fin} ends the message.
+        """
+
+    def registerProducer(producer, streaming):
+        """Pause C{producer} (the other end) while this end's outgoing buffer is full."""
+
+    def unregisterProducer():
+        """Undo L{registerProducer}."""
+
+    def end(code, reason):
+        """
+        The other end is gone: close this end with WebSocket close code C{code}
+        (1000 when the other end closed normally, 4010 C{peer-gone}, 1001
+        going away, 4029 rate-limited).  Idempotent; no more L{writeData}.
         """
