@@ -147,6 +147,8 @@ class IPairEnd(IPushProducer):
     close code, never by a dropped connection).
     """
 
+    received = Attribute("Bytes of data frames this end has read from its client (for the pair's log line).")
+
     def writeData(payload, opcode, fin):
         """
         A data frame from the other end, for this end's client, unchanged:

@@ -40,13 +40,13 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pluresync.interfaces import IPairEnd
+from pluresync.relay.core.session import CLOSE_REASONS
 from pluresync.relay.core.wire import CLOSE_NORMAL, ErrorCode, ProtocolError
 from pluresync.wsframes import OP_CLOSE, FrameError, FrameReader, frame_header
 
@@ -57,8 +57,6 @@ MAX_SETUP_MESSAGE = 4096
 _LEN = struct.Struct(">I")
 _SESSION = re.compile(r"[0-9a-f]{32}")
 _MAC = re.compile(r"[0-9a-f]{64}")
-_STATE_OPEN = WebSocketProtocol.STATE_OPEN
-_STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
 
 
 def link_mac(secret: bytes, purpose: bytes, server_nonce: bytes, client_nonce: bytes, session: str) -> str:
@@ -71,34 +69,12 @@ class LinkClosed(Exception):
     """The link ended (or failed to set up); args: a human-readable reason."""
 
 
-@implementer(IPushProducer)
-class _ReadThrottle:
-    """Pauses and resumes reading one transport (see websocket._ReadThrottle)."""
-
-    def __init__(self, transport: Any) -> None:
-        self._transport = transport
-        self.paused = False
-
-    def pauseProducing(self) -> None:
-        if not self.paused:
-            self.paused = True
-            self._transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        if self.paused:
-            self.paused = False
-            self._transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        pass
-
-
+@implementer(IPairEnd)
 class LinkProtocol(Protocol):
     """
-    One end of a cluster link.  After set-up it is the I{partner} of one
-    local relay socket (L{pluresync.relay.server.websocket.RelayProtocol}): it has
-    the few members a partner needs (C{state}, C{transport}, C{phase},
-    C{_partner}, C{_throttle}, C{_received}, C{close}, C{sendMessage}).
+    One end of a cluster link.  After set-up it is the L{IPairEnd} that
+    stands, in this instance's pair, for the client socket on the other
+    instance.
     """
 
     setup_timeout = 10.0
@@ -110,50 +86,60 @@ class LinkProtocol(Protocol):
         self._buffer = b""
         self._frames: FrameReader | None = None
         self._setup_timer: Any = None
-        self._linked: Any = None  # the local RelayProtocol while paired
+        self._linked: IPairEnd | None = None  # the local socket while paired
         self._closing = False
+        self._paused = False
         self._close_code: int | None = None
-        self.phase: Any = None
-        self._throttle: _ReadThrottle | None = None
-        self._received = 0
+        #: bytes of data frames read from the other instance
+        self.received = 0
         self.session = ""
         #: fires (with None) when the TCP connection is gone
         self.lost: Deferred[None] = Deferred()
 
-    # -- the partner interface -----------------------------------------------
-
     @property
-    def state(self) -> int:
-        if self._closing or self.transport is None or not self.connected:
-            return _STATE_CLOSED
-        return _STATE_OPEN
-
-    @property
-    def _partner(self) -> Any:
-        return self._linked
-
-    @_partner.setter
-    def _partner(self, value: Any) -> None:
-        had = self._linked
-        self._linked = value
-        if had is not None and value is None and not self._closing:
-            # The local socket unlinked itself without closing us (relay
-            # shutdown: go_away); end the link as "going away".
-            self._reactor.callLater(0, lambda: self.close(1001, "going away"))
+    def is_open(self) -> bool:
+        """Whether the link can still carry frames."""
+        return not self._closing and self.transport is not None and bool(self.connected)
 
     def close(self, code: int, reason: str) -> None:
         """End the link with a close frame carrying C{code}; idempotent."""
         if self._closing or self.transport is None:
             return
         self._closing = True
+        self._linked = None
         payload = struct.pack(">H", code) + reason.encode("utf-8")[:123]
         self.transport.write(frame_header(len(payload), OP_CLOSE) + payload)
         self.transport.loseConnection()
 
-    def sendMessage(self, payload: bytes, isBinary: bool) -> None:
-        """A whole binary message for the other instance's client."""
-        if self.state == _STATE_OPEN and isBinary:
-            self.transport.writeSequence((frame_header(len(payload)), payload))
+    # -- IPairEnd ----------------------------------------------------------------
+
+    def writeData(self, payload: bytes, opcode: int, fin: bool) -> None:
+        if self.is_open:
+            self.transport.writeSequence((frame_header(len(payload), opcode, fin), payload))
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self.transport is not None:
+            self.transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        # The pair ends through end(), with a close code.
+        pass
+
+    def end(self, code: int, reason: str) -> None:
+        self.close(code, reason)
 
     # -- set-up helpers --------------------------------------------------------
 
@@ -210,14 +196,14 @@ class LinkProtocol(Protocol):
 
     # -- the data phase --------------------------------------------------------
 
-    def link_to(self, local: Any) -> None:
+    def link_to(self, local: IPairEnd) -> None:
         """
-        Start forwarding: C{local} (a paired relay socket) is this link's
-        partner.  Any bytes that came after the set-up are delivered now.
+        Start forwarding to C{local}, the relay socket this link is paired
+        with; what arrived after the set-up is delivered by L{flush}, once
+        that socket's client has been told it is paired.
         """
         self._stop_setup_timer()
         self._linked = local
-        self._throttle = _ReadThrottle(self.transport)
         self._frames = FrameReader(
             masked=False, max_message=self._max_message, on_data=self._on_data, on_control=lambda raw: None
         )
@@ -230,9 +216,9 @@ class LinkProtocol(Protocol):
 
     def _on_data(self, payload: bytes, opcode: int, fin: bool) -> None:
         local = self._linked
-        if local is not None and local.state == _STATE_OPEN:
-            self._received += len(payload)
-            local.transport.writeSequence((frame_header(len(payload), opcode, fin), payload))
+        if local is not None:
+            self.received += len(payload)
+            local.writeData(payload, opcode, fin)
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -252,17 +238,18 @@ class LinkProtocol(Protocol):
             self.transport.loseConnection()
 
     def _end_local(self, code: int, how: str) -> None:
-        """The other instance ended the pair: end it here too."""
-        local = self._linked
+        """
+        The other instance ended the pair: end it here too.  Its client's
+        normal close reaches ours as 1000; any other end, as C{peer-gone}.
+        """
+        local, self._linked = self._linked, None
         if local is None:
             return
         self._closing = True
-        clean = code == CLOSE_NORMAL
-        local._end_pair(self, f"closed {code}" if clean else "peer-gone")
-        if clean:
-            local.close(CLOSE_NORMAL, "peer closed")
+        if code == CLOSE_NORMAL:
+            local.end(CLOSE_NORMAL, CLOSE_REASONS[CLOSE_NORMAL])
         else:
-            local.close(ErrorCode.PEER_GONE.close_code, ErrorCode.PEER_GONE.value)
+            local.end(ErrorCode.PEER_GONE.close_code, ErrorCode.PEER_GONE.value)
 
     def connectionLost(self, reason: Any = None) -> None:
         self._stop_setup_timer()

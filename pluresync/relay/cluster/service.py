@@ -38,7 +38,6 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
@@ -48,12 +47,10 @@ from pluresync.relay.cluster.link import LinkClient, LinkClosed, LinkServer, Lin
 from pluresync.relay.cluster.redisstore import RedisAddress, RedisStore, RedisUnavailable
 from pluresync.relay.core.pairing import Connector, ConnectorState, Listener, Registry
 from pluresync.relay.core.wire import ErrorCode, ProtocolError, short_id
-from pluresync.relay.server.websocket import Phase
 
 log = Logger(namespace="pluresync.relay.cluster.service")
 
 MIN_SECRET_BYTES = 16
-_STATE_OPEN = WebSocketProtocol.STATE_OPEN
 
 
 @dataclass(frozen=True)
@@ -496,8 +493,8 @@ class Cluster(Service):
     def _link_accept(self, session: str, link: LinkServer) -> tuple[Any, Any]:
         """A link from the instance where the accept landed claims C{session}."""
         pairing = self.registry.accept(session)
-        other = pairing.connector.channel
-        if other.state != _STATE_OPEN or other.phase is not Phase.CONNECTING:
+        other = pairing.connector.channel.front
+        if not other.can_pair:
             self.registry.unpair(pairing.connector)
             raise ProtocolError(ErrorCode.PEER_GONE, "the connector went away")
         return other, pairing
@@ -510,8 +507,6 @@ class Cluster(Service):
         if not self.store.up:
             protocol.fail(ProtocolError(ErrorCode.NO_SESSION, "no such session (unknown, expired or already accepted)"))
             return
-        protocol.phase = Phase.CONNECTING
-        protocol._label = f"session={short_id(session)}"
         Deferred.fromCoroutine(self._remote_accept(protocol, session)).addErrback(
             lambda f: (
                 log.failure("remote accept failed", f),
@@ -547,11 +542,10 @@ class Cluster(Service):
             log.warn("cluster link to {instance} failed: {reason}", instance=instance[:8], reason=error)
             protocol.fail(ProtocolError(ErrorCode.PEER_GONE, "the connector's relay instance is unreachable"))
             return
-        if protocol.state != _STATE_OPEN or protocol.phase is not Phase.CONNECTING or link.state != _STATE_OPEN:
+        if not protocol.can_pair or not link.is_open:
             # The acceptor left meanwhile (or the link broke).
             link.close(ErrorCode.PEER_GONE.close_code, ErrorCode.PEER_GONE.value)
-            if protocol.phase is Phase.CONNECTING:
-                protocol.fail(ProtocolError(ErrorCode.PEER_GONE, "the connector went away"))
+            protocol.fail(ProtocolError(ErrorCode.PEER_GONE, "the connector went away"))
             return
         link.link_to(protocol)
         protocol.pair_remote(link, peer, None, session)

@@ -1,0 +1,84 @@
+"""
+Two ends of a relay pair, coupled.
+
+Each end is an L{pluresync.interfaces.IPairEnd}: a client's socket on this
+relay or a cluster link standing for one on another instance.  Coupling
+makes each end the streaming producer of the other's outgoing buffer, so a
+slow reader stops the relay reading its writer and TCP pushes back on that
+writer, with the relay holding no more than the two sockets' buffers.  The
+pair's end (whichever side reports it first) undoes the coupling once,
+gives the registry its entry back, and writes the pair's one log line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import Logger
+
+from pluresync.interfaces import IPairEnd
+
+from ..core.pairing import Connector
+from ..core.ratelimit import SessionBudget
+
+log = Logger(namespace="pluresync.relay")
+
+
+class Pair:
+    """
+    The coupling of two ends, and what they share: the registry entry, the
+    session's byte budget and the pair's start time.
+
+    @param connector: the registry's entry for this pair when this instance
+        owns the session (it is unpaired when the pair ends), else C{None}.
+    """
+
+    def __init__(
+        self,
+        a: IPairEnd,
+        b: IPairEnd,
+        *,
+        label: str,
+        connector: Connector | None,
+        unpair: Callable[[Connector], None],
+        closed: Callable[[int, int], None],
+        budget: SessionBudget,
+        seconds: Callable[[], float],
+    ) -> None:
+        self.a = a
+        self.b = b
+        self.label = label
+        self.budget = budget
+        self._connector = connector
+        self._unpair = unpair
+        self._closed = closed
+        self._seconds = seconds
+        self._started = seconds()
+        self.ended = False
+        a.registerProducer(b, True)
+        b.registerProducer(a, True)
+
+    def end(self, how: str) -> None:
+        """The pair is over (C{how}, for the log): undo the coupling, once."""
+        if self.ended:
+            return
+        self.ended = True
+        for side in (self.a, self.b):
+            side.unregisterProducer()
+            side.resumeProducing()
+        if self._connector is not None:
+            self._unpair(self._connector)
+        self._closed(self.a.received, self.b.received)
+        log.info(
+            "closed {label} ({how}) bytes={sent}/{received} duration={duration:.1f}s",
+            label=self.label,
+            how=how,
+            sent=self.a.received,
+            received=self.b.received,
+            duration=self._seconds() - self._started,
+        )
+
+    def other(self, end: Any) -> IPairEnd:
+        """The end that is not C{end}."""
+        return self.b if end is self.a else self.a
