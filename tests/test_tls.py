@@ -31,11 +31,11 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pluresync.dial.tlserrors import describe_tls_failure
 from pluresync.dial import tlserrors
-from pluresync.pipes import websocket as relaysocket
+from pluresync.dial.tlserrors import describe_tls_failure
 from pluresync.errors import ConfigurationError, RelayUnreachableError
 from pluresync.keys import SyncKey
+from pluresync.pipes import websocket as relaysocket
 from pluresync.pipes.websocket import RelaySocketProtocol
 from pluresync.relay.server.site import build_site
 

@@ -992,7 +992,6 @@ class RelaySocket:
             relay.registry.remove_connector(self.connector)
 
 
-
 # -- the ASGI application ---------------------------------------------------------
 
 

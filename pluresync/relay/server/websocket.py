@@ -250,9 +250,7 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
         if gate is not None and (gate.paused or gate.limited):
             self.autoPingTimeoutCall = None
             self.autoPingPending = None
-            self.autoPingPendingCall = self.factory._batched_timer.call_later(
-                self.autoPingInterval, self._sendAutoPing
-            )
+            self.autoPingPendingCall = self.factory._batched_timer.call_later(self.autoPingInterval, self._sendAutoPing)
             return
         super().onAutoPingTimeout()
 
