@@ -381,12 +381,15 @@ class SignedTokenAuth:
 
     mode = "signed"
 
-    def __init__(self, secret: bytes | Sequence[bytes], *, skew: float = DEFAULT_SKEW) -> None:
+    def __init__(
+        self, secret: bytes | Sequence[bytes], *, skew: float = DEFAULT_SKEW, watched: _WatchedFile | None = None
+    ) -> None:
         secrets = (secret,) if isinstance(secret, (bytes, bytearray)) else tuple(secret)
         if not secrets or any(len(s) < MIN_SECRET_BYTES for s in secrets):
             raise AuthConfigError(f"each secret must be at least {MIN_SECRET_BYTES} bytes")
-        self._static: tuple[bytes, ...] | None = tuple(bytes(s) for s in secrets)
-        self._file: _WatchedFile | None = None
+        # With a watched file its current secrets are used, the first ones only checked.
+        self._static: tuple[bytes, ...] | None = None if watched else tuple(bytes(s) for s in secrets)
+        self._file = watched
         self.skew = skew
 
     @classmethod
@@ -400,10 +403,7 @@ class SignedTokenAuth:
     ) -> SignedTokenAuth:
         """Secrets from a file (L{parse_secret_file}), re-read when it changes."""
         watched = _WatchedFile(path, parse_secret_file, check_interval, report)
-        auth = cls(watched.value, skew=skew)  # type: ignore[arg-type]
-        auth._static = None
-        auth._file = watched
-        return auth
+        return cls(watched.value, skew=skew, watched=watched)  # type: ignore[arg-type]
 
     def _secrets(self, now: float) -> tuple[bytes, ...]:
         if self._file is not None:
