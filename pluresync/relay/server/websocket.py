@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pluresync.interfaces import IPairEnd
-from pluresync.reactortimers import ReactorTimers
+from pluresync.reactortimers import BatchedTimers
 from pluresync.relay.core.auth import Authenticator, OpenAuth
 from pluresync.relay.core.limits import RelayLimits
 from pluresync.relay.core.pairing import Connector, Listener, Registry
@@ -203,6 +203,9 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
         super().sendHttpErrorResponse(code, reason, responseHeaders)
 
     def onOpen(self) -> None:
+        # The upgrade's request and response are read only during the
+        # handshake; a relay holds tens of thousands of idle sockets.
+        self.http_request_data = self.http_response_data = self.http_headers = None
         self.session.opened(self.tenant)
 
     def framingFailed(self, error: FrameError) -> None:
@@ -519,7 +522,7 @@ class RelayFactory(WebSocketServerFactory):
     ) -> None:
         super().__init__(url=None, protocols=[SUBPROTOCOL], reactor=reactor)
         # Pings and handshake timeouts on our reactor, not batched on the global one.
-        self._batched_timer = ReactorTimers(reactor)
+        self._batched_timer = BatchedTimers(reactor)
         #: Who may upgrade (L{pluresync.relay.core.auth}); open by default.
         self.authenticator: Authenticator = authenticator if authenticator is not None else OpenAuth()
         self.limits = limits = limits or RelayLimits()
