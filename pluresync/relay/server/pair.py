@@ -59,8 +59,11 @@ class Pair:
         a.registerProducer(b, True)
         b.registerProducer(a, True)
 
-    def end(self, how: str) -> None:
-        """The pair is over (C{how}, for the log): undo the coupling, once."""
+    def end(self, how: str, by: IPairEnd) -> None:
+        """
+        The pair is over (C{how}, for the log; C{by}: the end that reports it
+        first, the one that ended it): undo the coupling, once.
+        """
         if self.ended:
             return
         self.ended = True
@@ -69,13 +72,14 @@ class Pair:
             side.resumeProducing()
         if self._connector is not None:
             self._unpair(self._connector)
-        self._closed(self.a.received, self.b.received)
+        other = self.other(by)
+        self._closed(by.received, other.received)
         log.info(
             "closed {label} ({how}) bytes={sent}/{received} duration={duration:.1f}s",
             label=self.label,
             how=how,
-            sent=self.a.received,
-            received=self.b.received,
+            sent=by.received,
+            received=other.received,
             duration=self._seconds() - self._started,
         )
 

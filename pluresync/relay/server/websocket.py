@@ -351,7 +351,7 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
         self._stop_limits()
         pair, self._pair = self._pair, None
         if pair is not None:
-            pair.end(how)
+            pair.end(how, self)
 
     def forget(self) -> None:
         registry = self.factory.registry
