@@ -194,11 +194,7 @@ class Registry:
         """
         if not listener.registered:
             return
-        listener.registered = False
-        same_rdv = self._listeners.get(listener.rdv, [])
-        same_rdv.remove(listener)
-        if not same_rdv:
-            del self._listeners[listener.rdv]
+        self.retire_listener(listener)
         orphans = [c for c in self._offered.values() if c.listener is listener]
         for connector in orphans:
             self._fail(

@@ -18,11 +18,38 @@ from typing import Any
 from twisted.logger import Logger
 
 from pluresync.interfaces import IPairEnd
+from pluresync.wsframes import frame_header
 
 from ..core.pairing import Connector
 from ..core.ratelimit import SessionBudget
 
 log = Logger(namespace="pluresync.relay")
+
+
+class TransportEnd:
+    """
+    The L{IPairEnd} methods that act on the end's own TCP transport, shared
+    by a relay socket and a cluster link: a frame from the other end is
+    written with the header a relay writes to a client, unmasked.
+    """
+
+    transport: Any
+
+    @property
+    def writable(self) -> bool:
+        """Whether frames may still be written (the end is open and not closing)."""
+        raise NotImplementedError
+
+    def writeData(self, payload: bytes, opcode: int, fin: bool) -> None:
+        if self.writable:
+            self.transport.writeSequence((frame_header(len(payload), opcode, fin), payload))
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self.transport is not None:
+            self.transport.unregisterProducer()
 
 
 class Pair:

@@ -57,8 +57,8 @@ from pluresync.relay.core.wire import (
     encode_ready,
 )
 from pluresync.relay.server.metrics import RelayMetrics
-from pluresync.relay.server.pair import Pair
-from pluresync.wsframes import FastDataPath, FrameError, frame_header
+from pluresync.relay.server.pair import Pair, TransportEnd
+from pluresync.wsframes import FastDataPath, FrameError
 
 log = Logger(namespace="pluresync.relay")
 
@@ -132,7 +132,7 @@ class ReadGate:
 
 
 @implementer(IPairEnd)
-class RelayProtocol(FastDataPath, WebSocketServerProtocol):
+class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
     """
     One relay WebSocket: the L{SessionFront} of its L{RelaySession}, and,
     once paired, an L{IPairEnd} of its pair.
@@ -413,16 +413,9 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
 
     # -- IPairEnd --------------------------------------------------------------
 
-    def writeData(self, payload: bytes, opcode: int, fin: bool) -> None:
-        if self.state == _STATE_OPEN:
-            self.transport.writeSequence((frame_header(len(payload), opcode, fin), payload))
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.transport.registerProducer(producer, streaming)
-
-    def unregisterProducer(self) -> None:
-        if self.transport is not None:
-            self.transport.unregisterProducer()
+    @property
+    def writable(self) -> bool:
+        return self.state == _STATE_OPEN
 
     def pauseProducing(self) -> None:
         if self._gate is not None:
