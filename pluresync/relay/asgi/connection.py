@@ -25,15 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pluresync.relay.core.pairing import Connector, ConnectorState, Listener, Pairing
 from pluresync.relay.core.session import Phase, RelaySession
-from pluresync.relay.core.wire import (
-    CLOSE_NORMAL,
-    Accept,
-    Connect,
-    ErrorCode,
-    Listen,
-    ProtocolError,
-    encode_ready,
-)
+from pluresync.relay.core.wire import CLOSE_NORMAL, Accept, Connect, ErrorCode, Listen, ProtocolError, encode_ready
 
 from .pipe import Pipe, abandon
 

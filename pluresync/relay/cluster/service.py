@@ -33,7 +33,8 @@ from pluresync.relay.cluster.link import LinkClient, LinkClosed, LinkServer, Lin
 from pluresync.relay.cluster.protocol import ClusterKeys, ClusterNode, Offer, look_up, new_instance_id, run_steps, text
 from pluresync.relay.cluster.redisstore import RedisAddress, RedisStore, RedisUnavailable
 from pluresync.relay.core.pairing import Connector, Listener, Registry
-from pluresync.relay.core.wire import ErrorCode, ProtocolError
+from pluresync.relay.core.session import CLOSE_REASONS
+from pluresync.relay.core.wire import CLOSE_GOING_AWAY, ErrorCode, ProtocolError
 
 log = Logger(namespace="pluresync.relay.cluster.service")
 
@@ -242,7 +243,7 @@ class Cluster(Service):
         if self.store.up:
             waits.append(self._quiet(self.store.command("DEL", self.keys.instance(self.instance))))
         for link in list(self.link_factory.links) + list(self.clients):
-            link.close(1001, "going away")
+            link.close(CLOSE_GOING_AWAY, CLOSE_REASONS[CLOSE_GOING_AWAY])
             waits.append(link.lost)
         if self._port is not None:
             waits.append(self._port.stopListening())
