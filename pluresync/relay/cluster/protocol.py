@@ -58,8 +58,8 @@ from collections.abc import Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from pluresync.relay.core.pairing import Connector, ConnectorState, Registry
-from pluresync.relay.core.wire import ErrorCode, ProtocolError, short_id
+from pluresync.relay.core.pairing import Connector, ConnectorState, Registry, no_listener_message
+from pluresync.relay.core.wire import ErrorCode, ProtocolError
 
 Command = tuple[Any, ...]
 T = TypeVar("T")
@@ -287,14 +287,6 @@ async def run_steps(steps: Generator[Command, Any, T], execute: Callable[..., Aw
         except StopIteration as done:
             return done.value
         reply = await execute(*command)
-
-
-def no_listener_message(peer: str | None) -> str:
-    """What a connector that will not wait is told when no listener is found."""
-    # The same words as the registry's own no-listener error.
-    if peer is None:
-        return "no listener for this rendezvous"
-    return f"no listener with peer id {short_id(peer)}... for this rendezvous"
 
 
 class RemoteListener:
