@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 
-from pluresync._version import __version__
+from pluresync.version import __version__
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (type checkers know this form)
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only

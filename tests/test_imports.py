@@ -163,10 +163,10 @@ class LazyNameTests(SynchronousTestCase):
         """Each name in C{__all__} is the object its defining module holds."""
         import pluresync
         from pluresync import PeerIdentity, SyncKey, __version__, create_transport
-        from pluresync._version import __version__ as version
         from pluresync.api import create_transport as api_create_transport
         from pluresync.keys import PeerIdentity as KeysPeerIdentity
         from pluresync.keys import SyncKey as KeysSyncKey
+        from pluresync.version import __version__ as version
 
         self.assertIs(create_transport, api_create_transport)
         self.assertIs(SyncKey, KeysSyncKey)

@@ -54,7 +54,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pluresync._version import __version__
 from pluresync.relay.core.auth import Authenticator, OpenAuth, SignedTokenAuth, parse_secret_file
 from pluresync.relay.core.limits import RelayLimits
 from pluresync.relay.core.pairing import Connector, ConnectorState, Listener, Pairing, Registry
@@ -72,6 +71,7 @@ from pluresync.relay.core.wire import (
     parse_control,
     short_id,
 )
+from pluresync.version import __version__
 
 log = logging.getLogger("pluresync.relay.asgi.app")
 
