@@ -44,9 +44,13 @@ HEAVY = (
     "twisted.internet.reactor",
 )
 
-#: The ASGI cold start: what the Vercel function does when an instance starts.
+#: The ASGI cold start: what the Vercel function (deploy/vercel/api/relay.py)
+#: does when an instance starts.
 ASGI = (
-    "from pluresync.relay.asgi.app import create_app\n"
+    "try:\n"
+    "    from pluresync.relay.asgi.app import create_app\n"
+    "except ImportError:  # a tree from before relay/ was split (relay/asgi.py)\n"
+    "    from pluresync.relay.asgi import create_app\n"
     "create_app({'PLURESYNC_REDIS_URL': 'redis://127.0.0.1:1/0', 'PLURESYNC_AUTH': 'open'})\n"
 )
 
