@@ -115,6 +115,16 @@ AUTOBAHN_INTERNALS: tuple[AutobahnInternal, ...] = (
         "the close-handshake timer, still running after connectionLost; cancelled in onClose",
     ),
     AutobahnInternal(
+        "closedByMe", "protocol", None, _RELAY, "True once this side started the closing handshake (not as a reply)"
+    ),
+    AutobahnInternal(
+        "failedByMe",
+        "protocol",
+        None,
+        _RELAY,
+        "once set (by the relay's oversize hook), the rest of the message is dropped, never delivered",
+    ),
+    AutobahnInternal(
         "wasNotCleanReason", "protocol", None, _CLIENT, "a text of why the connection did not close cleanly, or None"
     ),
     AutobahnInternal(

@@ -99,11 +99,21 @@ class RecordingServer(WebSocketServerProtocol):
         super()._max_message_size_exceeded(msg_size, max_msg_size, reason)
 
 
-def open_server(test: SynchronousTestCase, **options: Any) -> tuple[RecordingServer, StringTransport, RecordingTimers]:
+class RelayLikeServer(RecordingServer):
+    """The relay's oversize hook: report it, set C{failedByMe}, and leave the connection to the caller."""
+
+    def _max_message_size_exceeded(self, msg_size: int, max_msg_size: int, reason: str) -> None:
+        self.oversize.append((msg_size, max_msg_size, reason))
+        self.failedByMe = True
+
+
+def open_server(
+    test: SynchronousTestCase, protocol_class: type = RecordingServer, **options: Any
+) -> tuple[RecordingServer, StringTransport, RecordingTimers]:
     """A server protocol past its opening handshake, timers on a Clock, options set as the relay sets them."""
     clock = Clock()
     factory = WebSocketServerFactory(reactor=clock)
-    factory.protocol = RecordingServer
+    factory.protocol = protocol_class
     timers = factory._batched_timer = RecordingTimers(clock)
     factory.setProtocolOptions(**{"failByDrop": True, "openHandshakeTimeout": 0, **options})
     protocol = factory.buildProtocol(None)
@@ -265,6 +275,19 @@ class ParserStateTests(SynchronousTestCase):
             self.assertEqual(protocol.messages, [])
             self.assertTrue(transport.disconnecting)
 
+    def test_failed_by_me(self) -> None:
+        """
+        With the relay's hook (C{failedByMe} set, no drop), nothing of the
+        oversize message is delivered and the hook is not called again.
+        """
+        protocol, _, _ = open_server(self, RelayLikeServer, maxFramePayloadSize=100, maxMessagePayloadSize=100)
+        protocol.dataReceived(masked_frame(b"z" * 60, fin=False) + masked_frame(b"z" * 60, 0, fin=False))
+        protocol.dataReceived(masked_frame(b"z" * 60, 0))
+        if protocol.messages:
+            self.fail(broken("failedByMe", "a message was delivered after the oversize hook set it"))
+        if len(protocol.oversize) != 1:
+            self.fail(broken("failedByMe", f"the oversize hook was called again after it was set: {protocol.oversize}"))
+
 
 class TimerTests(SynchronousTestCase):
     """Every Autobahn timer goes through the factory's C{_batched_timer}, which the relay and client replace."""
@@ -298,9 +321,11 @@ class TimerTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting, "a ping answered by traffic must not time out")
 
     def test_close_handshake_timer(self) -> None:
-        """C{closeHandshakeTimeoutCall} is the factory timer started by a close we send."""
+        """A close we send sets C{closedByMe} and starts C{closeHandshakeTimeoutCall} on the factory timer."""
         protocol, _, timers = open_server(self, closeHandshakeTimeout=3)
         protocol.sendCloseFrame(code=1000, isReply=False)
+        if protocol.closedByMe is not True:
+            self.fail(broken("closedByMe", "not True after this side sent the first close frame"))
         if protocol.closeHandshakeTimeoutCall is None or timers.scheduled[-1][0] != 3:
             self.fail(broken("closeHandshakeTimeoutCall", f"not started through _batched_timer: {timers.scheduled}"))
 
