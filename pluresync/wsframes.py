@@ -36,8 +36,9 @@ class AutobahnInternal(NamedTuple):
 
     #: the attribute or method name
     name: str
-    #: where it lives: C{"protocol"} (any WebSocket protocol, set up by
-    #: C{_connectionMade}), C{"client protocol"} or C{"factory"}
+    #: where it lives: C{"protocol"} (server and client protocols; attributes
+    #: are set up by C{_connectionMade}), C{"server protocol"},
+    #: C{"client protocol"} or C{"factory"}
     owner: str
     #: the parameters after C{self} of a method, or C{None} for an attribute
     parameters: tuple[str, ...] | None
@@ -51,7 +52,9 @@ _FAST = ("pluresync/wsframes.py",)
 _RELAY = ("pluresync/relay/server/websocket.py",)
 _CLIENT = ("pluresync/pipes/websocket.py",)
 
-#: Every private Autobahn name pluresync reads, writes, calls or overrides.
+#: Every private or undocumented Autobahn name (not in
+#: C{autobahn.websocket.interfaces}) that pluresync reads, writes, calls or
+#: overrides.
 AUTOBAHN_INTERNALS: tuple[AutobahnInternal, ...] = (
     AutobahnInternal(
         "current_frame",
@@ -113,6 +116,37 @@ AUTOBAHN_INTERNALS: tuple[AutobahnInternal, ...] = (
         None,
         _RELAY + _CLIENT,
         "the close-handshake timer, still running after connectionLost; cancelled in onClose",
+    ),
+    AutobahnInternal(
+        "onAutoPingTimeout",
+        "protocol",
+        (),
+        _RELAY,
+        "called when a ping went unanswered (overridden by the relay to spare a socket it stopped reading)",
+    ),
+    AutobahnInternal(
+        "sendCloseFrame",
+        "protocol",
+        ("code", "reasonUtf8", "isReply"),
+        _RELAY,
+        "starts the closing handshake with a code and a UTF-8 reason of at most 123 bytes",
+    ),
+    AutobahnInternal(
+        "dropConnection", "protocol", ("abort",), _RELAY + _CLIENT, "closes the TCP connection (abort=True: at once)"
+    ),
+    AutobahnInternal(
+        "failHandshake",
+        "server protocol",
+        ("reason", "code", "responseHeaders"),
+        _RELAY,
+        "every refused upgrade passes through it (overridden by the relay to count refusals)",
+    ),
+    AutobahnInternal(
+        "sendHttpErrorResponse",
+        "server protocol",
+        ("code", "reason", "responseHeaders"),
+        _RELAY,
+        "writes the HTTP answer of a refused upgrade (overridden by the relay)",
     ),
     AutobahnInternal(
         "closedByMe", "protocol", None, _RELAY, "True once this side started the closing handshake (not as a reply)"

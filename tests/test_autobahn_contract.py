@@ -146,8 +146,12 @@ class PresenceTests(SynchronousTestCase):
     def problem(self, entry: AutobahnInternal) -> str | None:
         """What changed about C{entry} in the installed Autobahn, or C{None}."""
         if entry.parameters is not None:
-            classes = [WebSocketServerProtocol, WebSocketClientProtocol]
-            for cls in classes if entry.owner == "protocol" else [WebSocketClientProtocol]:
+            classes = {
+                "protocol": [WebSocketServerProtocol, WebSocketClientProtocol],
+                "server protocol": [WebSocketServerProtocol],
+                "client protocol": [WebSocketClientProtocol],
+            }[entry.owner]
+            for cls in classes:
                 method = getattr(cls, entry.name, None)
                 if not callable(method):
                     return broken(entry.name, f"{cls.__name__}.{entry.name} is no longer a method")
@@ -338,6 +342,41 @@ class TimerTests(SynchronousTestCase):
         protocol.connectionLost(Failure(ConnectionLost()))
         if not isinstance(protocol.wasNotCleanReason, str) or not protocol.wasNotCleanReason:
             self.fail(broken("wasNotCleanReason", f"is {protocol.wasNotCleanReason!r} after an unclean loss"))
+
+
+class RefusingServer(WebSocketServerProtocol):
+    """Autobahn's server protocol, recording the two hooks of a refused upgrade."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        self.calls.append(f"failHandshake {code}")
+        super().failHandshake(reason, code, responseHeaders)
+
+    def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders: Any = None) -> None:
+        self.calls.append(f"sendHttpErrorResponse {code}")
+        super().sendHttpErrorResponse(code, reason, responseHeaders)
+
+
+class RefusedUpgradeTests(SynchronousTestCase):
+    """The relay counts refused upgrades in its C{failHandshake} override."""
+
+    def test_refused_upgrade(self) -> None:
+        """A bad upgrade goes through C{failHandshake}, which answers through C{sendHttpErrorResponse}."""
+        clock = Clock()
+        factory = WebSocketServerFactory(reactor=clock)
+        factory.protocol = RefusingServer
+        factory._batched_timer = ReactorTimers(clock)
+        factory.setProtocolOptions(openHandshakeTimeout=0)
+        protocol = factory.buildProtocol(None)
+        transport = Transport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(_UPGRADE.replace(b"Version: 13", b"Version: 99"))
+        if protocol.calls != ["failHandshake 400", "sendHttpErrorResponse 400"]:
+            self.fail(broken("failHandshake", f"a bad upgrade made these calls: {protocol.calls}"))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400"), transport.value()[:40])
 
 
 class ClientTests(SynchronousTestCase):
