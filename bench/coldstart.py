@@ -44,14 +44,15 @@ HEAVY = (
     "twisted.internet.reactor",
 )
 
-#: The ASGI cold start: what the Vercel function (deploy/vercel/api/relay.py)
-#: does when an instance starts.
+#: The ASGI cold start: what the Vercel function does when an instance
+#: starts, i.e. run its entry module deploy/vercel/api/relay.py (import the
+#: app, create it from the environment). Run from the file (the process runs
+#: in the measured tree), so each tree is measured with its own entry.
 ASGI = (
-    "try:\n"
-    "    from pluresync.relay.asgi.app import create_app\n"
-    "except ImportError:  # a tree from before relay/ was split (relay/asgi.py)\n"
-    "    from pluresync.relay.asgi import create_app\n"
-    "create_app({'PLURESYNC_REDIS_URL': 'redis://127.0.0.1:1/0', 'PLURESYNC_AUTH': 'open'})\n"
+    "import os\n"
+    "os.environ.update(PLURESYNC_REDIS_URL='redis://127.0.0.1:1/0', PLURESYNC_AUTH='open')\n"
+    "entry = 'deploy/vercel/api/relay.py'\n"
+    "exec(compile(open(entry).read(), entry, 'exec'), {'__name__': 'relay'})\n"
 )
 
 #: name -> code run by C{python -c}; None means the C{twist --help} command.
