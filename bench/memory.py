@@ -38,8 +38,12 @@ def _wait_paired(procs: list[subprocess.Popen], timeout: float) -> None:
 
 def measure(kind: str, scratch: Path, pair_counts: list[int]) -> list[dict]:
     if kind == "pluresync":
-        # 5,000 pairs are 10,000 sockets plus the listeners: lift the default cap.
-        relay = pluresync_relay(scratch, ["--max-connections", "0"])
+        # 5,000 pairs are 10,000 sockets plus the listeners, all from 127.0.0.1:
+        # lift the connection cap and the per-address limits.
+        relay = pluresync_relay(
+            scratch,
+            ["--max-connections", "0", "--connections-per-address", "0", "--connections-per-second", "0"],
+        )
     else:
         relay = transit_relay(scratch)
     clients: list[subprocess.Popen] = []

@@ -1,5 +1,5 @@
 """
-The Vercel (backup) relay, C{deploy/vercel/api/relay.py} → L{pluresync.relay.asgi.app}:
+The Vercel (backup) relay, C{deploy/vercel/api/relay.py} → L{pluresync.relay.asgi}:
 two instances of the function run locally as separate C{uvicorn} processes
 sharing a real C{redis-server}, and real C{relay:} endpoints (and raw
 protocol clients) use them.  No Vercel account or network is involved: this

@@ -2,7 +2,7 @@
 The pluresync backup relay as a Vercel Python Function (ASGI).
 
 Vercel's Python runtime serves the ASGI application named ``app``.  The
-relay itself is ``pluresync.relay.asgi.app`` (installed from this repository by
+relay itself is ``pluresync.relay.asgi`` (installed from this repository by
 ``requirements.txt``): relay protocol v1, the same pairing core as the
 Twisted relay (``pluresync/relay/core/pairing.py``), and pairing and piping
 across function instances through Redis, since Vercel pins each WebSocket to
@@ -16,6 +16,6 @@ Run it locally exactly as the tests do::
         uvicorn --app-dir deploy/vercel/api relay:app --host 127.0.0.1 --port 8080
 """
 
-from pluresync.relay.asgi.app import create_app
+from pluresync.relay.asgi import create_app
 
 app = create_app()

@@ -48,6 +48,7 @@ from zope.interface import implementer
 from pluresync.interfaces import IPairEnd
 from pluresync.relay.core.session import CLOSE_REASONS
 from pluresync.relay.core.wire import CLOSE_NORMAL, ErrorCode, ProtocolError
+from pluresync.relay.server.pair import TransportEnd
 from pluresync.wsframes import OP_CLOSE, FrameError, FrameReader, frame_header
 
 log = Logger(namespace="pluresync.relay.cluster.service")
@@ -70,7 +71,7 @@ class LinkClosed(Exception):
 
 
 @implementer(IPairEnd)
-class LinkProtocol(Protocol):
+class LinkProtocol(TransportEnd, Protocol):
     """
     One end of a cluster link.  After set-up it is the L{IPairEnd} that
     stands, in this instance's pair, for the client socket on the other
@@ -113,16 +114,9 @@ class LinkProtocol(Protocol):
 
     # -- IPairEnd ----------------------------------------------------------------
 
-    def writeData(self, payload: bytes, opcode: int, fin: bool) -> None:
-        if self.is_open:
-            self.transport.writeSequence((frame_header(len(payload), opcode, fin), payload))
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.transport.registerProducer(producer, streaming)
-
-    def unregisterProducer(self) -> None:
-        if self.transport is not None:
-            self.transport.unregisterProducer()
+    @property
+    def writable(self) -> bool:
+        return self.is_open
 
     def pauseProducing(self) -> None:
         if not self._paused and self.transport is not None:

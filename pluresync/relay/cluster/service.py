@@ -4,37 +4,23 @@ Several relay instances behaving as one, through Redis (C{--redis}).
 Each instance keeps its own L{pluresync.relay.core.pairing.Registry}: it stays
 authoritative for the peers connected to that instance, so two peers that
 meet on one instance pair exactly as without Redis (and go on pairing while
-Redis is down).  Redis only tells instances about each other:
+Redis is down).  Redis only tells instances about each other, in the cluster
+protocol both relay fronts share (L{pluresync.relay.cluster.protocol}: the
+keys, the messages, the stand-in listeners and the look-ups); this module
+does its I/O with the Twisted Redis client (L{pluresync.relay.cluster.redisstore}).
+C{P} is C{pluresync:DB:} (pub/sub channels are not per database); an
+instance's C{inst} key holds its cluster link address, a session's C{ses} key
+C{"OWNER ADDRESS"}.
 
- - C{P:inst:ID} → the instance's cluster address, TTL C{ttl}, refreshed
-   every C{heartbeat} seconds: an instance whose key expired is dead;
- - C{P:lst:RDV} → hash of C{"INSTANCE PEER"} fields: the listeners of a
-   rendezvous on each instance (refreshed with the heartbeat; fields of dead
-   instances are ignored, and deleted by whoever reads them);
- - C{P:ses:SESSION} → C{"OWNER ADDRESS"}: which instance holds the
-   connector of an offered session (TTL: the accept timeout + a margin);
- - channel C{P:i:ID}: messages for one instance (C{incoming} for its
-   listener, C{gone} when that listener went away);
- - channel C{P:listeners}: every new listener is announced, so instances
-   with connectors waiting for that rendezvous offer them at once.
-
-C{P} is C{pluresync:DB} (pub/sub channels are not per database).
-
-A connector on instance B with no local listener is looked up in Redis; a
-listener found on instance A is represented in B's registry by a stand-in
-(registered, offered the waiting connectors, retired at once), whose
-C{incoming} stores the session's owner and publishes the offer to A; A
-passes it to its listener's control socket.  The listener's C{accept} may
-land on any instance C: C finds the owner B and opens a cluster link to it
-(L{pluresync.relay.cluster.link}), which both instances pair with their
-client socket.  The bytes flow connector ↔ B ↔ link ↔ C ↔ acceptor.
+What this front adds is how a pair's bytes cross instances: the listener's
+C{accept} may land on any instance C; C finds the owner B of the session and
+opens a cluster link to it (L{pluresync.relay.cluster.link}), which both
+instances pair with their client socket.  The bytes flow connector ↔ B ↔
+link ↔ C ↔ acceptor.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,9 +30,11 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serv
 from twisted.logger import Logger
 
 from pluresync.relay.cluster.link import LinkClient, LinkClosed, LinkServer, LinkServerFactory
+from pluresync.relay.cluster.protocol import ClusterKeys, ClusterNode, Offer, look_up, new_instance_id, run_steps, text
 from pluresync.relay.cluster.redisstore import RedisAddress, RedisStore, RedisUnavailable
-from pluresync.relay.core.pairing import Connector, ConnectorState, Listener, Registry
-from pluresync.relay.core.wire import ErrorCode, ProtocolError, short_id
+from pluresync.relay.core.pairing import Connector, Listener, Registry
+from pluresync.relay.core.session import CLOSE_REASONS
+from pluresync.relay.core.wire import CLOSE_GOING_AWAY, ErrorCode, ProtocolError
 
 log = Logger(namespace="pluresync.relay.cluster.service")
 
@@ -105,19 +93,6 @@ def default_address(listen: str) -> str | None:
     return None
 
 
-class _RemoteListener:
-    """The registry channel of a stand-in for a listener on another instance."""
-
-    def __init__(self, cluster: Cluster, instance: str, rdv: str, peer: str) -> None:
-        self.cluster = cluster
-        self.instance = instance
-        self.rdv = rdv
-        self.peer = peer
-
-    def incoming(self, session: str, peer: str | None) -> None:
-        self.cluster._offer_remote(self, session, peer)
-
-
 class ClusterRegistry:
     """
     The registry the WebSocket adapter sees on a clustered relay: the local
@@ -125,11 +100,10 @@ class ClusterRegistry:
     connectors with no local listener looked up there.
     """
 
-    def __init__(self, local: Registry, cluster: Cluster) -> None:
+    def __init__(self, local: Registry, cluster: Cluster, node: ClusterNode[Listener]) -> None:
         self.local = local
         self._cluster = cluster
-        #: local listeners by rendezvous and peer id (for offers from elsewhere)
-        self.listeners: dict[str, dict[str, list[Listener]]] = {}
+        self._node = node
 
     # -- counts ----------------------------------------------------------------
 
@@ -149,72 +123,29 @@ class ClusterRegistry:
 
     def listen(self, rdv: str, peer: str, channel: Any) -> Listener:
         listener = self.local.listen(rdv, peer, channel)
-        peers = self.listeners.setdefault(rdv, {})
-        first = peer not in peers
-        peers.setdefault(peer, []).append(listener)
-        if first:
+        if self._node.listener_added(rdv, peer, listener):
             self._cluster.listener_added(rdv, peer)
         return listener
 
     def remove_listener(self, listener: Listener) -> None:
         self.local.remove_listener(listener)
-        peers = self.listeners.get(listener.rdv, {})
-        same = peers.get(listener.peer, [])
-        if listener in same:
-            same.remove(listener)
-            if not same:
-                del peers[listener.peer]
-                if not peers:
-                    del self.listeners[listener.rdv]
-                self._cluster.listener_removed(listener.rdv, listener.peer)
-
-    def local_listener(self, rdv: str, peer: str) -> Listener | None:
-        """A registered local listener of C{rdv} with peer id C{peer} (round-robin)."""
-        same = self.listeners.get(rdv, {}).get(peer)
-        if not same:
-            return None
-        same.append(same.pop(0))
-        return same[-1]
+        if self._node.listener_removed(listener.rdv, listener.peer, listener):
+            self._cluster.listener_removed(listener.rdv, listener.peer)
 
     # -- connectors ------------------------------------------------------------
 
     def connect(self, rdv: str, peer: str | None, from_: str | None, wait: float | None, channel: Any) -> Connector:
         cluster = self._cluster
-        if not cluster.up or self.local.has_listener(rdv, peer):
-            return self.local.connect(rdv, peer, from_, wait, channel)
-        # No listener here: ask Redis.  A connector that will not wait
-        # waits for the answer of the lookup only.
-        immediate = wait is not None and wait <= 0
-        connector = self.local.connect(rdv, peer, from_, cluster.config.lookup_timeout if immediate else wait, channel)
-        if connector.state is ConnectorState.WAITING:
-            cluster.look_up(rdv).addCallback(self._looked_up, rdv, connector if immediate else None)
+        connector, pending = self._node.connect(
+            rdv, peer, from_, wait, channel, clustered=cluster.up, lookup_timeout=cluster.config.lookup_timeout
+        )
+        if pending is not None:
+            cluster.look_up(rdv).addCallback(lambda found: self._node.looked_up(pending, found))
         return connector
 
     def waiting_for(self, rdv: str) -> list[Connector]:
         """The connectors still waiting for a listener of C{rdv} (the local registry knows)."""
         return self.local.waiting_for(rdv)
-
-    def offer_remote(self, rdv: str, found: list[tuple[str, str]]) -> None:
-        """Offer the connectors waiting for C{rdv} to listeners found elsewhere."""
-        random.shuffle(found)
-        for instance, peer in found:
-            waiting = self.waiting_for(rdv)
-            if not any(c.peer in (None, peer) for c in waiting):
-                continue
-            stand_in = self.local.listen(rdv, peer, _RemoteListener(self._cluster, instance, rdv, peer))
-            self.local.retire_listener(stand_in)
-
-    def _looked_up(self, found: list[tuple[str, str]], rdv: str, immediate: Connector | None) -> None:
-        self.offer_remote(rdv, found)
-        if immediate is not None and immediate.state is ConnectorState.WAITING:
-            self.local.remove_connector(immediate)
-            peer = immediate.peer
-            message = (
-                "no listener for this rendezvous"
-                if peer is None
-                else f"no listener with peer id {short_id(peer)}... for this rendezvous"
-            )
-            immediate.channel.failed(ProtocolError(ErrorCode.NO_LISTENER, message))
 
     def remove_connector(self, connector: Connector) -> None:
         self.local.remove_connector(connector)
@@ -245,14 +176,22 @@ class Cluster(Service):
         self.reactor = reactor
         self.factory = factory
         self.config = config
-        self.instance = os.urandom(8).hex()
-        db = config.redis.db
-        self.prefix = f"pluresync:{db}:"
-        self.registry = ClusterRegistry(factory.registry, self)
+        self.instance = new_instance_id()
+        self.keys = ClusterKeys(f"pluresync:{config.redis.db}:")
+        self.node: ClusterNode[Listener] = ClusterNode(
+            self.instance,
+            self.keys,
+            factory.registry,
+            publish=lambda channel, message: self._quiet(self.store.command("PUBLISH", channel, message)),
+            offer=self._offer_remote,
+            deliver=lambda listener, offer: listener.channel.incoming(offer.session, offer.from_),
+            seen=lambda instance: self._suspects.pop(instance, None),
+        )
+        self.registry = ClusterRegistry(factory.registry, self, self.node)
         self.store = RedisStore(
             reactor,
             config.redis,
-            channels=lambda: [self._channel(self.instance), self.prefix + "listeners"],
+            channels=lambda: self.keys.subscriptions(self.instance),
             on_message=self._message,
             on_up=self._redis_up,
             on_down=self._redis_down,
@@ -262,20 +201,6 @@ class Cluster(Service):
         self._port: Any = None
         self._heartbeat_call: Any = None
         self._suspects: dict[str, float] = {}
-
-    # -- keys ------------------------------------------------------------------
-
-    def _channel(self, instance: str) -> str:
-        return f"{self.prefix}i:{instance}"
-
-    def _inst_key(self, instance: str) -> str:
-        return f"{self.prefix}inst:{instance}"
-
-    def _lst_key(self, rdv: str) -> str:
-        return f"{self.prefix}lst:{rdv}"
-
-    def _ses_key(self, session: str) -> str:
-        return f"{self.prefix}ses:{session}"
 
     @property
     def up(self) -> bool:
@@ -316,9 +241,9 @@ class Cluster(Service):
         waits: list[Deferred[Any]] = []
         # Forget this instance at once (its listeners are going away).
         if self.store.up:
-            waits.append(self._quiet(self.store.command("DEL", self._inst_key(self.instance))))
+            waits.append(self._quiet(self.store.command("DEL", self.keys.instance(self.instance))))
         for link in list(self.link_factory.links) + list(self.clients):
-            link.close(1001, "going away")
+            link.close(CLOSE_GOING_AWAY, CLOSE_REASONS[CLOSE_GOING_AWAY])
             waits.append(link.lost)
         if self._port is not None:
             waits.append(self._port.stopListening())
@@ -336,30 +261,29 @@ class Cluster(Service):
         # Redis may have lost everything (restart): publish our state again,
         # announce our listeners, and look up every waiting connector.
         self._heartbeat()
-        for rdv, peers in self.registry.listeners.items():
-            for peer in peers:
-                self._announce(rdv, peer)
-        for rdv in self.registry.local.waiting_rendezvous():
-            if self.registry.waiting_for(rdv):
-                self.look_up(rdv).addCallback(lambda found, rdv=rdv: self.registry.offer_remote(rdv, found))
+        for rdv, peer in self.node.listeners:
+            self._send(self.node.announcement(rdv, peer, self._ttl))
+        for rdv in self.node.waiting_rendezvous():
+            self.look_up(rdv).addCallback(lambda found, rdv=rdv: self.node.offer_remote(rdv, found))
 
     def _redis_down(self) -> None:
         if self._heartbeat_call is not None and self._heartbeat_call.active():
             self._heartbeat_call.cancel()
         self._heartbeat_call = None
 
+    @property
+    def _ttl(self) -> int:
+        return max(1, int(round(self.config.ttl)))
+
+    def _send(self, commands: list[Any]) -> Deferred[list[Any]]:
+        """Send C{commands} pipelined; their replies."""
+        return gatherResults([self.store.command(*command) for command in commands], consumeErrors=True)
+
     def _heartbeat(self) -> None:
         self._heartbeat_call = None
         if not self.store.up:
             return
-        ttl = max(1, int(round(self.config.ttl)))
-        sends = [self.store.command("SET", self._inst_key(self.instance), self.config.address, "EX", ttl)]
-        for rdv, peers in self.registry.listeners.items():
-            key = self._lst_key(rdv)
-            for peer in peers:
-                sends.append(self.store.command("HSET", key, f"{self.instance} {peer}", "1"))
-            sends.append(self.store.command("EXPIRE", key, ttl))
-        gatherResults(sends, consumeErrors=True).addErrback(
+        self._send(self.node.heartbeat(self._ttl, self.config.address)).addErrback(
             lambda f: log.debug("heartbeat failed: {reason}", reason=f.value)
         )
         self._heartbeat_call = self.reactor.callLater(self.config.heartbeat, self._heartbeat)
@@ -367,21 +291,12 @@ class Cluster(Service):
     # -- listeners -------------------------------------------------------------
 
     def listener_added(self, rdv: str, peer: str) -> None:
-        if not self.store.up:
-            return
-        ttl = max(1, int(round(self.config.ttl)))
-        key = self._lst_key(rdv)
-        self._quiet(self.store.command("HSET", key, f"{self.instance} {peer}", "1"))
-        self._quiet(self.store.command("EXPIRE", key, ttl))
-        self._announce(rdv, peer)
-
-    def _announce(self, rdv: str, peer: str) -> None:
-        message = json.dumps({"rdv": rdv, "peer": peer, "instance": self.instance})
-        self._quiet(self.store.command("PUBLISH", self.prefix + "listeners", message))
+        if self.store.up:
+            self._quiet(self._send(self.node.announcement(rdv, peer, self._ttl)))
 
     def listener_removed(self, rdv: str, peer: str) -> None:
         if self.store.up:
-            self._quiet(self.store.command("HDEL", self._lst_key(rdv), f"{self.instance} {peer}"))
+            self._quiet(self.store.command(*self.node.withdrawal(rdv, peer)))
 
     def look_up(self, rdv: str) -> Deferred[list[tuple[str, str]]]:
         """
@@ -396,97 +311,47 @@ class Cluster(Service):
         return []
 
     async def _look_up(self, rdv: str) -> list[tuple[str, str]]:
-        fields = await self.store.command("HKEYS", self._lst_key(rdv))
         now = self.reactor.seconds()
-        entries: list[tuple[str, str]] = []
-        for entry in fields or ():
-            instance, _, peer = str(entry).partition(" ")
-            if instance == self.instance or not peer:
-                continue
-            if self._suspects.get(instance, 0) > now:
-                continue
-            entries.append((instance, peer))
-        if not entries:
-            return []
-        instances = sorted({instance for instance, _ in entries})
-        alive = await self.store.command("MGET", *[self._inst_key(i) for i in instances])
-        dead = {i for i, address in zip(instances, alive, strict=True) if address is None}
-        if dead:
-            stale = [f"{i} {p}" for i, p in entries if i in dead]
-            self._quiet(self.store.command("HDEL", self._lst_key(rdv), *stale))
-        return [(i, p) for i, p in entries if i not in dead]
+        steps = look_up(self.keys, rdv, self.instance, skip=lambda instance: self._suspects.get(instance, 0) > now)
+        return await run_steps(steps, self.store.command)
 
     # -- offers ----------------------------------------------------------------
 
-    def _offer_remote(self, stand_in: Any, session: str, from_: str | None) -> None:
-        """A local connector is offered (in C{session}) to a listener on another instance."""
-        Deferred.fromCoroutine(self._send_offer(stand_in, session, from_)).addErrback(
+    def _offer_remote(self, message: Offer, instance: str) -> None:
+        """A local connector is offered (in C{message.session}) to a listener on C{instance}."""
+        Deferred.fromCoroutine(self._send_offer(message, instance)).addErrback(
             lambda f: self.registry.cancel_session(
-                session, ErrorCode.NO_LISTENER, "the listener's relay instance could not be reached"
+                message.session, ErrorCode.NO_LISTENER, "the listener's relay instance could not be reached"
             )
         )
 
-    async def _send_offer(self, stand_in: Any, session: str, from_: str | None) -> None:
+    async def _send_offer(self, message: Offer, instance: str) -> None:
         ttl = max(1, int(self.factory.limits.accept_timeout + self.config.ttl))
         owner = f"{self.instance} {self.config.address}"
-        message = json.dumps(
-            {
-                "t": "incoming",
-                "rdv": stand_in.rdv,
-                "peer": stand_in.peer,
-                "session": session,
-                "from": from_,
-                "owner": self.instance,
-            }
-        )
         # Pipelined: the session key exists before the offer is delivered.
-        stored = self.store.command("SET", self._ses_key(session), owner, "EX", ttl)
-        published = self.store.command("PUBLISH", self._channel(stand_in.instance), message)
+        stored, published = [
+            self.store.command(*command) for command in self.node.offer_commands(message, instance, owner, ttl)
+        ]
         await stored
         receivers = await published
         if not receivers:
             # Nobody subscribes to that instance's channel: it is dead (its
             # keys have not expired yet).  Skip it until they have.
-            self._suspects[stand_in.instance] = self.reactor.seconds() + self.config.ttl
-            self._quiet(self.store.command("DEL", self._inst_key(stand_in.instance)))
-            self.registry.cancel_session(session, ErrorCode.NO_LISTENER, "the listener's relay instance is gone")
+            self._suspects[instance] = self.reactor.seconds() + self.config.ttl
+            self._quiet(self.store.command("DEL", self.keys.instance(instance)))
+            self.registry.cancel_session(
+                message.session, ErrorCode.NO_LISTENER, "the listener's relay instance is gone"
+            )
 
     def session_done(self, session: str) -> None:
         if self.store.up:
-            self._quiet(self.store.command("DEL", self._ses_key(session)))
+            self._quiet(self.store.command("DEL", self.keys.session(session)))
 
     # -- pub/sub ---------------------------------------------------------------
 
     def _message(self, channel: str, message: str) -> None:
-        try:
-            body = json.loads(message)
-        except ValueError:
-            return
-        if not isinstance(body, dict):
-            return
-        if channel == self.prefix + "listeners":
-            instance, rdv, peer = body.get("instance"), body.get("rdv"), body.get("peer")
-            if instance != self.instance and isinstance(rdv, str) and isinstance(peer, str):
-                self._suspects.pop(instance, None)
-                if self.registry.waiting_for(rdv):
-                    self.registry.offer_remote(rdv, [(instance, peer)])
-            return
-        kind = body.get("t")
-        session = body.get("session")
-        if not isinstance(session, str):
-            return
-        if kind == "incoming":
-            listener = self.registry.local_listener(str(body.get("rdv")), str(body.get("peer")))
-            if listener is None:
-                owner = body.get("owner")
-                if isinstance(owner, str) and self.store.up:
-                    gone = json.dumps({"t": "gone", "session": session})
-                    self._quiet(self.store.command("PUBLISH", self._channel(owner), gone))
-                return
-            from_ = body.get("from")
-            listener.channel.incoming(session, from_ if isinstance(from_, str) else None)
-        elif kind == "gone":
-            self.registry.cancel_session(session, ErrorCode.NO_LISTENER, "the listener went away before accepting")
+        # Only the ASGI front sends accept/answer messages; not for us.
+        self.node.received(message)
 
     # -- accepts ---------------------------------------------------------------
 
@@ -517,13 +382,13 @@ class Cluster(Service):
     async def _remote_accept(self, protocol: Any, session: str) -> None:
         no_session = ProtocolError(ErrorCode.NO_SESSION, "no such session (unknown, expired or already accepted)")
         try:
-            owner = await self.store.command("GET", self._ses_key(session))
+            owner = await self.store.command("GET", self.keys.session(session))
         except Exception:
             owner = None
         if not owner:
             protocol.fail(no_session)
             return
-        instance, _, address = str(owner).partition(" ")
+        instance, _, address = text(owner).partition(" ")
         host, _, port = address.rpartition(":")
         if instance == self.instance or not host or not port.isdigit():
             protocol.fail(no_session)

@@ -194,11 +194,7 @@ class Registry:
         """
         if not listener.registered:
             return
-        listener.registered = False
-        same_rdv = self._listeners.get(listener.rdv, [])
-        same_rdv.remove(listener)
-        if not same_rdv:
-            del self._listeners[listener.rdv]
+        self.retire_listener(listener)
         orphans = [c for c in self._offered.values() if c.listener is listener]
         for connector in orphans:
             self._fail(
@@ -267,7 +263,7 @@ class Registry:
             seconds = self._default_wait if wait is None else wait
             seconds = min(seconds, self._max_wait)
             if seconds <= 0:
-                raise ProtocolError(ErrorCode.NO_LISTENER, _no_listener_message(peer))
+                raise ProtocolError(ErrorCode.NO_LISTENER, no_listener_message(peer))
             self._pending_by_rdv[rdv] = self._pending_by_rdv.get(rdv, 0) + 1
             self._waiting.setdefault(rdv, []).append(connector)
             connector.timer = self._call_later(seconds, lambda: self._wait_expired(connector))
@@ -354,7 +350,7 @@ class Registry:
     def _wait_expired(self, connector: Connector) -> None:
         if connector.state is ConnectorState.WAITING:
             connector.timer = None
-            self._fail(connector, ErrorCode.NO_LISTENER, _no_listener_message(connector.peer))
+            self._fail(connector, ErrorCode.NO_LISTENER, no_listener_message(connector.peer))
 
     def _accept_expired(self, connector: Connector) -> None:
         if connector.state is ConnectorState.OFFERED:
@@ -389,7 +385,8 @@ class Registry:
         connector.state = ConnectorState.DONE
 
 
-def _no_listener_message(peer: str | None) -> str:
+def no_listener_message(peer: str | None) -> str:
+    """What a connector is told when no listener (with peer id C{peer}) is there: every front says the same."""
     if peer is None:
         return "no listener for this rendezvous"
     return f"no listener with peer id {short_id(peer)}... for this rendezvous"

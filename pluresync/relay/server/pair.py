@@ -18,11 +18,38 @@ from typing import Any
 from twisted.logger import Logger
 
 from pluresync.interfaces import IPairEnd
+from pluresync.wsframes import frame_header
 
 from ..core.pairing import Connector
 from ..core.ratelimit import SessionBudget
 
 log = Logger(namespace="pluresync.relay")
+
+
+class TransportEnd:
+    """
+    The L{IPairEnd} methods that act on the end's own TCP transport, shared
+    by a relay socket and a cluster link: a frame from the other end is
+    written with the header a relay writes to a client, unmasked.
+    """
+
+    transport: Any
+
+    @property
+    def writable(self) -> bool:
+        """Whether frames may still be written (the end is open and not closing)."""
+        raise NotImplementedError
+
+    def writeData(self, payload: bytes, opcode: int, fin: bool) -> None:
+        if self.writable:
+            self.transport.writeSequence((frame_header(len(payload), opcode, fin), payload))
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self.transport is not None:
+            self.transport.unregisterProducer()
 
 
 class Pair:
@@ -59,8 +86,11 @@ class Pair:
         a.registerProducer(b, True)
         b.registerProducer(a, True)
 
-    def end(self, how: str) -> None:
-        """The pair is over (C{how}, for the log): undo the coupling, once."""
+    def end(self, how: str, by: IPairEnd) -> None:
+        """
+        The pair is over (C{how}, for the log; C{by}: the end that reports it
+        first, the one that ended it): undo the coupling, once.
+        """
         if self.ended:
             return
         self.ended = True
@@ -69,13 +99,14 @@ class Pair:
             side.resumeProducing()
         if self._connector is not None:
             self._unpair(self._connector)
-        self._closed(self.a.received, self.b.received)
+        other = self.other(by)
+        self._closed(by.received, other.received)
         log.info(
             "closed {label} ({how}) bytes={sent}/{received} duration={duration:.1f}s",
             label=self.label,
             how=how,
-            sent=self.a.received,
-            received=self.b.received,
+            sent=by.received,
+            received=other.received,
             duration=self._seconds() - self._started,
         )
 

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pluresync.interfaces import IPairEnd
-from pluresync.reactortimers import ReactorTimers
+from pluresync.reactortimers import BatchedTimers
 from pluresync.relay.core.auth import Authenticator, OpenAuth
 from pluresync.relay.core.limits import RelayLimits
 from pluresync.relay.core.pairing import Connector, Listener, Registry
@@ -57,8 +57,8 @@ from pluresync.relay.core.wire import (
     encode_ready,
 )
 from pluresync.relay.server.metrics import RelayMetrics
-from pluresync.relay.server.pair import Pair
-from pluresync.wsframes import FastDataPath, FrameError, frame_header
+from pluresync.relay.server.pair import Pair, TransportEnd
+from pluresync.wsframes import FastDataPath, FrameError
 
 log = Logger(namespace="pluresync.relay")
 
@@ -132,7 +132,7 @@ class ReadGate:
 
 
 @implementer(IPairEnd)
-class RelayProtocol(FastDataPath, WebSocketServerProtocol):
+class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
     """
     One relay WebSocket: the L{SessionFront} of its L{RelaySession}, and,
     once paired, an L{IPairEnd} of its pair.
@@ -203,6 +203,9 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
         super().sendHttpErrorResponse(code, reason, responseHeaders)
 
     def onOpen(self) -> None:
+        # The upgrade's request and response are read only during the
+        # handshake; a relay holds tens of thousands of idle sockets.
+        self.http_request_data = self.http_response_data = self.http_headers = None
         self.session.opened(self.tenant)
 
     def framingFailed(self, error: FrameError) -> None:
@@ -348,7 +351,7 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
         self._stop_limits()
         pair, self._pair = self._pair, None
         if pair is not None:
-            pair.end(how)
+            pair.end(how, self)
 
     def forget(self) -> None:
         registry = self.factory.registry
@@ -410,16 +413,9 @@ class RelayProtocol(FastDataPath, WebSocketServerProtocol):
 
     # -- IPairEnd --------------------------------------------------------------
 
-    def writeData(self, payload: bytes, opcode: int, fin: bool) -> None:
-        if self.state == _STATE_OPEN:
-            self.transport.writeSequence((frame_header(len(payload), opcode, fin), payload))
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.transport.registerProducer(producer, streaming)
-
-    def unregisterProducer(self) -> None:
-        if self.transport is not None:
-            self.transport.unregisterProducer()
+    @property
+    def writable(self) -> bool:
+        return self.state == _STATE_OPEN
 
     def pauseProducing(self) -> None:
         if self._gate is not None:
@@ -519,7 +515,7 @@ class RelayFactory(WebSocketServerFactory):
     ) -> None:
         super().__init__(url=None, protocols=[SUBPROTOCOL], reactor=reactor)
         # Pings and handshake timeouts on our reactor, not batched on the global one.
-        self._batched_timer = ReactorTimers(reactor)
+        self._batched_timer = BatchedTimers(reactor)
         #: Who may upgrade (L{pluresync.relay.core.auth}); open by default.
         self.authenticator: Authenticator = authenticator if authenticator is not None else OpenAuth()
         self.limits = limits = limits or RelayLimits()
