@@ -173,7 +173,7 @@ AUTOBAHN_INTERNALS: tuple[AutobahnInternal, ...] = (
         "factory",
         None,
         _RELAY + _CLIENT,
-        "every Autobahn timer is scheduled by its call_later(delay, func, *args); replaced by ReactorTimers",
+        "every Autobahn timer is scheduled by its call_later(delay, func, *args); replaced by pluresync.reactortimers",
     ),
 )
 
