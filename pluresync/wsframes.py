@@ -18,8 +18,164 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
+from typing import NamedTuple
 
 from autobahn.websocket.xormasker import create_xor_masker
+
+
+class AutobahnInternal(NamedTuple):
+    """
+    One piece of Autobahn's private state or hook that pluresync relies on.
+
+    Autobahn documents none of these; a release may rename or repurpose any
+    of them without notice, and the fast path would then misparse a stream
+    rather than fail. So each one is listed here, once, with what pluresync
+    assumes of it; C{tests/test_autobahn_contract.py} checks every entry
+    against the installed Autobahn (and docs/relay.md lists them).
+    """
+
+    #: the attribute or method name
+    name: str
+    #: where it lives: C{"protocol"} (server and client protocols; attributes
+    #: are set up by C{_connectionMade}), C{"server protocol"},
+    #: C{"client protocol"} or C{"factory"}
+    owner: str
+    #: the parameters after C{self} of a method, or C{None} for an attribute
+    parameters: tuple[str, ...] | None
+    #: the pluresync modules that use it
+    users: tuple[str, ...]
+    #: what pluresync assumes of it
+    assumption: str
+
+
+_FAST = ("pluresync/wsframes.py",)
+_RELAY = ("pluresync/relay/server/websocket.py",)
+_CLIENT = ("pluresync/pipes/websocket.py",)
+
+#: Every private or undocumented Autobahn name (not in
+#: C{autobahn.websocket.interfaces}) that pluresync reads, writes, calls or
+#: overrides.
+AUTOBAHN_INTERNALS: tuple[AutobahnInternal, ...] = (
+    AutobahnInternal(
+        "current_frame",
+        "protocol",
+        None,
+        _FAST,
+        "None between frames; not None while Autobahn holds a frame header whose payload is incomplete",
+    ),
+    AutobahnInternal(
+        "inside_message", "protocol", None, _FAST, "True between the first and the final frame of a fragmented message"
+    ),
+    AutobahnInternal(
+        "data", "protocol", None, _FAST, "the bytes received and not yet parsed (the start of the next frame)"
+    ),
+    AutobahnInternal(
+        "_dataReceived", "protocol", ("data",), _FAST, "appends to data and parses: bytes handed back are framed there"
+    ),
+    AutobahnInternal(
+        "autoPingTimeoutCall",
+        "protocol",
+        None,
+        _FAST + _RELAY,
+        "the pending ping timeout (None when no ping is unanswered); cleared to defer a timeout",
+    ),
+    AutobahnInternal(
+        "_cancelAutoPingTimeoutCall",
+        "protocol",
+        (),
+        _FAST,
+        "incoming traffic counts as a pong: cancels the timeout and schedules the next ping",
+    ),
+    AutobahnInternal(
+        "autoPingPending", "protocol", None, _RELAY, "the payload of the unanswered ping (None: no ping pending)"
+    ),
+    AutobahnInternal(
+        "autoPingPendingCall",
+        "protocol",
+        None,
+        _RELAY,
+        "the timer of the next automatic ping (a Timer from the factory)",
+    ),
+    AutobahnInternal(
+        "_sendAutoPing",
+        "protocol",
+        (),
+        _RELAY,
+        "sends one automatic ping and schedules its timeout (onAutoPingTimeout)",
+    ),
+    AutobahnInternal(
+        "_max_message_size_exceeded",
+        "protocol",
+        ("msg_size", "max_msg_size", "reason"),
+        _RELAY,
+        "called (overridden by the relay) for a frame or message over maxMessagePayloadSize",
+    ),
+    AutobahnInternal(
+        "closeHandshakeTimeoutCall",
+        "protocol",
+        None,
+        _RELAY + _CLIENT,
+        "the close-handshake timer, still running after connectionLost; cancelled in onClose",
+    ),
+    AutobahnInternal(
+        "onAutoPingTimeout",
+        "protocol",
+        (),
+        _RELAY,
+        "called when a ping went unanswered (overridden by the relay to spare a socket it stopped reading)",
+    ),
+    AutobahnInternal(
+        "sendCloseFrame",
+        "protocol",
+        ("code", "reasonUtf8", "isReply"),
+        _RELAY,
+        "starts the closing handshake with a code and a UTF-8 reason of at most 123 bytes",
+    ),
+    AutobahnInternal(
+        "dropConnection", "protocol", ("abort",), _RELAY + _CLIENT, "closes the TCP connection (abort=True: at once)"
+    ),
+    AutobahnInternal(
+        "failHandshake",
+        "server protocol",
+        ("reason", "code", "responseHeaders"),
+        _RELAY,
+        "every refused upgrade passes through it (overridden by the relay to count refusals)",
+    ),
+    AutobahnInternal(
+        "sendHttpErrorResponse",
+        "server protocol",
+        ("code", "reason", "responseHeaders"),
+        _RELAY,
+        "writes the HTTP answer of a refused upgrade (overridden by the relay)",
+    ),
+    AutobahnInternal(
+        "closedByMe", "protocol", None, _RELAY, "True once this side started the closing handshake (not as a reply)"
+    ),
+    AutobahnInternal(
+        "failedByMe",
+        "protocol",
+        None,
+        _RELAY,
+        "once set (by the relay's oversize hook), the rest of the message is dropped, never delivered",
+    ),
+    AutobahnInternal(
+        "wasNotCleanReason", "protocol", None, _CLIENT, "a text of why the connection did not close cleanly, or None"
+    ),
+    AutobahnInternal(
+        "http_status_line",
+        "client protocol",
+        None,
+        _CLIENT,
+        "the status line of the upgrade response (e.g. 'HTTP/1.1 401 Unauthorized'), once received",
+    ),
+    AutobahnInternal(
+        "_batched_timer",
+        "factory",
+        None,
+        _RELAY + _CLIENT,
+        "every Autobahn timer is scheduled by its call_later(delay, func, *args); replaced by pluresync.reactortimers",
+    ),
+)
 
 OP_CONTINUATION = 0x0
 OP_TEXT = 0x1

@@ -103,7 +103,7 @@ class HelpTests(SynchronousTestCase):
 
     def test_version(self):
         """--version prints the version."""
-        from pluresync._version import __version__
+        from pluresync.version import __version__
 
         code, out, _ = run("--version")
         self.assertEqual((code, out.strip()), (0, f"pluresync {__version__}"))

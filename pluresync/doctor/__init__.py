@@ -25,11 +25,11 @@ import sys
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.python import usage
 
-from pluresync._version import __version__
 from pluresync.doctor.checks import diagnose
 from pluresync.doctor.report import Section, format_report
 from pluresync.doctor.targets import targets
 from pluresync.errors import ConfigurationError
+from pluresync.version import __version__
 
 __all__ = ["DEFAULT_TIMEOUT", "DoctorOptions", "doctor_command", "run_doctor"]
 

@@ -1,3 +1,10 @@
+"""
+The C{twist pluresync-relay} plugin.
+
+It names the service module as a string, so C{twist --help} and every other
+plugin scan import none of the relay (Autobahn, the reactor's TCP and TLS).
+"""
+
 from twisted.application.service import ServiceMaker
 
 pluresyncRelay = ServiceMaker(

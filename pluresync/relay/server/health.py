@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 
-from pluresync._version import __version__
+from pluresync.version import __version__
 
 
 class HealthResource(Resource):

@@ -35,8 +35,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from twisted.web.resource import Resource
 
-from pluresync._version import __version__
 from pluresync.relay.core.wire import ErrorCode
+from pluresync.version import __version__
 
 #: The buckets of C{pluresync_relay_pairing_seconds}: a connector whose
 #: listener is there waits for one incoming/accept round trip (milliseconds

@@ -16,8 +16,8 @@ from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from pluresync._version import __version__
 from pluresync.relay.core.limits import RelayLimits
+from pluresync.version import __version__
 
 log = Logger(namespace="pluresync.relay")
 
