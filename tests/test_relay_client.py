@@ -16,7 +16,7 @@ from pluresync.endpoints.relay import RelayClientEndpoint, RelayConfig, RelayLis
 from pluresync.errors import ConfigurationError, ConnectionTimeoutError
 from pluresync.interfaces import IPipe
 from pluresync.keys import PeerIdentity, SyncKey
-from pluresync.pipes.websocket import RelayURL, _WebSocketPipe
+from pluresync.pipes.websocket import RelayURL, WebSocketPipe
 
 
 def config(**overrides) -> RelayConfig:
@@ -83,7 +83,7 @@ class InterfaceTests(SynchronousTestCase):
 
     def test_pipe(self):
         """The paired WebSocket, seen by the end-to-end layer, is an IPipe."""
-        self.assertTrue(verifyClass(IPipe, _WebSocketPipe))
+        self.assertTrue(verifyClass(IPipe, WebSocketPipe))
 
     def test_stop_listening_before_registered(self):
         """stopListening during registration abandons it and leaves nothing scheduled."""

@@ -28,6 +28,7 @@ from pluresync.errors import ConnectionTimeoutError, NotChosenError, PeerGoneErr
 from pluresync.interfaces import IPath
 from pluresync.keys import PeerIdentity, Topic, format_peer_id
 from pluresync.pipes.websocket import RelayURL, open_relay_socket
+from pluresync.relay.core.wire import CLOSE_NORMAL, ErrorCode, encode_accept, encode_connect, encode_listen
 from pluresync.secure.channel import SecureChannel
 from pluresync.secure.handshake import Handshake
 
@@ -66,7 +67,7 @@ class RelayConfig:
     #: The relay token (C{token=}, C{tokenfile=}, C{PLURESYNC_RELAY_TOKEN}); never in a repr.
     token: str | None = field(default=None, repr=False)
 
-    def open(self, reactor, hello: dict, **callbacks) -> Deferred:
+    def open(self, reactor, hello: bytes, **callbacks) -> Deferred:
         return open_relay_socket(
             reactor,
             self.relay,
@@ -176,28 +177,25 @@ class RelayClientEndpoint:
 
     async def _secure(self) -> SecureChannel:
         config = self._config
-        hello = {
-            "v": 1,
-            "op": "connect",
-            "rdv": config.rendezvous_hex,
-            "from": config.identity.peer_id,
+        hello = encode_connect(
+            config.rendezvous_hex,
+            peer=format_peer_id(config.peer) if config.peer is not None else None,
+            from_=config.identity.peer_id,
             # Ask the relay to give up a moment before our own deadline, so
             # the user sees its explanation (no-listener), not a bare timeout.
-            "wait": max(0.0, min(config.wait, config.timeout - 1.0)),
-        }
-        if config.peer is not None:
-            hello["peer"] = format_peer_id(config.peer)
+            wait=max(0.0, min(config.wait, config.timeout - 1.0)),
+        )
         try:
             protocol, _ = await config.open(self._reactor, hello)
         except RelayError as e:
-            if e.code == "no-listener":
+            if e.code == ErrorCode.NO_LISTENER.value:
                 # Peers with different keys have different rendezvous ids, so
                 # they never meet at a relay: a wrong key looks exactly like this.
                 raise RelayError(
                     f"{e}; no peer {'with that peer id ' if config.peer else ''}is listening with this "
                     "sync key and topic: check that the listener runs and that both sides use the same "
                     "key file and topic",
-                    "no-listener",
+                    ErrorCode.NO_LISTENER.value,
                 ) from None
             raise
         return await _secure(config, protocol, initiator=True)
@@ -274,7 +272,7 @@ class RelayListeningPort:
 
     def _register(self) -> Deferred:
         config = self._config
-        hello = {"v": 1, "op": "listen", "rdv": config.rendezvous_hex, "peer": config.identity.peer_id}
+        hello = encode_listen(config.rendezvous_hex, config.identity.peer_id)
         d = config.open(self._reactor, hello, on_incoming=self._incoming, on_lost=self._controlLost)
         d = _with_timeout(self._reactor, d, config.timeout, f"registering at {config.name}", self.getHost())
         self._registering = d
@@ -362,7 +360,7 @@ class RelayListeningPort:
 
     async def _accept(self, session: str):
         config = self._config
-        protocol, _ = await config.open(self._reactor, {"v": 1, "op": "accept", "session": session})
+        protocol, _ = await config.open(self._reactor, encode_accept(session))
         channel = await _secure(config, protocol, initiator=False)
         return attach(channel, self._factory, config.name)
 
@@ -385,5 +383,5 @@ class RelayListeningPort:
             self._stopped = succeed(None)
         else:
             self._stopped = Deferred()
-            self._control.sendClose(1000)
+            self._control.sendClose(CLOSE_NORMAL)
         return self._stopped
