@@ -6,7 +6,7 @@ cancellation, interfaces and URLs, without any socket.
 from __future__ import annotations
 
 from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
@@ -14,9 +14,10 @@ from zope.interface.verify import verifyClass, verifyObject
 
 from pluresync.endpoints.relay import RelayClientEndpoint, RelayConfig, RelayListeningPort, RelayServerEndpoint
 from pluresync.errors import ConfigurationError, ConnectionTimeoutError
-from pluresync.interfaces import IPipe
+from pluresync.interfaces import IPath, IPathClient, IPathListener, IPipe, IPipeReceiver
 from pluresync.keys import PeerIdentity, SyncKey
 from pluresync.pipes.websocket import RelayURL, WebSocketPipe
+from pluresync.secure.channel import SecureChannel
 
 
 def config(**overrides) -> RelayConfig:
@@ -76,14 +77,31 @@ class InterfaceTests(SynchronousTestCase):
     """The objects the relay client hands out provide their interfaces."""
 
     def test_listening_port(self):
-        """RelayListeningPort is an IListeningPort."""
-        port = RelayListeningPort(MemoryReactorClock(), config(), Factory())
+        """RelayListeningPort is an IListeningPort, and the IPathListener auto: keeps alive."""
+        relay = config()
+        port = RelayListeningPort(MemoryReactorClock(), relay, Factory())
         self.assertTrue(verifyObject(IListeningPort, port))
-        self.assertEqual(port.getHost().peer_id, port._config.identity.peer_id)
+        self.assertTrue(verifyObject(IPathListener, port))
+        self.assertEqual(port.getHost().peer_id, relay.identity.peer_id)
+
+    def test_path(self):
+        """A relay's config is an IPath: its client an IPathClient, its listener an IPathListener."""
+        reactor = MemoryReactorClock()
+        path = config()
+        self.assertTrue(verifyObject(IPath, path))
+        client = path.client(reactor)
+        self.assertTrue(verifyObject(IPathClient, client))
+        self.assertTrue(verifyObject(IStreamClientEndpoint, client))
+        self.assertEqual(client.name, "relay:test")
+        self.assertTrue(verifyObject(IPathListener, path.listener(reactor, Factory())))
 
     def test_pipe(self):
         """The paired WebSocket, seen by the end-to-end layer, is an IPipe."""
         self.assertTrue(verifyClass(IPipe, WebSocketPipe))
+
+    def test_pipe_receiver(self):
+        """What a relay socket delivers to, once paired, is an IPipeReceiver (the secure channel)."""
+        self.assertTrue(verifyClass(IPipeReceiver, SecureChannel))
 
     def test_stop_listening_before_registered(self):
         """stopListening during registration abandons it and leaves nothing scheduled."""

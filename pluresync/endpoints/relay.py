@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint, IStreamServerEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.internet.ssl import Certificate
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,13 +24,13 @@ from zope.interface import implementer
 
 from pluresync.address import PeerAddress
 from pluresync.dial.proxy import ProxyConfig
-from pluresync.errors import ConnectionTimeoutError, NotChosenError, PeerGoneError, PluresyncError, RelayError
-from pluresync.interfaces import IPath
+from pluresync.errors import ConnectionTimeoutError, NotChosenError, PeerGoneError, RelayError
+from pluresync.interfaces import IPath, IPathClient, IPathListener
 from pluresync.keys import PeerIdentity, Topic, format_peer_id
 from pluresync.pipes.websocket import RelayURL, open_relay_socket
 from pluresync.relay.core.wire import CLOSE_NORMAL, ErrorCode, encode_accept, encode_connect, encode_listen
 from pluresync.secure.channel import SecureChannel
-from pluresync.secure.handshake import Handshake
+from pluresync.secure.establish import attach, secure_pipe
 
 #: The seed's relays. C{url=} overrides either.
 PRESETS = {
@@ -124,25 +124,19 @@ def _with_timeout(reactor, d: Deferred, seconds: float, what: str, address) -> D
     return d
 
 
-async def _secure(config: RelayConfig, protocol, initiator: bool) -> SecureChannel:
-    handshake = Handshake(initiator, config.identity, config.topic, expected_peer=config.peer)
-    channel = SecureChannel(handshake, config.name, config.identity.peer_id)
-    channel.startPipe(protocol.becomePipe(channel))
-    await channel.secured
-    return channel
+def _secure(config: RelayConfig, protocol, initiator: bool) -> Deferred[SecureChannel]:
+    """Run the handshake over a paired relay socket."""
+    return secure_pipe(
+        protocol.becomePipe,
+        initiator=initiator,
+        name=config.name,
+        identity=config.identity,
+        topic=config.topic,
+        expected_peer=config.peer,
+    )
 
 
-def attach(channel: SecureChannel, factory, name: str):
-    """Build the user's protocol for a secured channel (of transport C{name}) and connect them."""
-    protocol = factory.buildProtocol(PeerAddress(name, channel.peer_id))
-    if protocol is None:
-        channel.abortConnection()
-        raise PluresyncError("the protocol factory refused the connection (buildProtocol returned None)")
-    channel.attach(protocol)
-    return protocol
-
-
-@implementer(IStreamClientEndpoint)
+@implementer(IStreamClientEndpoint, IPathClient)
 class RelayClientEndpoint:
     """Connects to a peer listening through a relay."""
 
@@ -159,7 +153,7 @@ class RelayClientEndpoint:
             d = self.secure()
         except BaseException:
             return fail()
-        return d.addCallback(attach, protocolFactory, self._config.name)
+        return d.addCallback(attach, protocolFactory)
 
     def secure(self) -> Deferred[SecureChannel]:
         """
@@ -214,7 +208,7 @@ class RelayServerEndpoint:
         return port.startListening()
 
 
-@implementer(IListeningPort)
+@implementer(IPathListener)
 class RelayListeningPort:
     """
     A listener registered at a relay.
@@ -362,7 +356,7 @@ class RelayListeningPort:
         config = self._config
         protocol, _ = await config.open(self._reactor, encode_accept(session))
         channel = await _secure(config, protocol, initiator=False)
-        return attach(channel, self._factory, config.name)
+        return attach(channel, self._factory)
 
     def stopListening(self) -> Deferred:
         """

@@ -39,6 +39,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from pluresync.address import PeerAddress
 from pluresync.errors import HandshakeError, NotChosenError, RecordError, TruncatedStreamError
+from pluresync.interfaces import IPipeReceiver
 from pluresync.keys import format_peer_id
 from pluresync.noise import NoiseError
 from pluresync.secure.frames import (
@@ -90,7 +91,7 @@ class _State(Enum):
     CLOSED = auto()  # connectionLost delivered (or the handshake failed)
 
 
-@implementer(ITransport, IPushProducer, IConsumer, IMessageTransport)
+@implementer(ITransport, IPushProducer, IConsumer, IMessageTransport, IPipeReceiver)
 class SecureChannel:
     """
     One end-to-end encrypted stream over one pipe.
