@@ -578,6 +578,20 @@ class TunnelTests(unittest.SynchronousTestCase):
         transport.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(attempt.factory.addresses, [])
 
+    def test_refusal_detaches_the_request(self) -> None:
+        """
+        After the proxy refuses, the request reports nothing more: a late
+        answer or loss on the aborted connection cannot fire the result twice.
+        """
+        attempt = Attempt()
+        transport = attempt.connected()
+        attempt.receive(b"HTTP/1.1 502 Bad Gateway\r\n\r\n")
+        self.failureResultOf(attempt.result, RelayUnreachableError)
+        self.assertTrue(transport.disconnected)
+        attempt.receive(b"HTTP/1.1 200 OK\r\n\r\n")
+        transport.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(attempt.factory.addresses, [])
+
     def test_connect_never_raises(self) -> None:
         """An impossible target fails the Deferred instead of raising."""
         for host, port in (("bad host", 443), ("", 443), ("h\r\nX: y", 443), ("h", 0), ("h", 70000)):
