@@ -44,6 +44,7 @@ from pluresync.errors import (
     RelayUnreachableError,
 )
 from pluresync.interfaces import IPipe, IPipeReceiver
+from pluresync.reactortimers import ReactorTimers
 from pluresync.relay.core.wire import (
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
@@ -279,36 +280,6 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
         return Failure(RelayLostError(f"the connection to the relay at {relay} was lost (close code {code})"))
 
 
-class _Timer:
-    """A cancellable call that tolerates being cancelled after it ran."""
-
-    __slots__ = ("_call",)
-
-    def __init__(self, call) -> None:
-        self._call = call
-
-    def cancel(self) -> None:
-        if self._call.active():
-            self._call.cancel()
-
-
-class ReactorTimers:
-    """
-    Autobahn's timer hook (C{factory._batched_timer}) on our own reactor.
-
-    Autobahn batches its timers on the global reactor, and a cancelled timer
-    leaves its bucket's DelayedCall behind; both break tests on a fake clock
-    or trial's clean-reactor check, and a client holds only a few sockets, so
-    batching buys nothing here.
-    """
-
-    def __init__(self, reactor) -> None:
-        self._reactor = reactor
-
-    def call_later(self, delay, func, *args, **kwargs) -> _Timer:
-        return _Timer(self._reactor.callLater(delay, func, *args, **kwargs))
-
-
 class RelaySocketFactory(WebSocketClientFactory):
     """
     Makes one L{RelaySocketProtocol} that sends C{hello} (an encoded control
@@ -347,6 +318,8 @@ class RelaySocketFactory(WebSocketClientFactory):
             perMessageCompressionOffers=[],
             tcpNoDelay=True,
         )
+        # Autobahn's pings and timeouts on our reactor, not the global one; a
+        # client holds only a few sockets, so batching would buy nothing.
         self._batched_timer = ReactorTimers(reactor)
         self.relay = relay
         self.hello = hello
