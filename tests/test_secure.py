@@ -435,6 +435,44 @@ class HalfCloseTests(SynchronousTestCase):
         pump(a, b)
         right.lost.trap(RecordError)
 
+    def test_close_while_half_closed(self):
+        """
+        loseConnection still closes cleanly after either direction was shut,
+        and the other side sees an orderly end.
+        """
+        for shut_ours in (True, False):
+            with self.subTest(shut_ours=shut_ours):
+                _, _, a, b, left, right = open_pair(self, HalfCloser)
+                if shut_ours:
+                    left.transport.loseWriteConnection()
+                else:
+                    right.transport.loseWriteConnection()
+                    pump(a, b)
+                    self.assertTrue(left.read_lost)
+                left.transport.loseConnection()
+                pump(a, b)
+                a.end(Failure(ConnectionDone()))
+                left.lost.trap(ConnectionDone)
+                right.lost.trap(ConnectionDone)
+
+    def test_pipe_lost_while_half_closed_is_truncation(self):
+        """A pipe that ends during a half-close, without the peer's CLOSE, is a truncated stream."""
+        _, _, a, b, left, right = open_pair(self, HalfCloser)
+        left.transport.loseWriteConnection()
+        pump(a, b)
+        self.assertTrue(right.read_lost)
+        b.end(Failure(ConnectionDone()))
+        right.lost.trap(TruncatedStreamError)
+
+    def test_shutdown_twice_is_one_shutdown(self):
+        """A second loseWriteConnection sends nothing and does not close."""
+        _, _, a, b, left, right = open_pair(self, HalfCloser)
+        left.transport.loseWriteConnection()
+        sent = len(a.outgoing)
+        left.transport.loseWriteConnection()
+        self.assertEqual(len(a.outgoing), sent)
+        self.assertFalse(a.closed)
+
 
 class EstablishTests(SynchronousTestCase):
     """secure_pipe and attach: what every path does between its pipe and the user's protocol."""
