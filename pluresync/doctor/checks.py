@@ -658,12 +658,6 @@ class _Ping(Protocol):
             self.lost.callback(None)
 
 
-class _QuietListeningPort(RelayListeningPort):
-    """The round trip's listener: its outcome is the row, not log lines ("listening through ...")."""
-
-    _log = Logger(observer=lambda event: None)
-
-
 async def check_round_trip(ctx: _Context) -> Row:
     reactor = ctx.reactor
     # A fresh random key: this listener and client meet only each other,
@@ -678,8 +672,12 @@ async def check_round_trip(ctx: _Context) -> Row:
         ping_timeout=0.0,
     )
     accepted: list[_Echo] = []
-    port = _QuietListeningPort(
-        reactor, replace(base, identity=PeerIdentity.generate()), Factory.forProtocol(lambda: _Echo(accepted))
+    # Its outcome is the row, not log lines ("listening through ...").
+    port = RelayListeningPort(
+        reactor,
+        replace(base, identity=PeerIdentity.generate()),
+        Factory.forProtocol(lambda: _Echo(accepted)),
+        log=Logger(observer=lambda event: None),
     )
     client: _Ping | None = None
     message = b"pluresync doctor " + os.urandom(16).hex().encode()
