@@ -12,7 +12,7 @@ import sys
 
 from twisted.python import usage
 
-from pluresync._version import __version__
+from pluresync import __version__
 
 
 class CommandError(Exception):

@@ -25,7 +25,7 @@ import sys
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.python import usage
 
-from pluresync._version import __version__
+from pluresync import __version__
 from pluresync.doctor.checks import diagnose
 from pluresync.doctor.report import Section, format_report
 from pluresync.doctor.targets import targets
