@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
@@ -15,16 +17,37 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
+from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
 from pluresync.endpoints.relay import RelayClientEndpoint, RelayConfig, RelayListeningPort, RelayServerEndpoint
-from pluresync.errors import ConfigurationError, ConnectionTimeoutError, RelayError, RelayLostError
+from pluresync.errors import (
+    ConfigurationError,
+    ConnectionTimeoutError,
+    RelayError,
+    RelayLostError,
+    RelayUnreachableError,
+)
 from pluresync.interfaces import IPath, IPathClient, IPathListener, IPipe, IPipeReceiver
 from pluresync.keys import PeerIdentity, SyncKey
-from pluresync.pipes.websocket import RelayURL, WebSocketPipe
-from pluresync.relay.core.wire import Ready, encode_accept, encode_listen
+from pluresync.pipes.websocket import RelaySocketFactory, RelayURL, WebSocketPipe
+from pluresync.reactortimers import ReactorTimers
+from pluresync.relay.core.wire import (
+    SUBPROTOCOL,
+    ErrorCode,
+    Ready,
+    encode_accept,
+    encode_error,
+    encode_incoming,
+    encode_listen,
+    encode_paired,
+    encode_ready,
+)
 from pluresync.secure.channel import SecureChannel
+
+RDV = "ab" * 32
+PEER = "0f" * 32
 
 
 def config(**overrides) -> RelayConfig:
@@ -313,3 +336,107 @@ class ListeningPortMachineTests(SynchronousTestCase):
         self.assertIs(self.successResultOf(first), self.port)
         self.assertIs(self.successResultOf(second), self.port)
         self.assertIs(self.successResultOf(self.port.startListening()), self.port)
+
+
+class ScriptedRelayProtocol(WebSocketServerProtocol):
+    """A relay that records the hello and answers with the test's script of text messages."""
+
+    factory: ScriptedRelayFactory
+
+    def onConnect(self, request):
+        return self.factory.subprotocol
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.hellos.append(payload)
+        for message in self.factory.script:
+            self.sendMessage(message, False)
+        if self.factory.close_code is not None:
+            self.sendClose(self.factory.close_code)
+
+
+class ScriptedRelayFactory(WebSocketServerFactory):
+    protocol = ScriptedRelayProtocol
+
+    def __init__(self, clock, script, subprotocol: str = SUBPROTOCOL, close_code: int | None = None) -> None:
+        super().__init__("ws://relay.test:80/", reactor=clock)
+        self.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=5, autoPingInterval=0)
+        self._batched_timer = ReactorTimers(clock)
+        self.script = script
+        self.subprotocol = subprotocol
+        self.close_code = close_code
+        self.hellos: list[bytes] = []
+
+
+class RelaySocketTests(SynchronousTestCase):
+    """The client's relay socket against a scripted relay, pumped in memory on a fake clock."""
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.incoming: list[tuple[str, str | None]] = []
+        self.lost: list[Failure] = []
+
+    def run_script(self, *script: bytes, subprotocol: str = SUBPROTOCOL, close_code: int | None = None):
+        hello = encode_listen(RDV, PEER)
+        client_factory = RelaySocketFactory(
+            self.clock,
+            RelayURL.parse("ws://relay.test"),
+            hello,
+            ping_interval=0,
+            ping_timeout=0,
+            on_incoming=lambda session, peer: self.incoming.append((session, peer)),
+            on_lost=self.lost.append,
+        )
+        self.relay = ScriptedRelayFactory(self.clock, list(script), subprotocol, close_code)
+        server = self.relay.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        client = client_factory.buildProtocol(None)
+        self.pump = iosim.connect(
+            server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), clock=self.clock
+        )
+        self.flush()
+        return client, client_factory.answer
+
+    def flush(self) -> None:
+        for _ in range(20):
+            if not self.pump.flush():
+                return
+
+    def test_ready(self):
+        """The hello goes out as given; ready (with its limits) is the answer."""
+        client, answer = self.run_script(encode_ready({"max_message": 262144}))
+        self.assertEqual(self.relay.hellos, [encode_listen(RDV, PEER)])
+        protocol, message = self.successResultOf(answer)
+        self.assertIs(protocol, client)
+        self.assertEqual(message, Ready(limits={"max_message": 262144}))
+
+    def test_incoming_after_ready(self):
+        """Each incoming on a registered control socket reaches on_incoming."""
+        self.run_script(encode_ready(), encode_incoming("cd" * 16, PEER), encode_incoming("ef" * 16, None))
+        self.assertEqual(self.incoming, [("cd" * 16, PEER), ("ef" * 16, None)])
+
+    def test_error(self):
+        """An error message, then the close: the relay's code and message, never the raw JSON."""
+        _, answer = self.run_script(
+            encode_error(ErrorCode.NO_LISTENER, "nobody"), close_code=ErrorCode.NO_LISTENER.close_code
+        )
+        error = self.failureResultOf(answer, RelayError).value
+        self.assertEqual(error.code, "no-listener")
+        self.assertIn("refused: no-listener: nobody", str(error))
+
+    def test_malformed(self):
+        """A message that is not protocol v1 is a protocol error that says what is wrong."""
+        _, answer = self.run_script(b'{"op":"incoming","session":"not-a-session"}')
+        error = self.failureResultOf(answer, RelayError).value
+        self.assertEqual(error.code, "bad-request")
+        self.assertIn("malformed control message", str(error))
+        self.assertIn('"session"', str(error))
+
+    def test_unexpected(self):
+        """A second answer on a registered control socket is a protocol error: the registration is lost."""
+        self.run_script(encode_ready(), encode_paired(PEER))
+        [reason] = self.lost
+        self.assertIn("unexpected 'paired' message", reason.getErrorMessage())
+
+    def test_not_a_pluresync_relay(self):
+        """A server that does not speak pluresync.v1 is unreachable, saying so."""
+        _, answer = self.run_script(subprotocol=None)
+        self.assertIn("not a pluresync relay", str(self.failureResultOf(answer, RelayUnreachableError).value))
