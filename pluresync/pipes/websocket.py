@@ -184,6 +184,10 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
             self.dropConnection(abort=True)
 
     def onOpen(self) -> None:
+        if self.state != _STATE_OPEN:
+            # onConnect refused the server and dropped the socket, but
+            # Autobahn opens it anyway: sending would raise into its Deferred.
+            return
         self._opened = True
         self.sendMessage(self.factory.hello, isBinary=False)
 
