@@ -1,11 +1,19 @@
 """
-The interfaces users program against; everything else is an implementation.
+The contracts between pluresync's parts, and the ones users program against.
 
 Endpoint users see only Twisted's own interfaces (IStreamClientEndpoint,
-ITransport, ...); these two are for the message-oriented API in L{pluresync.api}.
+ITransport, ...); L{ISyncTransport} and L{ISyncConnection} are for the
+message-oriented API in L{pluresync.api}.  The rest are the seams inside,
+one per boundary a new kind of path (C{direct:}) or pipe plugs into:
+
+  - L{IPath}: one way to reach peers, as C{auto:} races and listens on it;
+    its C{client()} is an L{IPathClient}, its C{listener()} an L{IPathListener};
+  - L{IPipe}: what carries the end-to-end layer's bytes (a relay WebSocket
+    today), and L{IPipeReceiver}: the end-to-end layer as the pipe sees it;
+  - L{IPairEnd}: one side of a pair inside the relay.
 """
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IListeningPort, IPushProducer
 from zope.interface import Attribute, Interface
 
 
@@ -79,12 +87,11 @@ class IPipe(Interface):
     What the end-to-end layer needs from whatever carries its bytes (a
     relay's WebSocket today, a direct TCP or QUIC stream later).
 
-    Keeping the carrier behind this narrow interface is what lets a
-    connection move from one pipe to another without the user's protocol
-    noticing. A pipe delivers to its channel with
-    C{channel.pipeDataReceived(data)} and, once, C{channel.pipeLost(reason)},
-    where C{reason} is a Failure of C{ConnectionDone} for an orderly end of
-    the carrier and of a L{pluresync.errors.PluresyncError} otherwise.
+    Keeping the carrier behind this narrow interface is what lets a new kind
+    of pipe serve the same end-to-end layer unchanged.  A connection is bound
+    to the one pipe it was secured on: when that pipe ends, the connection
+    ends (moving a live connection to another pipe is issue 9's work).  A
+    pipe delivers to its L{IPipeReceiver}.
     """
 
     def write(data):
@@ -109,6 +116,68 @@ class IPipe(Interface):
         """Drop the carrier at once."""
 
 
+class IPipeReceiver(Interface):
+    """
+    The end-to-end layer as a pipe sees it: where the pipe delivers what it
+    receives, and how it ends.
+    """
+
+    def pipeDataReceived(data):
+        """
+        Bytes from the peer, in order.  Pipe boundaries mean nothing: the
+        receiver does its own framing.
+        """
+
+    def pipeLost(reason):
+        """
+        The pipe ended; called once, and nothing is delivered after it.
+        C{reason} is a Failure of C{ConnectionDone} for an orderly end of the
+        carrier and of a L{pluresync.errors.PluresyncError} otherwise (e.g.
+        L{pluresync.errors.PeerGoneError}, L{pluresync.errors.RelayLostError}).
+        """
+
+
+class IPathClient(Interface):
+    """
+    One attempt to reach the peer over one path, up to a secured channel
+    and no further, so that C{auto:} can race several and keep one.
+    """
+
+    name = Attribute("The path's name, e.g. 'relay:azure'.")
+
+    def secure():
+        """
+        Reach the peer and complete the end-to-end handshake, building no
+        protocol.
+
+        @return: a Deferred firing with a secured, unattached
+            L{pluresync.secure.channel.SecureChannel}, for the caller to
+            C{attach} (L{pluresync.secure.establish.attach}) or C{discard};
+            cancelling it abandons the attempt (C{ConnectingCancelledError}),
+            and it fails with C{ConnectionTimeoutError} after the path's
+            own timeout.
+        """
+
+
+class IPathListener(IListeningPort):
+    """
+    A listener on one path, not yet started, that C{auto:} keeps alive on
+    its own beside the listeners of the other paths.
+    """
+
+    connected = Attribute("Whether the listener is registered (reachable) right now.")
+
+    def startListening(keep_trying=False):
+        """
+        Start listening.
+
+        @param keep_trying: if the first attempt fails, still fail the
+            returned Deferred, but go on trying in the background (with
+            backoff) until L{stopListening}.
+        @return: a Deferred firing with this listener once it is reachable.
+        """
+
+
 class IPath(Interface):
     """
     One way to reach peers (a relay today; C{direct:} later), as C{auto:}
@@ -121,15 +190,13 @@ class IPath(Interface):
 
     def client(reactor):
         """
-        @return: an object whose C{secure()} reaches the peer and completes
-            the handshake: a cancellable Deferred firing with a secured but
-            unattached L{pluresync.secure.channel.SecureChannel}.
+        @return: an L{IPathClient} for one connection attempt.
         """
 
     def listener(reactor, factory):
         """
-        @return: an C{IListeningPort} not yet started, with
-            C{startListening(keep_trying=True)} and a C{connected} flag.
+        @return: an L{IPathListener}, not yet started, that builds the
+            user's protocols with C{factory}.
         """
 
 

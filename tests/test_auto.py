@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from pluresync.address import PeerAddress
 from pluresync.config import load_config
 from pluresync.endpoints.auto import (
     AutoClientEndpoint,
@@ -30,7 +31,7 @@ from pluresync.endpoints.auto import (
 )
 from pluresync.endpoints.pathcache import PathCache, network_id
 from pluresync.errors import ConfigurationError
-from pluresync.interfaces import IPath
+from pluresync.interfaces import IPath, IPathClient, IPathListener
 from pluresync.keys import PeerIdentity, SyncKey
 
 
@@ -42,6 +43,9 @@ class FakeChannel:
         self.attached = None
         self.discarded = False
 
+    def getPeer(self) -> PeerAddress:
+        return PeerAddress("relay:fake", self.peer_id)
+
     def attach(self, protocol) -> None:
         self.attached = protocol
 
@@ -49,11 +53,14 @@ class FakeChannel:
         self.discarded = True
 
 
+@implementer(IPathClient)
 class FakeAttempt:
     """
     One attempt; with C{complete_on_cancel} its handshake completes at the
     very moment it is cancelled (a race decided in one reactor turn).
     """
+
+    name = "relay:fake"
 
     def __init__(self, complete_on_cancel: FakeChannel | None = None) -> None:
         self.cancelled = False
@@ -69,6 +76,7 @@ class FakeAttempt:
         return self.d
 
 
+@implementer(IPathListener)
 class FakePort:
     def __init__(self) -> None:
         self.connected = False
@@ -83,6 +91,9 @@ class FakePort:
     def stopListening(self) -> Deferred:
         self.stopped = True
         return succeed(None)
+
+    def getHost(self) -> PeerAddress:
+        return PeerAddress("relay:fake", None)
 
 
 @implementer(IPath)
@@ -104,6 +115,17 @@ class FakePath:
 
     def listener(self, reactor, factory) -> FakePort:
         return self.port
+
+
+class FakeTests(SynchronousTestCase):
+    """The fakes keep the contracts they stand in for, so the race is tested against those."""
+
+    def test_fakes_provide_the_interfaces(self):
+        """FakePath is an IPath; its client an IPathClient; its listener an IPathListener."""
+        path = FakePath("relay:fake", PeerIdentity.generate())
+        self.assertTrue(verifyObject(IPath, path))
+        self.assertTrue(verifyObject(IPathClient, path.client(Clock())))
+        self.assertTrue(verifyObject(IPathListener, path.listener(Clock(), Factory())))
 
 
 class RaceTests(SynchronousTestCase):

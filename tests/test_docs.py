@@ -11,7 +11,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pluresync.endpoints.parsers import _RELAY_PARAMETERS
+from pluresync.endpoints.parsers import RELAY_PARAMETERS
 from pluresync.keys import SyncKey
 
 from .localrelay import LocalRelay
@@ -135,7 +135,7 @@ class DocumentTests(SynchronousTestCase):
     def test_every_endpoint_parameter_is_documented(self):
         """Each parameter the relay: parser accepts appears in docs/endpoints.md as `name=`."""
         text = (DOCS / "endpoints.md").read_text("utf-8")
-        missing = sorted(name for name in _RELAY_PARAMETERS if f"`{name}=" not in text)
+        missing = sorted(name for name in RELAY_PARAMETERS if f"`{name}=" not in text)
         self.assertEqual(missing, [])
 
     def test_examples_are_referenced(self):

@@ -578,6 +578,20 @@ class TunnelTests(unittest.SynchronousTestCase):
         transport.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(attempt.factory.addresses, [])
 
+    def test_refusal_detaches_the_request(self) -> None:
+        """
+        After the proxy refuses, the request reports nothing more: a late
+        answer or loss on the aborted connection cannot fire the result twice.
+        """
+        attempt = Attempt()
+        transport = attempt.connected()
+        attempt.receive(b"HTTP/1.1 502 Bad Gateway\r\n\r\n")
+        self.failureResultOf(attempt.result, RelayUnreachableError)
+        self.assertTrue(transport.disconnected)
+        attempt.receive(b"HTTP/1.1 200 OK\r\n\r\n")
+        transport.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(attempt.factory.addresses, [])
+
     def test_connect_never_raises(self) -> None:
         """An impossible target fails the Deferred instead of raising."""
         for host, port in (("bad host", 443), ("", 443), ("h\r\nX: y", 443), ("h", 0), ("h", 70000)):
@@ -797,6 +811,7 @@ class TinyProxyTests(unittest.TestCase):
     def test_relay_through_tinyproxy(self) -> Any:
         """A pluresync relay reached through tinyproxy answers a listen hello with ready; the CONNECT is in the log."""
         from pluresync.pipes.websocket import RelaySocketFactory, RelayURL
+        from pluresync.relay.core.wire import Ready, encode_listen
 
         relay = LocalRelay(self)
         relay_port = relay.port.getHost().port
@@ -805,7 +820,7 @@ class TinyProxyTests(unittest.TestCase):
         factory = RelaySocketFactory(
             reactor,
             RelayURL.parse(relay.url),
-            {"v": 1, "op": "listen", "rdv": "ab" * 32, "peer": "0a" * 32},
+            encode_listen("ab" * 32, "0a" * 32),
             ping_interval=0,
             ping_timeout=0,
             on_lost=lambda failure: lost.callback(failure.value),
@@ -813,8 +828,8 @@ class TinyProxyTests(unittest.TestCase):
         endpoint = ProxyTunnelEndpoint(reactor, ProxyConfig("127.0.0.1", proxy.port), "127.0.0.1", relay_port)
         yield _within(endpoint.connect(factory))
         protocol, answer = yield _within(factory.answer)
-        self.assertEqual(dict(answer, limits=None), {"op": "ready", "limits": None})
+        self.assertIsInstance(answer, Ready)
         self.assertIn(f"CONNECT 127.0.0.1:{relay_port} HTTP/1.1", proxy.log())
-        self.assertIn(b'"op": "listen"', relay.tapped)
+        self.assertIn(encode_listen("ab" * 32, "0a" * 32), relay.tapped)
         protocol.sendClose(1000)
         yield _within(lost)

@@ -22,7 +22,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pluresync.endpoints.parsers import _RELAY_PARAMETERS, relay_config, relay_token
+from pluresync.endpoints.parsers import RELAY_PARAMETERS, relay_config, relay_token
 from pluresync.errors import ConfigurationError, RelayAuthError, RelayUnreachableError
 from pluresync.keys import SyncKey
 from pluresync.relay.core import auth
@@ -441,7 +441,7 @@ class ClientTokenTests(SynchronousTestCase):
     """token=, tokenfile= and PLURESYNC_RELAY_TOKEN."""
 
     def test_parameters_known(self):
-        self.assertLessEqual({"token", "tokenfile"}, _RELAY_PARAMETERS)
+        self.assertLessEqual({"token", "tokenfile"}, RELAY_PARAMETERS)
 
     def test_sources(self):
         path = Path(self.mktemp())

@@ -1,22 +1,53 @@
 """
 The client side of the relay protocol on a fake reactor: deadlines,
-cancellation, interfaces and URLs, without any socket.
+cancellation, interfaces, URLs and the listening port's states, without any
+socket.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
 from pluresync.endpoints.relay import RelayClientEndpoint, RelayConfig, RelayListeningPort, RelayServerEndpoint
-from pluresync.errors import ConfigurationError, ConnectionTimeoutError
-from pluresync.interfaces import IPipe
+from pluresync.errors import (
+    ConfigurationError,
+    ConnectionTimeoutError,
+    RelayError,
+    RelayLostError,
+    RelayUnreachableError,
+)
+from pluresync.interfaces import IPath, IPathClient, IPathListener, IPipe, IPipeReceiver
 from pluresync.keys import PeerIdentity, SyncKey
-from pluresync.pipes.websocket import RelayURL, _WebSocketPipe
+from pluresync.pipes.websocket import RelaySocketFactory, RelayURL, WebSocketPipe
+from pluresync.reactortimers import ReactorTimers
+from pluresync.relay.core.wire import (
+    SUBPROTOCOL,
+    ErrorCode,
+    Ready,
+    encode_accept,
+    encode_error,
+    encode_incoming,
+    encode_listen,
+    encode_paired,
+    encode_ready,
+)
+from pluresync.secure.channel import SecureChannel
+
+RDV = "ab" * 32
+PEER = "0f" * 32
 
 
 def config(**overrides) -> RelayConfig:
@@ -76,14 +107,31 @@ class InterfaceTests(SynchronousTestCase):
     """The objects the relay client hands out provide their interfaces."""
 
     def test_listening_port(self):
-        """RelayListeningPort is an IListeningPort."""
-        port = RelayListeningPort(MemoryReactorClock(), config(), Factory())
+        """RelayListeningPort is an IListeningPort, and the IPathListener auto: keeps alive."""
+        relay = config()
+        port = RelayListeningPort(MemoryReactorClock(), relay, Factory())
         self.assertTrue(verifyObject(IListeningPort, port))
-        self.assertEqual(port.getHost().peer_id, port._config.identity.peer_id)
+        self.assertTrue(verifyObject(IPathListener, port))
+        self.assertEqual(port.getHost().peer_id, relay.identity.peer_id)
+
+    def test_path(self):
+        """A relay's config is an IPath: its client an IPathClient, its listener an IPathListener."""
+        reactor = MemoryReactorClock()
+        path = config()
+        self.assertTrue(verifyObject(IPath, path))
+        client = path.client(reactor)
+        self.assertTrue(verifyObject(IPathClient, client))
+        self.assertTrue(verifyObject(IStreamClientEndpoint, client))
+        self.assertEqual(client.name, "relay:test")
+        self.assertTrue(verifyObject(IPathListener, path.listener(reactor, Factory())))
 
     def test_pipe(self):
         """The paired WebSocket, seen by the end-to-end layer, is an IPipe."""
-        self.assertTrue(verifyClass(IPipe, _WebSocketPipe))
+        self.assertTrue(verifyClass(IPipe, WebSocketPipe))
+
+    def test_pipe_receiver(self):
+        """What a relay socket delivers to, once paired, is an IPipeReceiver (the secure channel)."""
+        self.assertTrue(verifyClass(IPipeReceiver, SecureChannel))
 
     def test_stop_listening_before_registered(self):
         """stopListening during registration abandons it and leaves nothing scheduled."""
@@ -115,3 +163,280 @@ class RelayURLTests(SynchronousTestCase):
         """Other schemes, credentials, queries and bad ports are refused."""
         for bad in ("http://x", "wss://", "wss://u:p@x", "wss://x/?token=1", "wss://x:99999"):
             self.assertRaises(ConfigurationError, RelayURL.parse, bad)
+
+
+class FakeControl:
+    """A relay socket as the listening port sees it: it can only be closed."""
+
+    def __init__(self) -> None:
+        self.closed: list[int] = []
+
+    def sendClose(self, code: int) -> None:
+        self.closed.append(code)
+
+
+@dataclass(frozen=True)
+class ScriptedRelay(RelayConfig):
+    """A relay path whose sockets the test answers by hand: each open() is recorded with its callbacks."""
+
+    opened: list = field(default_factory=list, compare=False)
+
+    def open(self, reactor, hello: bytes, **callbacks) -> Deferred:
+        d: Deferred = Deferred()
+        self.opened.append((hello, callbacks, d))
+        return d
+
+
+class ListeningPortMachineTests(SynchronousTestCase):
+    """RelayListeningPort's states (registering, listening, waiting, stopping, stopped) on a Clock."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.relay = ScriptedRelay(**vars(config(timeout=5.0)))
+        self.port = RelayListeningPort(self.clock, self.relay, Factory.forProtocol(Protocol))
+
+    def answer(self, index: int = -1) -> FakeControl:
+        """The relay says ready on the index-th socket opened."""
+        control = FakeControl()
+        self.relay.opened[index][2].callback((control, Ready()))
+        return control
+
+    def refuse(self, index: int = -1) -> None:
+        self.relay.opened[index][2].errback(RelayError("refused", "rate-limited"))
+
+    def lose(self, index: int = -1) -> None:
+        """The control socket of the index-th registration ends."""
+        self.relay.opened[index][1]["on_lost"](Failure(RelayLostError("the relay went away")))
+
+    def offer(self, session: str = "ab" * 16, index: int = -1) -> None:
+        self.relay.opened[index][1]["on_incoming"](session, None)
+
+    def test_registers_with_a_listen(self):
+        """startListening sends the listen hello and fires with the port once the relay is ready."""
+        d = self.port.startListening()
+        [(hello, _, _)] = self.relay.opened
+        self.assertEqual(hello, encode_listen(self.relay.rendezvous_hex, self.relay.identity.peer_id))
+        self.assertNoResult(d)
+        self.assertFalse(self.port.connected)
+        self.answer()
+        self.assertIs(self.successResultOf(d), self.port)
+        self.assertTrue(self.port.connected)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_first_failure_without_keep_trying(self):
+        """A failed first registration fails startListening and tries no more."""
+        d = self.port.startListening()
+        self.refuse()
+        self.failureResultOf(d, RelayError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertFalse(self.port.connected)
+        self.successResultOf(self.port.stopListening())
+
+    def test_first_failure_with_keep_trying(self):
+        """keep_trying: the caller hears the first failure; registering goes on in the background."""
+        d = self.port.startListening(keep_trying=True)
+        self.refuse()
+        self.failureResultOf(d, RelayError)
+        [retry] = self.clock.getDelayedCalls()
+        self.assertTrue(0.8 <= retry.getTime() <= 1.2, retry.getTime())
+        self.clock.advance(1.2)
+        self.assertEqual(len(self.relay.opened), 2)
+        self.answer()
+        self.assertTrue(self.port.connected)
+
+    def test_registration_timeout_is_retried(self):
+        """A relay that never answers: timeout= ends the attempt, and keep_trying tries again."""
+        d = self.port.startListening(keep_trying=True)
+        self.clock.advance(5.0)
+        self.failureResultOf(d, ConnectionTimeoutError)
+        self.clock.advance(1.2)
+        self.assertEqual(len(self.relay.opened), 2)
+
+    def test_backoff_doubles_to_the_cap_and_resets(self):
+        """Each failed try doubles the wait (with jitter) up to max_delay; a registration resets it."""
+        self.port.startListening()
+        self.answer()
+        self.lose()
+        self.assertFalse(self.port.connected)
+        waits = []
+        for _ in range(8):
+            [retry] = self.clock.getDelayedCalls()
+            waits.append(retry.getTime() - self.clock.seconds())
+            self.clock.advance(waits[-1])
+            self.refuse()
+        for wait, nominal in zip(waits, (1, 2, 4, 8, 16, 32, 60, 60), strict=True):
+            self.assertTrue(0.8 * nominal <= wait <= 1.2 * nominal, (wait, nominal))
+        [retry] = self.clock.getDelayedCalls()
+        self.clock.advance(retry.getTime() - self.clock.seconds())
+        self.answer()
+        self.lose()
+        [retry] = self.clock.getDelayedCalls()
+        self.assertLessEqual(retry.getTime() - self.clock.seconds(), 1.2)
+
+    def test_stop_while_listening(self):
+        """stopListening closes the control socket (1000) and fires once it is closed."""
+        self.port.startListening()
+        control = self.answer()
+        stopped = self.port.stopListening()
+        self.assertEqual(control.closed, [1000])
+        self.assertNoResult(stopped)
+        again = self.port.stopListening()
+        self.lose()
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertIsNone(self.successResultOf(again))
+        self.assertFalse(self.port.connected)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.successResultOf(self.port.stopListening())
+
+    def test_stop_while_waiting(self):
+        """stopListening during the backoff cancels the retry."""
+        self.port.startListening()
+        self.answer()
+        self.lose()
+        self.successResultOf(self.port.stopListening())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(120)
+        self.assertEqual(len(self.relay.opened), 1)
+
+    def test_stop_while_registering(self):
+        """stopListening abandons a registration under way: startListening fails as cancelled."""
+        d = self.port.startListening(keep_trying=True)
+        self.successResultOf(self.port.stopListening())
+        self.failureResultOf(d, ConnectingCancelledError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_from_the_start_callback(self):
+        """The caller may stop the port from startListening's own callback."""
+        d = self.port.startListening()
+        stops = []
+        d.addCallback(lambda port: stops.append(port.stopListening()))
+        control = self.answer()
+        self.assertEqual(control.closed, [1000])
+        self.lose()
+        self.successResultOf(stops[0])
+
+    def test_incoming_is_accepted_on_a_new_socket(self):
+        """Each incoming opens a new socket with an accept hello; stopping abandons it."""
+        self.port.startListening()
+        self.answer()
+        self.offer("cd" * 16)
+        self.assertEqual(len(self.relay.opened), 2)
+        self.assertEqual(self.relay.opened[1][0], encode_accept("cd" * 16))
+        self.port.stopListening()
+        self.assertTrue(self.relay.opened[1][2].called)  # the accept's socket was cancelled
+        self.offer("ef" * 16, index=0)
+        self.assertEqual(len(self.relay.opened), 2)
+
+    def test_start_twice(self):
+        """startListening again while registering waits for the same registration; once up, it is up."""
+        first = self.port.startListening()
+        second = self.port.startListening()
+        self.assertEqual(len(self.relay.opened), 1)
+        self.answer()
+        self.assertIs(self.successResultOf(first), self.port)
+        self.assertIs(self.successResultOf(second), self.port)
+        self.assertIs(self.successResultOf(self.port.startListening()), self.port)
+
+
+class ScriptedRelayProtocol(WebSocketServerProtocol):
+    """A relay that records the hello and answers with the test's script of text messages."""
+
+    factory: ScriptedRelayFactory
+
+    def onConnect(self, request):
+        return self.factory.subprotocol
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.hellos.append(payload)
+        for message in self.factory.script:
+            self.sendMessage(message, False)
+        if self.factory.close_code is not None:
+            self.sendClose(self.factory.close_code)
+
+
+class ScriptedRelayFactory(WebSocketServerFactory):
+    protocol = ScriptedRelayProtocol
+
+    def __init__(self, clock, script, subprotocol: str = SUBPROTOCOL, close_code: int | None = None) -> None:
+        super().__init__("ws://relay.test:80/", reactor=clock)
+        self.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=5, autoPingInterval=0)
+        self._batched_timer = ReactorTimers(clock)
+        self.script = script
+        self.subprotocol = subprotocol
+        self.close_code = close_code
+        self.hellos: list[bytes] = []
+
+
+class RelaySocketTests(SynchronousTestCase):
+    """The client's relay socket against a scripted relay, pumped in memory on a fake clock."""
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.incoming: list[tuple[str, str | None]] = []
+        self.lost: list[Failure] = []
+
+    def run_script(self, *script: bytes, subprotocol: str = SUBPROTOCOL, close_code: int | None = None):
+        hello = encode_listen(RDV, PEER)
+        client_factory = RelaySocketFactory(
+            self.clock,
+            RelayURL.parse("ws://relay.test"),
+            hello,
+            ping_interval=0,
+            ping_timeout=0,
+            on_incoming=lambda session, peer: self.incoming.append((session, peer)),
+            on_lost=self.lost.append,
+        )
+        self.relay = ScriptedRelayFactory(self.clock, list(script), subprotocol, close_code)
+        server = self.relay.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        client = client_factory.buildProtocol(None)
+        self.pump = iosim.connect(
+            server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), clock=self.clock
+        )
+        self.flush()
+        return client, client_factory.answer
+
+    def flush(self) -> None:
+        for _ in range(20):
+            if not self.pump.flush():
+                return
+
+    def test_ready(self):
+        """The hello goes out as given; ready (with its limits) is the answer."""
+        client, answer = self.run_script(encode_ready({"max_message": 262144}))
+        self.assertEqual(self.relay.hellos, [encode_listen(RDV, PEER)])
+        protocol, message = self.successResultOf(answer)
+        self.assertIs(protocol, client)
+        self.assertEqual(message, Ready(limits={"max_message": 262144}))
+
+    def test_incoming_after_ready(self):
+        """Each incoming on a registered control socket reaches on_incoming."""
+        self.run_script(encode_ready(), encode_incoming("cd" * 16, PEER), encode_incoming("ef" * 16, None))
+        self.assertEqual(self.incoming, [("cd" * 16, PEER), ("ef" * 16, None)])
+
+    def test_error(self):
+        """An error message, then the close: the relay's code and message, never the raw JSON."""
+        _, answer = self.run_script(
+            encode_error(ErrorCode.NO_LISTENER, "nobody"), close_code=ErrorCode.NO_LISTENER.close_code
+        )
+        error = self.failureResultOf(answer, RelayError).value
+        self.assertEqual(error.code, "no-listener")
+        self.assertIn("refused: no-listener: nobody", str(error))
+
+    def test_malformed(self):
+        """A message that is not protocol v1 is a protocol error that says what is wrong."""
+        _, answer = self.run_script(b'{"op":"incoming","session":"not-a-session"}')
+        error = self.failureResultOf(answer, RelayError).value
+        self.assertEqual(error.code, "bad-request")
+        self.assertIn("malformed control message", str(error))
+        self.assertIn('"session"', str(error))
+
+    def test_unexpected(self):
+        """A second answer on a registered control socket is a protocol error: the registration is lost."""
+        self.run_script(encode_ready(), encode_paired(PEER))
+        [reason] = self.lost
+        self.assertIn("unexpected 'paired' message", reason.getErrorMessage())
+
+    def test_not_a_pluresync_relay(self):
+        """A server that does not speak pluresync.v1 is unreachable, saying so."""
+        _, answer = self.run_script(subprotocol=None)
+        self.assertIn("not a pluresync relay", str(self.failureResultOf(answer, RelayUnreachableError).value))

@@ -1,5 +1,6 @@
 """
-Relay protocol v1 control messages: parsing, validation and encoding.
+Relay protocol v1 control messages: parsing, validation and encoding, in
+both directions (each encoder against the other side's parser).
 """
 
 from __future__ import annotations
@@ -13,13 +14,22 @@ from pluresync.relay.core.wire import (
     Accept,
     Connect,
     ErrorCode,
+    Incoming,
     Listen,
+    Paired,
     ProtocolError,
+    Ready,
+    RelayErrorMessage,
+    RelayMessageError,
+    encode_accept,
+    encode_connect,
     encode_error,
     encode_incoming,
+    encode_listen,
     encode_paired,
     encode_ready,
     parse_control,
+    parse_relay_message,
     short_id,
 )
 
@@ -161,7 +171,150 @@ class EncodeTests(unittest.TestCase):
             },
         )
 
+    def test_from_close_code(self) -> None:
+        """Each error's close code maps back to it; other closes are no error."""
+        for code in ErrorCode:
+            self.assertIs(ErrorCode.from_close_code(code.close_code), code)
+        for other in (1000, 1001, 1006, 4999, None):
+            self.assertIsNone(ErrorCode.from_close_code(other))
+
     def test_short_id(self) -> None:
         """Ids are logged as 8-character prefixes."""
         self.assertEqual(short_id(RDV), "abababab")
         self.assertEqual(short_id(None), "-")
+
+
+SESSION = "0123456789abcdef" * 2
+LIMITS = {"session_bytes_per_second": None, "session_bytes": 10, "session_seconds": None, "max_message": 262144}
+
+
+class ClientEncodeTests(unittest.TestCase):
+    """A client's hellos are exactly what the relay's parser accepts."""
+
+    def test_listen_round_trip(self) -> None:
+        """encode_listen parses back to the same Listen."""
+        self.assertEqual(parse_control(encode_listen(RDV, PEER)), Listen(rdv=RDV, peer=PEER))
+
+    def test_connect_round_trip(self) -> None:
+        """encode_connect parses back to the same Connect, with every optional field given or absent."""
+        for peer in (None, PEER):
+            for from_ in (None, RDV):
+                for wait in (None, 0, 2.5, 30):
+                    with self.subTest(peer=peer, from_=from_, wait=wait):
+                        self.assertEqual(
+                            parse_control(encode_connect(RDV, peer, from_, wait)),
+                            Connect(rdv=RDV, peer=peer, from_=from_, wait=wait),
+                        )
+
+    def test_connect_leaves_out_absent_fields(self) -> None:
+        """Absent optional fields are not sent at all (not even as null)."""
+        self.assertEqual(json.loads(encode_connect(RDV, None, None, None)), {"v": 1, "op": "connect", "rdv": RDV})
+
+    def test_accept_round_trip(self) -> None:
+        """encode_accept parses back to the same Accept."""
+        self.assertEqual(parse_control(encode_accept(SESSION)), Accept(session=SESSION))
+
+    def test_compact(self) -> None:
+        """Hellos are compact JSON, well under the relay's 4096-byte limit."""
+        hello = encode_connect(RDV, PEER, PEER, 30.0)
+        self.assertNotIn(b" ", hello)
+        self.assertLess(len(hello), MAX_CONTROL_BYTES)
+
+    def test_refuses_what_the_relay_would(self) -> None:
+        """Arguments the relay would refuse fail at once with ValueError, never reaching the wire."""
+        for bad in (RDV.upper(), RDV[:-1], "", None, 5):
+            self.assertRaises(ValueError, encode_listen, bad, PEER)
+            self.assertRaises(ValueError, encode_listen, RDV, bad)
+            self.assertRaises(ValueError, encode_connect, bad, None, None, None)
+        for bad in (RDV.upper(), RDV[:-1], ""):
+            self.assertRaises(ValueError, encode_connect, RDV, bad, None, None)
+            self.assertRaises(ValueError, encode_connect, RDV, None, bad, None)
+        for bad in (-1, float("nan"), float("inf"), True, "5"):
+            self.assertRaises(ValueError, encode_connect, RDV, None, None, bad)
+        for bad in (SESSION.upper(), SESSION[:-1], RDV, None):
+            self.assertRaises(ValueError, encode_accept, bad)
+
+
+class RelayMessageTests(unittest.TestCase):
+    """parse_relay_message is the inverse of the relay's encoders, and strict."""
+
+    def assertMalformed(self, payload: bytes, *words: str) -> None:
+        error = self.assertRaises(RelayMessageError, parse_relay_message, payload)
+        for word in words:
+            self.assertIn(word, str(error))
+
+    def test_ready_round_trip(self) -> None:
+        """ready, with and without limits."""
+        self.assertEqual(parse_relay_message(encode_ready()), Ready(limits=None))
+        self.assertEqual(parse_relay_message(encode_ready(LIMITS)), Ready(limits=LIMITS))
+
+    def test_incoming_round_trip(self) -> None:
+        """incoming, with a declared peer and without."""
+        self.assertEqual(parse_relay_message(encode_incoming(SESSION, None)), Incoming(SESSION, None))
+        self.assertEqual(parse_relay_message(encode_incoming(SESSION, PEER)), Incoming(SESSION, PEER))
+
+    def test_paired_round_trip(self) -> None:
+        """paired, with and without a peer and limits."""
+        for peer in (None, PEER):
+            for limits in (None, LIMITS):
+                with self.subTest(peer=peer, limits=limits):
+                    self.assertEqual(parse_relay_message(encode_paired(peer, limits)), Paired(peer, limits))
+
+    def test_error_round_trip(self) -> None:
+        """error, for every code, with and without a retry hint."""
+        for code in ErrorCode:
+            for retry in (None, 7.0):
+                with self.subTest(code=code, retry=retry):
+                    message = parse_relay_message(encode_error(code, "why", retry))
+                    self.assertEqual(message, RelayErrorMessage(code.value, "why", retry))
+                    assert isinstance(message, RelayErrorMessage)
+                    self.assertIs(message.error_code, code)
+
+    def test_unknown_error_code_kept(self) -> None:
+        """A code this client does not know (a newer relay) is kept as text; error_code is None."""
+        message = parse_relay_message(dumps({"op": "error", "code": "new-thing", "message": "m"}))
+        self.assertEqual(message, RelayErrorMessage("new-thing", "m"))
+        assert isinstance(message, RelayErrorMessage)
+        self.assertIsNone(message.error_code)
+
+    def test_unknown_fields_and_nulls(self) -> None:
+        """Unknown fields are ignored; a null optional field is absent."""
+        self.assertEqual(parse_relay_message(dumps({"op": "ready", "limits": None, "x": 1})), Ready())
+        self.assertEqual(
+            parse_relay_message(dumps({"op": "paired", "v": 1, "extra": [1]})),
+            Paired(peer=None, limits=None),
+        )
+        self.assertEqual(
+            parse_relay_message(dumps({"op": "error", "code": "timeout", "message": "", "retry": None})),
+            RelayErrorMessage("timeout", ""),
+        )
+
+    def test_not_a_message(self) -> None:
+        """Not UTF-8, not JSON, not an object, or a JSON constant: malformed, saying so."""
+        for payload in (b"", b"{", b"\xff", b"[]", b'"ready"', b"null"):
+            self.assertMalformed(payload)
+        self.assertMalformed(b'{"op":"error","code":"x","message":"","retry":NaN}', "NaN")
+
+    def test_op(self) -> None:
+        """A missing, non-string or unknown op is malformed (the client's own ops too)."""
+        self.assertMalformed(dumps({"session": SESSION}), '"op"')
+        self.assertMalformed(dumps({"op": 1}), '"op"')
+        for op in ("listen", "connect", "accept", "READY", "dance"):
+            self.assertMalformed(dumps({"op": op}), "unknown op")
+
+    def test_fields_checked(self) -> None:
+        """Every known field is checked for type and form."""
+        for session in (None, 7, SESSION.upper(), SESSION[:-1]):
+            self.assertMalformed(dumps({"op": "incoming", "session": session, "peer": None}), '"session"')
+        for peer in (7, PEER.upper(), "x"):
+            self.assertMalformed(dumps({"op": "incoming", "session": SESSION, "peer": peer}), '"peer"')
+            self.assertMalformed(dumps({"op": "paired", "peer": peer}), '"peer"')
+        for limits in ([1], "none", 5):
+            self.assertMalformed(dumps({"op": "ready", "limits": limits}), '"limits"')
+            self.assertMalformed(dumps({"op": "paired", "peer": None, "limits": limits}), '"limits"')
+        self.assertMalformed(dumps({"op": "error", "message": "m"}), '"code"')
+        self.assertMalformed(dumps({"op": "error", "code": "", "message": "m"}), '"code"')
+        self.assertMalformed(dumps({"op": "error", "code": "timeout"}), '"message"')
+        for retry in (-1, "5", True):
+            self.assertMalformed(dumps({"op": "error", "code": "timeout", "message": "", "retry": retry}), '"retry"')
+        self.assertMalformed(b'{"op":"error","code":"timeout","message":"","retry":1e400}', '"retry"')

@@ -5,6 +5,7 @@ flow control, and the errors a user sees.
 
 from __future__ import annotations
 
+from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IConsumer, IHalfCloseableProtocol, IPushProducer, ITransport
 from twisted.internet.protocol import Protocol
@@ -13,16 +14,20 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from pluresync.address import PeerAddress
 from pluresync.errors import (
     HandshakeError,
     NotChosenError,
     PeerMismatchError,
+    PluresyncError,
     RecordError,
     TruncatedStreamError,
     WrongKeyError,
 )
+from pluresync.interfaces import IPipeReceiver
 from pluresync.keys import PeerIdentity, SyncKey
 from pluresync.secure.channel import IMessageTransport, IRecordReceiver, SecureChannel
+from pluresync.secure.establish import attach, secure_pipe
 from pluresync.secure.frames import MAX_RECORD_PAYLOAD
 from pluresync.secure.handshake import Handshake
 
@@ -202,7 +207,7 @@ class RecordTests(SynchronousTestCase):
         """The transport given to protocols provides what Twisted programs expect."""
         initiator, _, _, _, left, _ = open_pair(self)
         self.assertIs(left.transport, initiator)
-        for iface in (ITransport, IPushProducer, IConsumer, IMessageTransport):
+        for iface in (ITransport, IPushProducer, IConsumer, IMessageTransport, IPipeReceiver):
             self.assertTrue(verifyObject(iface, initiator))
         self.assertEqual(initiator.getPeer().transport, "test")
 
@@ -429,3 +434,130 @@ class HalfCloseTests(SynchronousTestCase):
         initiator._sendRecord(b"\x00sneaky")
         pump(a, b)
         right.lost.trap(RecordError)
+
+    def test_close_while_half_closed(self):
+        """
+        loseConnection still closes cleanly after either direction was shut,
+        and the other side sees an orderly end.
+        """
+        for shut_ours in (True, False):
+            with self.subTest(shut_ours=shut_ours):
+                _, _, a, b, left, right = open_pair(self, HalfCloser)
+                if shut_ours:
+                    left.transport.loseWriteConnection()
+                else:
+                    right.transport.loseWriteConnection()
+                    pump(a, b)
+                    self.assertTrue(left.read_lost)
+                left.transport.loseConnection()
+                pump(a, b)
+                a.end(Failure(ConnectionDone()))
+                left.lost.trap(ConnectionDone)
+                right.lost.trap(ConnectionDone)
+
+    def test_pipe_lost_while_half_closed_is_truncation(self):
+        """A pipe that ends during a half-close, without the peer's CLOSE, is a truncated stream."""
+        _, _, a, b, left, right = open_pair(self, HalfCloser)
+        left.transport.loseWriteConnection()
+        pump(a, b)
+        self.assertTrue(right.read_lost)
+        b.end(Failure(ConnectionDone()))
+        right.lost.trap(TruncatedStreamError)
+
+    def test_shutdown_twice_is_one_shutdown(self):
+        """A second loseWriteConnection sends nothing and does not close."""
+        _, _, a, b, left, right = open_pair(self, HalfCloser)
+        left.transport.loseWriteConnection()
+        sent = len(a.outgoing)
+        left.transport.loseWriteConnection()
+        self.assertEqual(len(a.outgoing), sent)
+        self.assertFalse(a.closed)
+
+
+class EstablishTests(SynchronousTestCase):
+    """secure_pipe and attach: what every path does between its pipe and the user's protocol."""
+
+    def secure_both(self, **initiator_options):
+        key = SyncKey.generate()
+        self.initiator_id, self.responder_id = PeerIdentity.generate(), PeerIdentity.generate()
+        a, b = connected_pipes()
+
+        def binder(pipe):
+            def bind(receiver):
+                pipe.channel = receiver
+                return pipe
+
+            return bind
+
+        initiating = secure_pipe(
+            binder(a),
+            initiator=True,
+            name="path:a",
+            identity=self.initiator_id,
+            topic=key.topic("t"),
+            **initiator_options,
+        )
+        responding = secure_pipe(
+            binder(b), initiator=False, name="path:b", identity=self.responder_id, topic=key.topic("t")
+        )
+        return initiating, responding, a, b
+
+    def test_secured_and_unattached(self):
+        """The initiator's Deferred fires with a secured channel no protocol sees yet; the pipe feeds it."""
+        initiating, responding, a, b = self.secure_both()
+        pump(a, b)
+        channel = self.successResultOf(initiating)
+        self.assertIsInstance(channel, SecureChannel)
+        self.assertIs(a.channel, channel)
+        self.assertEqual(channel.getPeer(), PeerAddress("path:a", self.responder_id.peer_id))
+        self.assertEqual(channel.getHost(), PeerAddress("path:a", self.initiator_id.peer_id))
+        self.assertNoResult(responding)
+
+    def test_attach_builds_for_the_peer(self):
+        """attach builds the protocol with the channel's peer address and connects it; the responder follows."""
+        initiating, responding, a, b = self.secure_both()
+        pump(a, b)
+        seen = []
+
+        class Factory:
+            def buildProtocol(self, addr):
+                seen.append(addr)
+                return Recorder()
+
+        protocol = attach(self.successResultOf(initiating), Factory())
+        self.assertTrue(protocol.made)
+        self.assertEqual(seen, [PeerAddress("path:a", self.responder_id.peer_id)])
+        pump(a, b)
+        responder = attach(self.successResultOf(responding), Factory())
+        self.assertEqual(seen[-1], PeerAddress("path:b", self.initiator_id.peer_id))
+        protocol.transport.write(b"hi")
+        pump(a, b)
+        self.assertEqual(responder.data, b"hi")
+
+    def test_factory_refuses(self):
+        """A factory returning None: the channel is aborted and attach raises, saying why."""
+        initiating, _, a, b = self.secure_both()
+        pump(a, b)
+
+        class Refusing:
+            def buildProtocol(self, addr):
+                return None
+
+        error = self.assertRaises(PluresyncError, attach, self.successResultOf(initiating), Refusing())
+        self.assertIn("buildProtocol returned None", str(error))
+        self.assertTrue(a.aborted)
+
+    def test_expected_peer(self):
+        """expected_peer reaches the handshake: another listener is refused."""
+        initiating, responding, a, b = self.secure_both(expected_peer=PeerIdentity.generate().public)
+        pump(a, b)
+        self.failureResultOf(initiating, PeerMismatchError)
+        self.failureResultOf(responding, HandshakeError)
+
+    def test_cancel_aborts_the_pipe(self):
+        """Cancelling the attempt aborts the pipe."""
+        initiating, responding, a, _ = self.secure_both()
+        initiating.cancel()
+        self.failureResultOf(initiating, CancelledError)
+        self.assertTrue(a.aborted)
+        self.assertNoResult(responding)

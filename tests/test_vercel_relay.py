@@ -55,6 +55,10 @@ def _require_servers(test: Any) -> None:
         raise SkipTest(message)
 
 
+class UvicornExited(AssertionError):
+    """The function's process ended before it was ready."""
+
+
 class VercelInstance:
     """One instance of the Vercel function: C{uvicorn relay:app} on 127.0.0.1."""
 
@@ -78,6 +82,21 @@ class VercelInstance:
         return self._protocol is not None and not self._protocol.ended.called
 
     async def start(self) -> VercelInstance:
+        """
+        Start uvicorn; a port another process took between L{free_port} and
+        uvicorn's bind (tests run in parallel) costs one more try on a new
+        port, at most twice.
+        """
+        for attempt in range(3):
+            try:
+                return await self._start()
+            except UvicornExited:
+                if attempt == 2:
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    async def _start(self) -> VercelInstance:
         self._protocol = ProcessOutput()
         env = {
             **os.environ,
@@ -112,7 +131,7 @@ class VercelInstance:
 
     async def _healthy(self) -> bool:
         if not self.running:
-            raise AssertionError(f"uvicorn exited:\n{self.output}")
+            raise UvicornExited(f"uvicorn exited:\n{self.output}")
         try:
             status, body = await self.get("/health", timeout=2)
         except Exception:

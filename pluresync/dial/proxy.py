@@ -322,10 +322,17 @@ class _TunnelRequest(Protocol):
     """
 
     def __init__(self, attempt: _TunnelAttempt) -> None:
-        self._attempt = attempt
+        self._attempt: _TunnelAttempt | None = attempt
         self._buffer = b""
         #: the caller's protocol, once the tunnel is open
         self.handedTo: Protocol | None = None
+
+    def detach(self) -> None:
+        """
+        The attempt is over (tunnel open, failed or cancelled): report nothing
+        more to it, so a late answer or loss cannot fire its result twice.
+        """
+        self._attempt = None
 
     def connectionMade(self) -> None:
         self._attempt.tcpConnected(self)
@@ -449,7 +456,7 @@ class _TunnelAttempt:
         transport = request.transport
         self._state = "tunnel"
         self._request = None
-        request._attempt = None
+        request.detach()
         try:
             protocol = self._factory.buildProtocol(self._endpoint.address)
             if protocol is None:
@@ -478,7 +485,7 @@ class _TunnelAttempt:
         self._state = "failed"
         self._request = None
         if request is not None:
-            request._attempt = None
+            request.detach()
             request.transport.abortConnection()
         self.result.errback(Failure(RelayUnreachableError(message)))
 
@@ -487,7 +494,7 @@ class _TunnelAttempt:
         self._state = "failed"
         self._request = None
         if request is not None:
-            request._attempt = None
+            request.detach()
         if state == "tcp":
             self._connecting.cancel()  # its failure ends in _tcpFailed, ignored
         elif request is not None:

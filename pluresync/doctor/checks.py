@@ -37,7 +37,8 @@ from pluresync.doctor.report import FAIL, OK, SKIPPED, WARN, Row, Section
 from pluresync.endpoints.relay import RelayClientEndpoint, RelayConfig, RelayListeningPort
 from pluresync.errors import RelayError
 from pluresync.keys import PeerIdentity, SyncKey
-from pluresync.pipes.websocket import SUBPROTOCOL, open_relay_socket
+from pluresync.pipes.websocket import open_relay_socket
+from pluresync.relay.core.wire import CLOSE_NORMAL, SUBPROTOCOL, ErrorCode, encode_listen
 
 #: How long closing a connection may take once a check is done with it.
 CLOSE_TIMEOUT = 5.0
@@ -467,7 +468,7 @@ async def check_websocket(ctx: _Context) -> Row:
     identity = PeerIdentity.generate()
     # A listener registration under a random rendezvous id: nobody can
     # connect to it, and it is gone as soon as we close.
-    hello = {"v": 1, "op": "listen", "rdv": os.urandom(32).hex(), "peer": identity.peer_id}
+    hello = encode_listen(os.urandom(32).hex(), identity.peer_id)
     closed: Deferred[None] = Deferred()
 
     def lost(_: Failure) -> None:
@@ -507,7 +508,7 @@ async def check_websocket(ctx: _Context) -> Row:
         detail, fix = _upgrade_failure(message, ctx)
         return Row("websocket", FAIL, took, detail, fix)
     took = ctx.now() - started
-    protocol.sendClose(1000)
+    protocol.sendClose(CLOSE_NORMAL)
     try:
         await _bounded(ctx.reactor, closed, CLOSE_TIMEOUT)
     except Exception:
@@ -657,12 +658,6 @@ class _Ping(Protocol):
             self.lost.callback(None)
 
 
-class _QuietListeningPort(RelayListeningPort):
-    """The round trip's listener: its outcome is the row, not log lines ("listening through ...")."""
-
-    _log = Logger(observer=lambda event: None)
-
-
 async def check_round_trip(ctx: _Context) -> Row:
     reactor = ctx.reactor
     # A fresh random key: this listener and client meet only each other,
@@ -677,8 +672,12 @@ async def check_round_trip(ctx: _Context) -> Row:
         ping_timeout=0.0,
     )
     accepted: list[_Echo] = []
-    port = _QuietListeningPort(
-        reactor, replace(base, identity=PeerIdentity.generate()), Factory.forProtocol(lambda: _Echo(accepted))
+    # Its outcome is the row, not log lines ("listening through ...").
+    port = RelayListeningPort(
+        reactor,
+        replace(base, identity=PeerIdentity.generate()),
+        Factory.forProtocol(lambda: _Echo(accepted)),
+        log=Logger(observer=lambda event: None),
     )
     client: _Ping | None = None
     message = b"pluresync doctor " + os.urandom(16).hex().encode()
@@ -703,7 +702,7 @@ async def check_round_trip(ctx: _Context) -> Row:
         took = ctx.now() - started
         await _teardown(reactor, port, client, accepted, clean=False)
         why = _why(failure, ctx.timeout)
-        if isinstance(failure.value, RelayError) and failure.value.code == "no-listener":
+        if isinstance(failure.value, RelayError) and failure.value.code == ErrorCode.NO_LISTENER.value:
             fix = "the relay did not pair us with our own listener: it may run several instances without shared state"
         else:
             fix = (

@@ -14,8 +14,12 @@ A listener registers on every path at once and keeps each registration
 alive on its own (reconnecting with backoff), so losing one relay leaves the
 others serving.
 
-Paths are L{PathClient}/L{PathServer} pairs in a registry: C{direct:} will be
-one more registration, in front of the relays.
+The race and the listener know paths only as L{IPath} providers
+(L{pluresync.interfaces}): a path's C{client()} is an L{IPathClient} that
+stops at a secured, unattached channel, and its C{listener()} an
+L{IPathListener}.  Today the paths are the relays named in the endpoint
+string, built by L{pluresync.endpoints.parsers.auto_config}; C{direct:} will
+be one more L{IPath} in front of them, with no change here.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ from zope.interface import implementer
 
 from pluresync.address import PeerAddress
 from pluresync.endpoints import pathcache
-from pluresync.endpoints.relay import attach
 from pluresync.errors import ConnectionTimeoutError, PluresyncError
-from pluresync.interfaces import IPath
+from pluresync.interfaces import IPath, IPathClient, IPathListener
+from pluresync.secure.establish import attach
 
 #: The default head start of each path over the next, in seconds: long enough
 #: for a healthy relay on another continent to answer, short enough that a
@@ -63,7 +67,7 @@ class AutoTimeoutError(AutoConnectError, ConnectionTimeoutError):
 @dataclass(frozen=True)
 class AutoConfig:
     """
-    @ivar paths: the relay paths in priority order (C{direct:} will come first).
+    @ivar paths: the paths in priority order (the relays today; C{direct:} will come first).
     @ivar delay: head start of each path over the next.
     @ivar timeout: the whole race's deadline.
     @ivar peer: the peer we connect to, as far as known before connecting
@@ -123,7 +127,8 @@ class _Race:
             return
         path = self._order[self._next]
         self._next += 1
-        d = path.client(self._reactor).secure()
+        client: IPathClient = path.client(self._reactor)
+        d = client.secure()
         self._attempts[path.name] = d
         d.addCallbacks(self._won, self._lost, callbackArgs=(path,), errbackArgs=(path,))
         if self._next < len(self._order):
@@ -137,7 +142,7 @@ class _Race:
         self._finish()
         self._config.cache.remember(path.name, self._config.cache_key, self._reactor.seconds())
         try:
-            protocol = attach(channel, self._factory, path.name)
+            protocol = attach(channel, self._factory)
         except Exception:
             self.result.errback()
             return
@@ -236,7 +241,7 @@ class AutoListeningPort:
 
     def __init__(self, reactor, config: AutoConfig, factory) -> None:
         self._config = config
-        self._ports = {path.name: path.listener(reactor, factory) for path in config.paths}
+        self._ports: dict[str, IPathListener] = {path.name: path.listener(reactor, factory) for path in config.paths}
 
     @property
     def transports(self) -> dict[str, bool]:

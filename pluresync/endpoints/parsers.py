@@ -22,7 +22,8 @@ from zope.interface import implementer
 
 from pluresync.errors import ConfigurationError
 
-_RELAY_PARAMETERS = frozenset(
+#: Every parameter a C{relay:} string takes (docs/endpoints.md documents each).
+RELAY_PARAMETERS = frozenset(
     {"url", "keyfile", "key", "topic", "peer", "identity", "wait", "timeout", "ca", "ping", "proxy"}
     | {"token", "tokenfile"}
 )
@@ -135,10 +136,10 @@ def relay_config(*args: str, **kwargs: str):
     from pluresync.keys import PeerIdentity, load_sync_key, parse_peer_id
     from pluresync.pipes.websocket import RelayURL
 
-    unknown = sorted(set(kwargs) - _RELAY_PARAMETERS)
+    unknown = sorted(set(kwargs) - RELAY_PARAMETERS)
     if unknown:
         raise ConfigurationError(
-            f"relay endpoint: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(_RELAY_PARAMETERS))}"
+            f"relay endpoint: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(RELAY_PARAMETERS))}"
         )
     if len(args) > 1:
         raise ConfigurationError(f"relay endpoint: expected at most one relay name, got {':'.join(args)!r}")
@@ -201,7 +202,7 @@ class RelayServerParser:
         return RelayServerEndpoint(reactor, relay_config(*args, **kwargs))
 
 
-_AUTO_PARAMETERS = (_RELAY_PARAMETERS - {"url"}) | {"azure", "vercel", "relays", "delay", "config"}
+_AUTO_PARAMETERS = (RELAY_PARAMETERS - {"url"}) | {"azure", "vercel", "relays", "delay", "config"}
 
 
 def auto_config(*args: str, **kwargs: str):
@@ -239,7 +240,7 @@ def auto_config(*args: str, **kwargs: str):
         raise ConfigurationError(
             f"auto endpoint: relays= lists {', '.join(PRESETS)} (each at most once), got {kwargs.get('relays')!r}"
         )
-    common = {k: kwargs[k] for k in _RELAY_PARAMETERS - {"url"} if k in kwargs}
+    common = {k: kwargs[k] for k in RELAY_PARAMETERS - {"url"} if k in kwargs}
     if "key" not in common and "keyfile" not in common and seed.sync_key:
         text = seed.sync_key.strip()
         common["key"] = text if text.lower().startswith(KEY_PREFIX) else SyncKey.from_passphrase(text).to_text()

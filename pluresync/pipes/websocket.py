@@ -3,7 +3,8 @@ The client side of relay protocol v1: one WebSocket to a relay.
 
 This is the only client module that knows Autobahn. It opens a WebSocket
 (through TLS for C{wss://}, verifying the relay's certificate), sends the one
-control message, and reports the relay's answer:
+control message it is given (encoded by L{pluresync.relay.core.wire}, which
+also parses every answer), and reports the relay's answer:
 
  - a listener's control socket fires C{ready}, then calls C{on_incoming} for
    each connector;
@@ -17,7 +18,6 @@ L{RelayUnreachableError} when no WebSocket could be opened at all.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,17 +43,30 @@ from pluresync.errors import (
     RelayLostError,
     RelayUnreachableError,
 )
-from pluresync.interfaces import IPipe
+from pluresync.interfaces import IPipe, IPipeReceiver
+from pluresync.reactortimers import ReactorTimers
+from pluresync.relay.core.wire import (
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    SUBPROTOCOL,
+    ErrorCode,
+    Incoming,
+    Paired,
+    Ready,
+    RelayErrorMessage,
+    RelayMessageError,
+    parse_relay_message,
+)
 from pluresync.wsframes import FastDataPath, FrameError, client_frame
 
-SUBPROTOCOL = "pluresync.v1"
+#: What the relay answers a hello with: C{ready} to a listener, C{paired}
+#: to a connector or an acceptor.
+Answer = Ready | Paired
 #: Largest WebSocket message we accept from the relay: one record frame
 #: (64 KiB) with room to spare; anything larger is not ours.
 MAX_INCOMING_MESSAGE = 256 * 1024
 
 _STATE_OPEN = WebSocketClientProtocol.STATE_OPEN
-_CLOSE_PEER_GONE = 4010
-_CLOSE_GOING_AWAY = 1001
 #: The relay's refusal reason code at the end of its 401 reason phrase.
 _AUTH_REASON = re.compile(r"\(([a-z][a-z-]{0,30})\)\s*$")
 
@@ -112,7 +125,7 @@ class RelayURL:
 
 
 @implementer(IPipe)
-class _WebSocketPipe:
+class WebSocketPipe:
     """A paired relay WebSocket seen as an L{IPipe}: one message per write."""
 
     __slots__ = ("_protocol", "_transport")
@@ -138,7 +151,7 @@ class _WebSocketPipe:
         self._transport.unregisterProducer()
 
     def close(self) -> None:
-        self._protocol.sendClose(1000)
+        self._protocol.sendClose(CLOSE_NORMAL)
 
     def abort(self) -> None:
         self._transport.abortConnection()
@@ -154,7 +167,7 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
         self._opened = False
         self._answered = False
         self._relay_error: RelayError | None = None
-        self._channel = None
+        self._channel: IPipeReceiver | None = None
         self._lost_reason: Failure | None = None
 
     def connectionLost(self, reason: Failure) -> None:
@@ -171,8 +184,12 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
             self.dropConnection(abort=True)
 
     def onOpen(self) -> None:
+        if self.state != _STATE_OPEN:
+            # onConnect refused the server and dropped the socket, but
+            # Autobahn opens it anyway: sending would raise into its Deferred.
+            return
         self._opened = True
-        self.sendMessage(json.dumps(self.factory.hello).encode("utf-8"), isBinary=False)
+        self.sendMessage(self.factory.hello, isBinary=False)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
@@ -182,32 +199,30 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
                 self._protocolError("the relay sent data before pairing")
             return
         try:
-            message = json.loads(payload)
-            op = message["op"]
-        except (ValueError, TypeError, KeyError):
-            self._protocolError("the relay sent a malformed control message")
+            message = parse_relay_message(payload)
+        except RelayMessageError as e:
+            self._protocolError(f"the relay sent a malformed control message ({e})")
             return
-        if op == "error":
-            code = str(message.get("code"))
-            text = str(message.get("message", ""))[:200]
-            self._relay_error = RelayError(f"the relay at {self.factory.relay.host} refused: {code}: {text}", code)
-        elif op == "incoming" and self._answered and self.factory.on_incoming is not None:
-            session, peer = message.get("session"), message.get("peer")
-            if isinstance(session, str):
-                self.factory.on_incoming(session, peer if isinstance(peer, str) else None)
-        elif op in ("ready", "paired") and not self._answered:
-            # Their "limits" (docs/protocol.md) are not used yet: a client
+        if isinstance(message, RelayErrorMessage):
+            self._relay_error = RelayError(
+                f"the relay at {self.factory.relay.host} refused: {message.code}: {message.message[:200]}",
+                message.code,
+            )
+        elif isinstance(message, Incoming) and self._answered and self.factory.on_incoming is not None:
+            self.factory.on_incoming(message.session, message.peer)
+        elif isinstance(message, (Ready, Paired)) and not self._answered:
+            # Their limits (docs/protocol.md) are not used yet: a client
             # could pick another relay before reaching them.
             self._answered = True
             self.factory.answered(self, message)
         else:
-            self._protocolError(f"the relay sent an unexpected {op!r} message")
+            self._protocolError(f"the relay sent an unexpected {message.op!r} message")
 
     def _protocolError(self, text: str) -> None:
-        self._relay_error = RelayError(f"protocol error: {text}", "bad-request")
+        self._relay_error = RelayError(f"protocol error: {text}", ErrorCode.BAD_REQUEST.value)
         self.dropConnection(abort=True)
 
-    def becomePipe(self, channel) -> _WebSocketPipe:
+    def becomePipe(self, channel: IPipeReceiver) -> WebSocketPipe:
         """
         After C{paired}: deliver binary messages to C{channel} from now on,
         through the lean frame reader (L{pluresync.wsframes}).
@@ -218,7 +233,7 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
             max_message=MAX_INCOMING_MESSAGE,
             on_data=lambda payload, opcode, fin: channel.pipeDataReceived(payload),
         )
-        return _WebSocketPipe(self)
+        return WebSocketPipe(self)
 
     def framingFailed(self, error: FrameError) -> None:
         self._protocolError(f"the relay broke the WebSocket framing: {error.message}")
@@ -252,55 +267,29 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
                 return auth_error(relay.host, self.factory.sent_token, status_line)
             detail = getattr(self, "wasNotCleanReason", None) or reason or "connection failed"
             return RelayUnreachableError(f"could not open a WebSocket to the relay at {relay.host}: {detail}")
-        if code == _CLOSE_GOING_AWAY:
+        if code == CLOSE_GOING_AWAY:
             return RelayError(f"the relay at {relay.host} is shutting down", "going-away")
         return RelayError(f"the relay at {relay.host} closed the connection (code {code}: {reason})")
 
     def _pipeEnd(self, wasClean: bool, code: int | None) -> Failure:
         relay = self.factory.relay.host
-        if wasClean and code == 1000:
+        if wasClean and code == CLOSE_NORMAL:
             return Failure(ConnectionDone())
-        if code == _CLOSE_PEER_GONE:
+        if ErrorCode.from_close_code(code) is ErrorCode.PEER_GONE:
             return Failure(PeerGoneError("the peer vanished (its connection to the relay ended without a clean close)"))
         if self._relay_error is not None:
             return Failure(RelayLostError(str(self._relay_error)))
-        if code == _CLOSE_GOING_AWAY:
+        if code == CLOSE_GOING_AWAY:
             return Failure(RelayLostError(f"the relay at {relay} is shutting down (going away)"))
         return Failure(RelayLostError(f"the connection to the relay at {relay} was lost (close code {code})"))
 
 
-class _Timer:
-    """A cancellable call that tolerates being cancelled after it ran."""
-
-    __slots__ = ("_call",)
-
-    def __init__(self, call) -> None:
-        self._call = call
-
-    def cancel(self) -> None:
-        if self._call.active():
-            self._call.cancel()
-
-
-class ReactorTimers:
-    """
-    Autobahn's timer hook (C{factory._batched_timer}) on our own reactor.
-
-    Autobahn batches its timers on the global reactor, and a cancelled timer
-    leaves its bucket's DelayedCall behind; both break tests on a fake clock
-    or trial's clean-reactor check, and a client holds only a few sockets, so
-    batching buys nothing here.
-    """
-
-    def __init__(self, reactor) -> None:
-        self._reactor = reactor
-
-    def call_later(self, delay, func, *args, **kwargs) -> _Timer:
-        return _Timer(self._reactor.callLater(delay, func, *args, **kwargs))
-
-
 class RelaySocketFactory(WebSocketClientFactory):
-    """Makes one L{RelaySocketProtocol} that sends C{hello} and reports the answer."""
+    """
+    Makes one L{RelaySocketProtocol} that sends C{hello} (an encoded control
+    message: L{pluresync.relay.core.wire.encode_listen} and its siblings)
+    and reports the answer.
+    """
 
     protocol = RelaySocketProtocol
     noisy = False  # one socket per connection: "Starting factory" lines are noise
@@ -309,7 +298,7 @@ class RelaySocketFactory(WebSocketClientFactory):
         self,
         reactor,
         relay: RelayURL,
-        hello: dict,
+        hello: bytes,
         *,
         ping_interval: float,
         ping_timeout: float,
@@ -333,14 +322,16 @@ class RelaySocketFactory(WebSocketClientFactory):
             perMessageCompressionOffers=[],
             tcpNoDelay=True,
         )
+        # Autobahn's pings and timeouts on our reactor, not the global one; a
+        # client holds only a few sockets, so batching would buy nothing.
         self._batched_timer = ReactorTimers(reactor)
         self.relay = relay
         self.hello = hello
         self.on_incoming = on_incoming
         self.on_lost = on_lost
-        self.answer: Deferred[tuple[RelaySocketProtocol, dict]] = Deferred()
+        self.answer: Deferred[tuple[RelaySocketProtocol, Answer]] = Deferred()
 
-    def answered(self, protocol: RelaySocketProtocol, message: dict) -> None:
+    def answered(self, protocol: RelaySocketProtocol, message: Answer) -> None:
         if not self.answer.called:
             self.answer.callback((protocol, message))
 
@@ -352,7 +343,7 @@ class RelaySocketFactory(WebSocketClientFactory):
 def open_relay_socket(
     reactor,
     relay: RelayURL,
-    hello: dict,
+    hello: bytes,
     *,
     ca: list[Certificate] | None = None,
     ping_interval: float = 25.0,
@@ -361,18 +352,18 @@ def open_relay_socket(
     on_lost: Callable[[Failure], None] | None = None,
     proxy: ProxyConfig | None = None,
     token: str | None = None,
-) -> Deferred[tuple[RelaySocketProtocol, dict]]:
+) -> Deferred[tuple[RelaySocketProtocol, Answer]]:
     """
-    Open a WebSocket to C{relay}, send C{hello}, and wait for the relay's
-    C{ready} or C{paired}.
+    Open a WebSocket to C{relay}, send C{hello} (an encoded control message),
+    and wait for the relay's C{ready} or C{paired}.
 
     @param ca: trust these CA certificates instead of the system's (for a
         private relay). Verification is never switched off.
     @param proxy: reach the relay through this HTTP proxy (CONNECT).
     @param token: the relay token, sent as C{Authorization: Bearer} on the
         upgrade (a 401 answer fails with L{RelayAuthError}).
-    @return: a Deferred firing with the protocol and the relay's answer;
-        cancelling it aborts the socket.
+    @return: a Deferred firing with the protocol and the relay's answer (a
+        L{Ready} or L{Paired}); cancelling it aborts the socket.
     """
     factory = RelaySocketFactory(
         reactor,
@@ -410,7 +401,7 @@ def open_relay_socket(
         for protocol in protocols:
             protocol.transport.abortConnection()
 
-    result: Deferred[tuple[RelaySocketProtocol, dict]] = Deferred(cancel)
+    result: Deferred[tuple[RelaySocketProtocol, Answer]] = Deferred(cancel)
 
     def connected(protocol: RelaySocketProtocol) -> None:
         protocols.append(protocol)

@@ -39,6 +39,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from pluresync.address import PeerAddress
 from pluresync.errors import HandshakeError, NotChosenError, RecordError, TruncatedStreamError
+from pluresync.interfaces import IPipeReceiver
 from pluresync.keys import format_peer_id
 from pluresync.noise import NoiseError
 from pluresync.secure.frames import (
@@ -85,12 +86,22 @@ class _State(Enum):
     CONFIRMING = auto()  # initiator: sent frame 3, waiting for READY
     CHOOSING = auto()  # responder: sent READY, waiting for USE (or CLOSE)
     SECURED = auto()  # keys ready, no protocol attached yet
-    OPEN = auto()  # a protocol is attached; records flow
+    OPEN = auto()  # a protocol is attached; records flow both ways
+    READ_SHUT = auto()  # the peer ended its direction (SHUTDOWN); we may still write
+    WRITE_SHUT = auto()  # we ended ours (SHUTDOWN); the peer may still write
     CLOSING = auto()  # we sent CLOSE; waiting for the pipe to end
     CLOSED = auto()  # connectionLost delivered (or the handshake failed)
 
 
-@implementer(ITransport, IPushProducer, IConsumer, IMessageTransport)
+# A half-close is a state of its own, not flags beside one: once both
+# directions are shut the channel moves on to CLOSING, so "open" is these
+# three, and each direction is open in two of them.
+_ATTACHED = frozenset({_State.OPEN, _State.READ_SHUT, _State.WRITE_SHUT})
+_CAN_WRITE = frozenset({_State.OPEN, _State.READ_SHUT})
+_CAN_READ = frozenset({_State.OPEN, _State.WRITE_SHUT})
+
+
+@implementer(ITransport, IPushProducer, IConsumer, IMessageTransport, IPipeReceiver)
 class SecureChannel:
     """
     One end-to-end encrypted stream over one pipe.
@@ -116,8 +127,6 @@ class SecureChannel:
         self._paused = False
         self._lost_before_attach: Failure | None = None
         self._processing = False
-        self._read_shut = False
-        self._write_shut = False
         self.peer_id: str | None = None
         self.disconnecting = False
         self.secured: Deferred[str] = Deferred(self._cancel)
@@ -144,7 +153,7 @@ class SecureChannel:
             self.secured.errback(Failure(error))
         elif state is _State.SECURED:
             self._lost_before_attach = self._uncleanEnd(reason)
-        elif state is _State.OPEN:
+        elif state in _ATTACHED:
             self._connectionLost(self._uncleanEnd(reason))
         elif state is _State.CLOSING:
             self._connectionLost(Failure(ConnectionDone("closed by us")))
@@ -172,6 +181,8 @@ class SecureChannel:
                 _State.CONFIRMING,
                 _State.CHOOSING,
                 _State.OPEN,
+                _State.READ_SHUT,
+                _State.WRITE_SHUT,
                 _State.CLOSING,
             ):
                 body = self._decoder.next()
@@ -273,9 +284,9 @@ class SecureChannel:
             self._connectionLost(Failure(e))
             return
         if kind == RecordType.DATA or kind == RecordType.END:
-            if self._state is not _State.OPEN:
+            if self._state not in _ATTACHED:
                 return  # we are closing: late data is discarded, as after loseConnection
-            if self._read_shut:
+            if self._state not in _CAN_READ:
                 self._state = _State.CLOSED
                 self._pipe.abort()
                 self._connectionLost(Failure(RecordError("the peer sent data after ending its side")))
@@ -287,7 +298,7 @@ class SecureChannel:
         elif kind == RecordType.SHUTDOWN:
             self._peerShutdown()
         elif kind == RecordType.CLOSE:
-            was_open = self._state is _State.OPEN
+            was_open = self._state in _ATTACHED
             self._state = _State.CLOSED
             self._pipe.close()
             if was_open or self._protocol is not None:
@@ -303,13 +314,13 @@ class SecureChannel:
         C{readConnectionLost} and may go on writing; any other protocol is
         closed, as Twisted's TCP does at end of input.
         """
-        if self._state is not _State.OPEN or self._read_shut:
+        if self._state not in _CAN_READ:
             return
-        self._read_shut = True
         half = IHalfCloseableProtocol(self._protocol, None)
-        if half is None or self._write_shut:
+        if half is None or self._state is _State.WRITE_SHUT:
             self._finish()
         else:
+            self._state = _State.READ_SHUT
             half.readConnectionLost()
 
     def _finish(self) -> None:
@@ -364,7 +375,7 @@ class SecureChannel:
         # The records of one write go to the pipe in batches of up to two
         # records, so a 64 KiB write (one full record and a small one) is one
         # pipe write, i.e. one WebSocket message, not two.
-        if self._state is not _State.OPEN or self._write_shut:
+        if self._state not in _CAN_WRITE:
             return
         view = memoryview(data)
         total = len(view)
@@ -383,9 +394,7 @@ class SecureChannel:
     def write(self, data: bytes) -> None:
         if not data:
             return
-        if self._write_shut:
-            return
-        if len(data) <= MAX_RECORD_PAYLOAD and self._state is _State.OPEN:
+        if len(data) <= MAX_RECORD_PAYLOAD and self._state in _CAN_WRITE:
             self._pipe.write(self._seal(_DATA + data))
         else:
             self._writeRecords(data, RecordType.DATA)
@@ -411,18 +420,21 @@ class SecureChannel:
         Half-close: tell the peer, authenticated, that we will write no
         more, and go on reading (C{pluresync connect} sends stdin's end so).
         """
-        if self._state is not _State.OPEN or self._write_shut:
+        if self._state not in _CAN_WRITE:
             return
-        self._write_shut = True
+        both = self._state is _State.READ_SHUT
+        # Shut before sending, so nothing the send sets off can write after it.
+        self._state = _State.WRITE_SHUT
         self._sendRecord(_SHUTDOWN)
-        half = IHalfCloseableProtocol(self._protocol, None)
-        if self._read_shut:
+        if both:
             self._finish()
-        elif half is not None:
+            return
+        half = IHalfCloseableProtocol(self._protocol, None)
+        if half is not None:
             half.writeConnectionLost()
 
     def loseConnection(self) -> None:
-        if self._state is not _State.OPEN:
+        if self._state not in _ATTACHED:
             return
         self.disconnecting = True
         self._sendRecord(_CLOSE)

@@ -2,8 +2,8 @@
 Framing of the end-to-end byte stream: length-prefixed frames, then records.
 
 Every transport below (a relay's WebSocket, later a TCP or QUIC stream) is
-treated as a plain byte stream, so one framing serves them all and a pipe can
-be swapped without the peers noticing.
+treated as a plain byte stream, so one framing serves them all and a new kind
+of pipe needs no framing of its own.
 
 Wire format (all integers big-endian)::
 
@@ -13,8 +13,11 @@ Wire format (all integers big-endian)::
     record phase:     body = seq:u64 ciphertext
                       ciphertext = ChaChaPoly(k, nonce=seq, ad="", type:u8 payload)
 
-The sequence number is the Noise nonce, sent in clear so that after a pipe
-swap a receiver can recognise records it already has.
+The sequence number is the Noise nonce, sent in clear.  Today a receiver
+only checks that each record carries the nonce it expects (a record lost,
+repeated or reordered fails), since a connection lives and dies with one
+pipe; carrying it is what will let a receiver recognise records it already
+has once a connection can move between pipes (issue 9).
 """
 
 from __future__ import annotations

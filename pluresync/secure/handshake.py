@@ -18,6 +18,10 @@ fails C{connect()} on both sides instead of failing a connection that looked
 established; the responder waits for USE before it builds a protocol, so an
 initiator racing several relays leaves no stray connections at listeners.
 
+The READY, USE and CLOSE records travel after the Noise messages, sealed
+with the new keys, so this module only produces the keys:
+L{pluresync.secure.channel} sends and checks those records.
+
 This module is pure (no I/O): L{Handshake} takes frame bodies and returns
 frame bodies to send; L{pluresync.secure.channel} drives it.
 """
@@ -96,8 +100,9 @@ class Handshake:
         Take one frame body from the peer.
 
         @return: the frame bodies to send, and the L{Secured} result when
-            this side is done (the responder after frame 3; the initiator
-            reports READY through L{confirm} instead).
+            the responder is done (after frame 3).  The initiator's keys are
+            ready after frame 2 but not yet confirmed: it gets them from
+            L{pending} to open the READY record that confirms them.
         @raise HandshakeAborted: the handshake failed; send its notice (if
             any), then close.
         """

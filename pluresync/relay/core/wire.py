@@ -1,5 +1,13 @@
 """
-The control messages of relay protocol v1: parsing, validation, encoding.
+The control messages of relay protocol v1, both directions, for both sides.
+
+The relay parses what clients send (L{parse_control}) and encodes its answers
+(L{encode_ready}, L{encode_incoming}, L{encode_paired}, L{encode_error}); a
+client encodes its one hello (L{encode_listen}, L{encode_connect},
+L{encode_accept}) and parses the answers (L{parse_relay_message}).  Keeping
+both directions here means the two sides cannot drift apart: every encoder
+is the inverse of the other side's parser, and the subprotocol, the close
+codes and the op names are spelled nowhere else.
 
 Pure Python: no Twisted, no Autobahn.  C{docs/protocol.md} is the
 specification; this module is its executable form.
@@ -11,8 +19,9 @@ import enum
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 SUBPROTOCOL = "pluresync.v1"
 VERSION = 1
@@ -44,6 +53,15 @@ class ErrorCode(enum.Enum):
         """The WebSocket close code that goes with this error."""
         return _CLOSE_CODES[self]
 
+    @classmethod
+    def from_close_code(cls, code: int | None) -> ErrorCode | None:
+        """
+        The error a close code stands for, or C{None} (1000, 1001, 1006 and
+        codes of no error): after pairing the relay sends no error message,
+        so the close code is all a client learns.
+        """
+        return _ERRORS_BY_CLOSE_CODE.get(code)
+
 
 _CLOSE_CODES = {
     ErrorCode.BAD_REQUEST: 4000,
@@ -55,6 +73,7 @@ _CLOSE_CODES = {
     ErrorCode.PEER_GONE: 4010,
     ErrorCode.RATE_LIMITED: 4029,
 }
+_ERRORS_BY_CLOSE_CODE = {close: error for error, close in _CLOSE_CODES.items()}
 
 
 class ProtocolError(Exception):
@@ -194,6 +213,66 @@ def _encode(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode("utf-8")
 
 
+# -- what a client sends -------------------------------------------------------
+
+
+def _check_hex64(name: str, value: str | None, required: bool) -> None:
+    if value is None and not required:
+        return
+    if not isinstance(value, str) or not _HEX64.match(value):
+        raise ValueError(f"{name} must be 64 lowercase hex characters")
+
+
+def encode_listen(rdv: str, peer: str) -> bytes:
+    """
+    A listener's hello: register under C{rdv} as peer C{peer}.
+
+    @raise ValueError: an argument the relay would refuse (a client bug,
+        caught before it costs a round trip).
+    """
+    _check_hex64("rdv", rdv, required=True)
+    _check_hex64("peer", peer, required=True)
+    return _encode({"v": VERSION, "op": "listen", "rdv": rdv, "peer": peer})
+
+
+def encode_connect(rdv: str, peer: str | None, from_: str | None, wait: float | None) -> bytes:
+    """
+    A connector's hello: pair with a listener of C{rdv} (with peer id
+    C{peer}, if given), telling it our own id C{from_}; C{wait}: seconds the
+    relay may hold us waiting for one.  Absent fields (C{None}) are left out.
+
+    @raise ValueError: an argument the relay would refuse.
+    """
+    _check_hex64("rdv", rdv, required=True)
+    _check_hex64("peer", peer, required=False)
+    _check_hex64("from", from_, required=False)
+    message: dict[str, Any] = {"v": VERSION, "op": "connect", "rdv": rdv}
+    if peer is not None:
+        message["peer"] = peer
+    if from_ is not None:
+        message["from"] = from_
+    if wait is not None:
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait) or wait < 0:
+            raise ValueError("wait must be a finite number of seconds >= 0")
+        message["wait"] = wait
+    return _encode(message)
+
+
+def encode_accept(session: str) -> bytes:
+    """
+    A listener's hello on a new socket: take the connector of C{session}
+    (from an C{incoming}).
+
+    @raise ValueError: not a session id the relay hands out.
+    """
+    if not isinstance(session, str) or not _SESSION.match(session):
+        raise ValueError("session must be 32 lowercase hex characters")
+    return _encode({"v": VERSION, "op": "accept", "session": session})
+
+
+# -- what the relay sends ------------------------------------------------------
+
+
 def encode_ready(limits: dict[str, Any] | None = None) -> bytes:
     """The relay's answer to a listener's C{listen} (with the C{limits} in force)."""
     if limits is None:
@@ -218,6 +297,150 @@ def encode_error(code: ErrorCode, message: str, retry: float | None = None) -> b
     if retry is None:
         return _encode({"op": "error", "code": code.value, "message": message})
     return _encode({"op": "error", "code": code.value, "message": message, "retry": retry})
+
+
+# -- what a client reads -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    """
+    The relay registered our listener.
+
+    @ivar limits: the relay's announced limits as sent (C{None}: an older
+        relay, or none announced); kept as data, unread so far, so a client
+        can later pick another relay before it reaches them.
+    """
+
+    op: ClassVar[str] = "ready"
+
+    limits: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A connector (declaring C{peer}, or C{None}) waits for our listener in C{session}."""
+
+    op: ClassVar[str] = "incoming"
+
+    session: str
+    peer: str | None
+
+
+@dataclass(frozen=True)
+class Paired:
+    """
+    This socket is one end of a pair; binary messages flow from now on.
+
+    @ivar peer: the other side's declared peer id (a claim of the other
+        client, proven only by the end-to-end handshake), or C{None}.
+    @ivar limits: as in L{Ready}.
+    """
+
+    op: ClassVar[str] = "paired"
+
+    peer: str | None
+    limits: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class RelayErrorMessage:
+    """
+    The relay's refusal, sent before it closes the socket.
+
+    @ivar code: the wire code as sent: a relay newer than this client may
+        send one that L{ErrorCode} does not know yet (see L{error_code}).
+    @ivar message: for humans; clients act on C{code}.
+    @ivar retry: seconds after which trying again may succeed (a hint), or C{None}.
+    """
+
+    op: ClassVar[str] = "error"
+
+    code: str
+    message: str
+    retry: float | None = None
+
+    @property
+    def error_code(self) -> ErrorCode | None:
+        """The code as an L{ErrorCode}, or C{None} for one this client does not know."""
+        try:
+            return ErrorCode(self.code)
+        except ValueError:
+            return None
+
+
+RelayMessage = Ready | Incoming | Paired | RelayErrorMessage
+
+
+class RelayMessageError(ValueError):
+    """
+    The relay sent a text message that is not one of protocol v1's: the
+    client cannot know what the relay meant, so it gives up the socket.
+    """
+
+
+def _limits(obj: dict[str, Any]) -> Mapping[str, Any] | None:
+    value = obj.get("limits")
+    if value is not None and not isinstance(value, dict):
+        raise RelayMessageError('"limits" must be an object')
+    return value
+
+
+def _peer(obj: dict[str, Any]) -> str | None:
+    value = obj.get("peer")
+    if value is not None and (not isinstance(value, str) or not _HEX64.match(value)):
+        raise RelayMessageError('"peer" must be 64 lowercase hex characters or null')
+    return value
+
+
+def parse_relay_message(payload: bytes) -> RelayMessage:
+    """
+    Parse one message from the relay (the payload of a text frame): the
+    inverse of L{encode_ready}, L{encode_incoming}, L{encode_paired} and
+    L{encode_error}.
+
+    Unknown extra fields are ignored and a C{null} optional field counts as
+    absent, as the protocol asks of clients; everything else is checked.
+
+    @raise RelayMessageError: the payload is not a relay message of protocol
+        v1 (the exception's text says what is wrong).
+    """
+    try:
+        obj = json.loads(payload.decode("utf-8"), parse_constant=_reject_relay_constant)
+    except RelayMessageError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise RelayMessageError("not a JSON text") from None
+    if not isinstance(obj, dict):
+        raise RelayMessageError("not a JSON object")
+    op = obj.get("op")
+    if op == Ready.op:
+        return Ready(limits=_limits(obj))
+    if op == Incoming.op:
+        session = obj.get("session")
+        if not isinstance(session, str) or not _SESSION.match(session):
+            raise RelayMessageError('"session" must be 32 lowercase hex characters')
+        return Incoming(session=session, peer=_peer(obj))
+    if op == Paired.op:
+        return Paired(peer=_peer(obj), limits=_limits(obj))
+    if op == RelayErrorMessage.op:
+        code, message, retry = obj.get("code"), obj.get("message"), obj.get("retry")
+        if not isinstance(code, str) or not code:
+            raise RelayMessageError('"code" must be a non-empty string')
+        if not isinstance(message, str):
+            raise RelayMessageError('"message" must be a string')
+        if retry is not None:
+            if isinstance(retry, bool) or not isinstance(retry, (int, float)) or not 0 <= retry < math.inf:
+                raise RelayMessageError('"retry" must be a finite number of seconds >= 0')
+            retry = float(retry)
+        return RelayErrorMessage(code=code, message=message, retry=retry)
+    if isinstance(op, str):
+        raise RelayMessageError(f"unknown op {op[:20]!r}; expected ready, incoming, paired or error")
+    raise RelayMessageError('"op" must be a string')
+
+
+def _reject_relay_constant(name: str) -> Any:
+    raise RelayMessageError(f"{name} is not valid JSON")
 
 
 def short_id(value: str | None) -> str:
