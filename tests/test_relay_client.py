@@ -327,6 +327,17 @@ class ListeningPortMachineTests(SynchronousTestCase):
         self.offer("ef" * 16, index=0)
         self.assertEqual(len(self.relay.opened), 2)
 
+    def test_stop_abandons_accepts_after_a_loss(self):
+        """An accept still in its handshake when the registration drops is abandoned by a stop in the backoff."""
+        self.port.startListening()
+        self.answer()
+        self.offer("cd" * 16)
+        self.lose(index=0)
+        self.assertFalse(self.relay.opened[1][2].called)
+        self.successResultOf(self.port.stopListening())
+        self.assertTrue(self.relay.opened[1][2].called)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_start_twice(self):
         """startListening again while registering waits for the same registration; once up, it is up."""
         first = self.port.startListening()

@@ -471,6 +471,7 @@ def _stopped_already(inputs: _PortInputs, core: _PortCore) -> Deferred[None]:
 def _stop_registering(inputs: _PortInputs, core: _PortCore) -> Deferred[None]:
     # Its failure (cancelled) reaches the startListening callers once
     # this transition is over.
+    core.abandon_accepts()  # offers from a registration lost meanwhile
     registration, core.registration = core.registration, None
     if registration is not None:
         registration.cancel()
@@ -479,6 +480,7 @@ def _stop_registering(inputs: _PortInputs, core: _PortCore) -> Deferred[None]:
 
 @_WAITING.upon(_PortInputs.stop).to(_STOPPED)
 def _stop_waiting(inputs: _PortInputs, core: _PortCore) -> Deferred[None]:
+    core.abandon_accepts()  # offers from the registration just lost
     retry, core.retry_call = core.retry_call, None
     if retry is not None and retry.active():
         retry.cancel()
