@@ -135,3 +135,16 @@ class LayoutRuleTests(unittest.TestCase):
                     if node.module.startswith(("pluresync.endpoints", "pluresync.pipes", "pluresync.relay.server")):
                         problems.append(f"{path}:{node.lineno}: {node.module}")
         self.assertEqual(problems, [], "\n".join(problems))
+
+    def test_client_knows_only_the_wire(self) -> None:
+        """The client's layers use the relay's message rules (relay/core/wire.py) and nothing else of the relay."""
+        problems = []
+        client = ("pluresync/endpoints/", "pluresync/pipes/", "pluresync/secure/", "pluresync/dial/")
+        for path, tree in _modules():
+            if not path.startswith(client):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pluresync.relay"):
+                    if node.module != "pluresync.relay.core.wire":
+                        problems.append(f"{path}:{node.lineno}: {node.module}")
+        self.assertEqual(problems, [], "\n".join(problems))
