@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from pluresync.relay.cluster.protocol import (
+    MAX_REMOTE_OFFERS,
     AcceptAnswer,
     AcceptRequest,
     ClusterKeys,
@@ -177,8 +178,33 @@ class NodeTests(SynchronousTestCase):
         self.assertEqual([item for item, _ in self.delivered], ["first", "second"])
         self.assertFalse(self.node.listener_removed(RDV, PEER, "first"))
         self.assertTrue(self.node.listener_removed(RDV, PEER, "second"))
+        del self.published[:]  # each listener's gone for its offer: test_leaving_listener
         self.node.received(encode(offer))
         self.assertEqual(self.published, [(f"p:i:{OTHER}", Gone(SESSION))])
+
+    def test_leaving_listener(self) -> None:
+        """A listener leaving tells the owner of each remote offer it got (only its own) that it is gone."""
+        self.node.listener_added(RDV, PEER, "first")
+        self.node.listener_added(RDV, PEER, "second")
+        other_session = "6f" * 16
+        self.node.received(encode(Offer(RDV, PEER, SESSION, FROM, OTHER)))
+        self.node.received(encode(Offer(RDV, PEER, other_session, FROM, THIRD)))
+        self.node.listener_removed(RDV, PEER, "first")
+        self.assertEqual(self.published, [(f"p:i:{OTHER}", Gone(SESSION))])
+        self.node.listener_removed(RDV, PEER, "second")
+        self.assertEqual(self.published[1:], [(f"p:i:{THIRD}", Gone(other_session))])
+        self.node.listener_removed(RDV, PEER, "second")
+        self.assertEqual(len(self.published), 2, "said once")
+
+    def test_remote_offers_bounded(self) -> None:
+        """A listener remembers at most MAX_REMOTE_OFFERS offers (the oldest go first)."""
+        self.node.listener_added(RDV, PEER, "only")
+        for n in range(MAX_REMOTE_OFFERS + 5):
+            self.node.received(encode(Offer(RDV, PEER, f"{n:032x}", FROM, OTHER)))
+        self.node.listener_removed(RDV, PEER, "only")
+        sessions = [gone.session for _, gone in self.published]
+        self.assertEqual(len(sessions), MAX_REMOTE_OFFERS)
+        self.assertEqual(sessions[0], f"{5:032x}")
 
     def test_announcement_and_gone(self) -> None:
         """An announced listener is offered the waiting connectors; gone fails an offered one."""

@@ -37,9 +37,6 @@ log = logging.getLogger("pluresync.relay.asgi")
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-#: What a listener keeps of the remote offers it got (see RelaySocket.remote_offer).
-_MAX_REMOTE_OFFERS = 1024
-
 #: The close code an ASGI server reports when the client sent none.
 _NO_STATUS = 1005
 
@@ -57,7 +54,6 @@ class RelaySocket:
         self.connector: Connector | None = None
         self.pipe: Pipe | None = None
         #: sessions of other instances' connectors offered to this listener → owner
-        self._remote_offers: dict[str, str] = {}
         #: the last ASGI write; each write waits for the one before (order)
         self._last_write: asyncio.Future[bool] | None = None
         limits = instance.config.limits
@@ -164,22 +160,6 @@ class RelaySocket:
 
     def counted(self, code: ErrorCode) -> None:
         """No metrics on this front (the function has no C{/metrics})."""
-
-    # -- remote offers --------------------------------------------------------------
-
-    def remote_offer(self, session: str, owner: str) -> None:
-        """
-        Another instance's connector is offered to this listener: remember
-        its owner, to say C{gone} if this listener leaves first.  Bounded:
-        the oldest are long accepted or expired.
-        """
-        self._remote_offers[session] = owner
-        while len(self._remote_offers) > _MAX_REMOTE_OFFERS:
-            del self._remote_offers[next(iter(self._remote_offers))]
-
-    def take_remote_offers(self) -> list[tuple[str, str]]:
-        offers, self._remote_offers = list(self._remote_offers.items()), {}
-        return offers
 
     # -- life ------------------------------------------------------------------------
 

@@ -263,13 +263,8 @@ class RelayInstance:
         self.registry.remove_listener(listener)
         if self.node.listener_removed(listener.rdv, listener.peer, socket):
             self.spawn(quiet(self.redis.execute_command(*self.node.withdrawal(listener.rdv, listener.peer))))
-        # Connectors of other instances offered to this listener and not yet
-        # accepted: no-listener (a "gone" for an accepted one changes nothing).
-        for session, owner in socket.take_remote_offers():
-            self.node.gone(session, owner)
 
     def _deliver_offer(self, socket: RelaySocket, offer: Offer) -> None:
-        socket.remote_offer(offer.session, offer.owner)
         socket.session.incoming(offer.session, offer.from_)
 
     # -- connectors --------------------------------------------------------------

@@ -289,6 +289,10 @@ async def run_steps(steps: Generator[Command, Any, T], execute: Callable[..., Aw
         reply = await execute(*command)
 
 
+#: Offers from other instances one listener remembers (to answer C{gone} when it leaves).
+MAX_REMOTE_OFFERS = 1024
+
+
 class RemoteListener:
     """The registry channel of a stand-in for a listener on another instance."""
 
@@ -385,6 +389,8 @@ class ClusterNode(Generic[Item]):
         self._deliver = deliver
         self._seen = seen
         self._shuffle = shuffle
+        #: per local listener, the offers of other instances it got: session -> owner
+        self._remote_offers: dict[Item, dict[str, str]] = {}
 
     # -- what goes to Redis ------------------------------------------------------
 
@@ -423,7 +429,15 @@ class ClusterNode(Generic[Item]):
         return self.listeners.add(rdv, peer, item)
 
     def listener_removed(self, rdv: str, peer: str, item: Item) -> bool:
-        """A local listener left; whether to withdraw it from Redis (the last of its kind)."""
+        """
+        A local listener left; whether to withdraw it from Redis (the last of
+        its kind).  The owners of the offers it got from other instances are
+        told C{gone}, so their connectors get C{no-listener} at once instead
+        of waiting for the accept timeout (for an offer already accepted a
+        C{gone} changes nothing).
+        """
+        for session, owner in self._remote_offers.pop(item, {}).items():
+            self.gone(session, owner)
         return self.listeners.remove(rdv, peer, item)
 
     # -- connectors ----------------------------------------------------------------
@@ -495,6 +509,11 @@ class ClusterNode(Generic[Item]):
             if item is None:
                 self._publish(self.keys.channel(message.owner), encode(Gone(message.session)))
             else:
+                offers = self._remote_offers.setdefault(item, {})
+                offers[message.session] = message.owner
+                # Bounded: the oldest are long accepted or expired.
+                while len(offers) > MAX_REMOTE_OFFERS:
+                    del offers[next(iter(offers))]
                 self._deliver(item, message)
         elif isinstance(message, Gone):
             self.registry.cancel_session(
