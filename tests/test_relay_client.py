@@ -21,7 +21,8 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
-from pluresync.endpoints.relay import RelayClientEndpoint, RelayConfig, RelayListeningPort, RelayServerEndpoint
+from pluresync.endpoints.relay import RelayClientEndpoint, RelayConfig, RelayServerEndpoint
+from pluresync.endpoints.relaylistener import RelayListeningPort
 from pluresync.errors import (
     ConfigurationError,
     ConnectionTimeoutError,

@@ -34,7 +34,8 @@ from pluresync.dial.tcp import tcp_endpoint
 from pluresync.dial.tlserrors import describe_tls_failure
 from pluresync.doctor import tlsinfo
 from pluresync.doctor.report import FAIL, OK, SKIPPED, WARN, Row, Section
-from pluresync.endpoints.relay import RelayClientEndpoint, RelayConfig, RelayListeningPort
+from pluresync.endpoints.relay import RelayClientEndpoint, RelayConfig
+from pluresync.endpoints.relaylistener import RelayListeningPort
 from pluresync.errors import RelayError
 from pluresync.keys import PeerIdentity, SyncKey
 from pluresync.pipes.websocket import open_relay_socket
