@@ -53,7 +53,6 @@ class RelaySocket:
         self.listener: Listener | None = None
         self.connector: Connector | None = None
         self.pipe: Pipe | None = None
-        #: sessions of other instances' connectors offered to this listener → owner
         #: the last ASGI write; each write waits for the one before (order)
         self._last_write: asyncio.Future[bool] | None = None
         limits = instance.config.limits
