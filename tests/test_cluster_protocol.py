@@ -65,7 +65,6 @@ class MessageTests(SynchronousTestCase):
             '{"op": "gone", "session": "XYZ"}',
             '{"op": "incoming", "rdv": "ab", "peer": "cd", "session": "12", "owner": "x"}',
             '{"op": "listener", "instance": "' + OTHER + '", "rdv": 5, "peer": "' + PEER + '"}',
-            '{"op": "answer", "req": "' + THIRD + '", "ok": false, "code": "nonsense"}',
             '{"op": "answer", "req": [], "ok": true}',
             '{"t": "incoming", "session": "' + SESSION + '"}',
             "[" * 100000,
@@ -232,3 +231,8 @@ class NodeTests(SynchronousTestCase):
                 ("EXPIRE", f"p:lst:{RDV}", 6),
             ],
         )
+
+    def test_refusal_with_an_unknown_code(self) -> None:
+        """An answer refusing with a code we do not know is still a refusal (no-session), not ignored."""
+        answer = parse('{"op": "answer", "req": "' + THIRD + '", "ok": false, "code": "nonsense"}')
+        self.assertEqual(answer.error, ErrorCode.NO_SESSION)

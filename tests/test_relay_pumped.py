@@ -162,3 +162,16 @@ class PumpedRelayTests(unittest.TestCase):
         self.flush()
         self.assertEqual([c.close_code for c in (listener, connector, acceptor, waiting)], [1001, 1001, 1001, 1001])
         self.assertIsNone(self.successResultOf(done))
+
+    def test_shutdown_with_an_offer_pending(self) -> None:
+        """A connector offered but not yet accepted gets 1001 too, never no-listener, whatever the order."""
+        listener = self.client()
+        listener.hello(op="listen", rdv=RDV, peer=PEER_L)
+        connector = self.client()
+        connector.hello(op="connect", rdv=RDV, **{"from": PEER_C})
+        self.flush()
+        self.assertEqual([m["op"] for m in listener.messages], ["ready", "incoming"])
+        self.factory.close_all()
+        self.flush()
+        self.assertEqual(connector.messages, [], "no error message at shutdown")
+        self.assertEqual((connector.close_code, listener.close_code), (1001, 1001))

@@ -137,8 +137,13 @@ class RelaySocket:
         self._pair(pairing.session, "c", pairing.listener_peer)
 
     def _pair(self, session_id: str, role: str, peer: str | None) -> None:
-        self.pipe = pipe = Pipe(self.instance, self, session_id, role)
+        pipe = Pipe(self.instance, self, session_id, role)
         self.session.paired(pipe, peer, session_id)
+        if self.session.phase is not Phase.PAIRED:
+            # The socket ended meanwhile: no pipe that nobody reads; the partner gets peer-gone.
+            self.instance.spawn(abandon(self.instance, session_id, role))
+            return
+        self.pipe = pipe
         pipe.start()
 
     def unpaired(self, how: str) -> None:

@@ -74,6 +74,8 @@ class RelayInstance:
         self.answers: dict[str, asyncio.Future[AcceptAnswer]] = {}
         #: pipes alive on this instance (for the heartbeat)
         self.pipes: set[Pipe] = set()
+        #: pipes' END pushes under way (shutdown waits for them)
+        self.ending: set[asyncio.Task[Any]] = set()
         self.shutting_down = False
         self.tasks = Tasks()
         self._start_lock: asyncio.Lock | None = None
@@ -133,10 +135,16 @@ class RelayInstance:
     async def shutdown(self) -> None:
         """Close every socket with 1001 and forget this instance in Redis."""
         self.shutting_down = True
-        sockets = list(self.sockets)
+        # Listeners last: one that went first would fail its offered
+        # connectors with no-listener before their own 1001.
+        sockets = sorted(self.sockets, key=lambda socket: socket.session.phase is Phase.LISTENING)
         for socket in sockets:
             socket.session.go_away()
         await asyncio.gather(*(s.flush() for s in sockets), return_exceptions=True)
+        # The partners' END items (1001), before the tasks are cancelled.
+        ending = [task for task in self.ending if not task.done()]
+        if ending:
+            await quiet(asyncio.wait_for(asyncio.gather(*ending, return_exceptions=True), 2))
         if self.redis is not None:
             await quiet(asyncio.wait_for(self.redis.delete(self.keys.instance(self.instance)), 2))
         self.tasks.cancel_all()

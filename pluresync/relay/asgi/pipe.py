@@ -132,7 +132,9 @@ class Pipe:
             await _push_end(self.instance, self.out_key, code, front=code != CLOSE_NORMAL)
             await self._cleanup()
 
-        self.instance.spawn(push())
+        task = self.instance.spawn(push())
+        self.instance.ending.add(task)
+        task.add_done_callback(self.instance.ending.discard)
 
     def _broken(self) -> None:
         """Redis failed, or the partner vanished: both sides end with C{peer-gone}."""

@@ -245,7 +245,12 @@ def parse(data: str | bytes) -> ClusterMessage | None:
             if body.get("ok") is True:
                 return AcceptAnswer(req, peer=_field(body, "peer", _HEX64, optional=True))
             message = body.get("message")
-            return AcceptAnswer(req, error=ErrorCode(body.get("code")), message=str(message or ""))
+            try:
+                error = ErrorCode(body.get("code"))
+            except ValueError:
+                # A refusal whose code we do not know is still a refusal: answer at once.
+                error = ErrorCode.NO_SESSION
+            return AcceptAnswer(req, error=error, message=str(message or ""))
     except (ValueError, TypeError, RecursionError):
         return None
     return None

@@ -379,18 +379,19 @@ class RelayMessageError(ValueError):
     """
 
 
+# The relay's optional, informative fields are read leniently: one that is
+# malformed counts as absent, so a refusal's code (which clients MUST act on)
+# or a pairing is never lost to a field the client only reports.
+
+
 def _limits(obj: dict[str, Any]) -> Mapping[str, Any] | None:
     value = obj.get("limits")
-    if value is not None and not isinstance(value, dict):
-        raise RelayMessageError('"limits" must be an object')
-    return value
+    return value if isinstance(value, dict) else None
 
 
 def _peer(obj: dict[str, Any]) -> str | None:
     value = obj.get("peer")
-    if value is not None and (not isinstance(value, str) or not _HEX64.match(value)):
-        raise RelayMessageError('"peer" must be 64 lowercase hex characters or null')
-    return value
+    return value if isinstance(value, str) and _HEX64.match(value) else None
 
 
 def parse_relay_message(payload: bytes) -> RelayMessage:
@@ -400,7 +401,9 @@ def parse_relay_message(payload: bytes) -> RelayMessage:
     L{encode_error}.
 
     Unknown extra fields are ignored and a C{null} optional field counts as
-    absent, as the protocol asks of clients; everything else is checked.
+    absent, as the protocol asks of clients; so does a malformed informative
+    field (C{limits}, C{peer}, an error's C{message} and C{retry}).  The
+    rest is checked.
 
     @raise RelayMessageError: the payload is not a relay message of protocol
         v1 (the exception's text says what is wrong).
@@ -428,10 +431,10 @@ def parse_relay_message(payload: bytes) -> RelayMessage:
         if not isinstance(code, str) or not code:
             raise RelayMessageError('"code" must be a non-empty string')
         if not isinstance(message, str):
-            raise RelayMessageError('"message" must be a string')
-        if retry is not None:
-            if isinstance(retry, bool) or not isinstance(retry, (int, float)) or not 0 <= retry < math.inf:
-                raise RelayMessageError('"retry" must be a finite number of seconds >= 0')
+            message = ""
+        if isinstance(retry, bool) or not isinstance(retry, (int, float)) or not 0 <= retry < math.inf:
+            retry = None
+        else:
             retry = float(retry)
         return RelayErrorMessage(code=code, message=message, retry=retry)
     if isinstance(op, str):

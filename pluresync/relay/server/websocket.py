@@ -585,7 +585,7 @@ class RelayFactory(WebSocketServerFactory):
         self._closed_waiters.append(waiter)
         if self._shutdown_call is None:
             log.info("closing {count} WebSockets: going away", count=len(self.sockets))
-            for protocol in list(self.sockets):
+            for protocol in _listeners_last(self.sockets):
                 protocol.go_away()
             self._shutdown_call = self.reactor.callLater(self.limits.shutdown_timeout, self._drop_all)
         return waiter
@@ -624,3 +624,12 @@ class RelayResource(WebSocketResource):
             channel.setTimeout(None)
             transport.unregisterProducer()
         return super().render(request)
+
+
+def _listeners_last(sockets: set[RelayProtocol]) -> list[RelayProtocol]:
+    """
+    The order to close sockets in at shutdown: a listener that went first
+    would fail its offered connectors with no-listener before their own
+    1001 (shutdown is 1001 in every phase, docs/protocol.md).
+    """
+    return sorted(sockets, key=lambda socket: socket.session is not None and socket.session.phase is Phase.LISTENING)
