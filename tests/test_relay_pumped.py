@@ -175,3 +175,12 @@ class PumpedRelayTests(unittest.TestCase):
         self.flush()
         self.assertEqual(connector.messages, [], "no error message at shutdown")
         self.assertEqual((connector.close_code, listener.close_code), (1001, 1001))
+
+    def test_both_sides_share_one_label(self) -> None:
+        """The acceptor is logged under the connector's name and the session, once."""
+        self.pair()
+        labels = {socket.session.label for socket in self.sockets()[Phase.PAIRED]}
+        self.assertEqual(len(labels), 1, labels)
+        (label,) = labels
+        self.assertEqual(label.count("session="), 1, label)
+        self.assertTrue(label.startswith(f"rdv={RDV[:8]} from={PEER_C[:8]}"), label)

@@ -220,13 +220,8 @@ class RelayInstance:
     # -- health ------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
-        registry = self.registry
-        return {
-            "connections": len(self.sockets),
-            "listeners": registry.listener_count if registry else 0,
-            "sessions": registry.paired_count if registry else 0,
-            "pending": registry.pending_count if registry else 0,
-        }
+        counts = self.registry.counts() if self.registry else {"listeners": 0, "sessions": 0, "pending": 0}
+        return {"connections": len(self.sockets), **counts}
 
     @property
     def ready(self) -> bool:

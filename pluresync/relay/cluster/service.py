@@ -105,20 +105,6 @@ class ClusterRegistry:
         self._cluster = cluster
         self._node = node
 
-    # -- counts ----------------------------------------------------------------
-
-    @property
-    def listener_count(self) -> int:
-        return self.local.listener_count
-
-    @property
-    def pending_count(self) -> int:
-        return self.local.pending_count
-
-    @property
-    def paired_count(self) -> int:
-        return self.local.paired_count
-
     # -- listeners -------------------------------------------------------------
 
     def listen(self, rdv: str, peer: str, channel: Any) -> Listener:
@@ -370,12 +356,14 @@ class Cluster(Service):
         Redis knows its owner, pair through a cluster link to it.
         """
         if not self.store.up:
-            protocol.fail(ProtocolError(ErrorCode.NO_SESSION, "no such session (unknown, expired or already accepted)"))
+            protocol.session.failed(
+                ProtocolError(ErrorCode.NO_SESSION, "no such session (unknown, expired or already accepted)")
+            )
             return
         Deferred.fromCoroutine(self._remote_accept(protocol, session)).addErrback(
             lambda f: (
                 log.failure("remote accept failed", f),
-                protocol.fail(ProtocolError(ErrorCode.PEER_GONE, "internal error")),
+                protocol.session.failed(ProtocolError(ErrorCode.PEER_GONE, "internal error")),
             )
         )
 
@@ -386,12 +374,12 @@ class Cluster(Service):
         except Exception:
             owner = None
         if not owner:
-            protocol.fail(no_session)
+            protocol.session.failed(no_session)
             return
         instance, _, address = text(owner).partition(" ")
         host, _, port = address.rpartition(":")
         if instance == self.instance or not host or not port.isdigit():
-            protocol.fail(no_session)
+            protocol.session.failed(no_session)
             return
         link = LinkClient(self.config.secret, self.reactor, self.factory.limits.max_message, session)
         self.clients.add(link)
@@ -401,16 +389,16 @@ class Cluster(Service):
             await connectProtocol(endpoint, link)
             _, peer = await link.result
         except ProtocolError as error:
-            protocol.fail(error)
+            protocol.session.failed(error)
             return
         except (LinkClosed, Exception) as error:
             log.warn("cluster link to {instance} failed: {reason}", instance=instance[:8], reason=error)
-            protocol.fail(ProtocolError(ErrorCode.PEER_GONE, "the connector's relay instance is unreachable"))
+            protocol.session.failed(ProtocolError(ErrorCode.PEER_GONE, "the connector's relay instance is unreachable"))
             return
         if not protocol.can_pair or not link.is_open:
             # The acceptor left meanwhile (or the link broke).
             link.close(ErrorCode.PEER_GONE.close_code, ErrorCode.PEER_GONE.value)
-            protocol.fail(ProtocolError(ErrorCode.PEER_GONE, "the connector went away"))
+            protocol.session.failed(ProtocolError(ErrorCode.PEER_GONE, "the connector went away"))
             return
         link.link_to(protocol)
         protocol.pair_remote(link, peer, None, session)

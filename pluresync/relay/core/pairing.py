@@ -161,6 +161,10 @@ class Registry:
         """Sessions paired and not yet ended."""
         return self._paired
 
+    def counts(self) -> dict[str, int]:
+        """The C{/health} counts every front reports (never an id)."""
+        return {"listeners": self.listener_count, "sessions": self.paired_count, "pending": self.pending_count}
+
     def listeners_of(self, rdv: str) -> int:
         """Listeners registered (on this instance) under C{rdv}."""
         return len(self._listeners.get(rdv, ()))

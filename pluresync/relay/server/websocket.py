@@ -58,7 +58,7 @@ from pluresync.relay.core.wire import (
 )
 from pluresync.relay.server.metrics import RelayMetrics
 from pluresync.relay.server.pair import Pair, TransportEnd
-from pluresync.wsframes import FastDataPath, FrameError
+from pluresync.wsframes import OP_BINARY, FastDataPath, FrameError
 
 log = Logger(namespace="pluresync.relay")
 
@@ -229,7 +229,7 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
         # Binary messages come here only if they arrived before the fast
         # path took over (see dataReceived); no logging, no JSON.
         if self._partner is not None and isBinary:
-            self._forward(payload, 2, True)
+            self._forward(payload, OP_BINARY, True)
             return
         self.session.control(payload, isBinary)
 
@@ -323,28 +323,14 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
             factory.registry.unpair(pairing.connector)
             session.failed(ProtocolError(ErrorCode.PEER_GONE, "the connector went away"))
             return
-        now = factory.reactor.seconds()
-        factory.metrics.paired(now - other._connect_at)
-        label = f"{other_session.label} session={pairing.session[:8]}"
-        pair = Pair(
-            self,
-            other,
-            label=label,
-            connector=pairing.connector,
-            unpair=factory.registry.unpair,
-            closed=factory.metrics.pair_closed,
-            budget=SessionBudget(factory.limits.rate.session_bytes),
-            seconds=factory.reactor.seconds,
-        )
-        other._join(pair, self)
-        self._join(pair, other)
+        factory.metrics.paired(factory.reactor.seconds() - other._connect_at)
+        # Both sides are named after the connector (rdv, from), then the session.
+        connector_label = other_session.label
         other_session.paired(self, pairing.listener_peer, pairing.session)
-        session.paired(other, pairing.connector_peer, pairing.session, label=other_session.label)
-        # From now on each frame costs a header parse, an unmask and one
-        # write (wsframes); Autobahn sees only control frames.
-        for side in (other, self):
-            side.startFastDataPath(masked=True, max_message=factory.limits.max_message, on_data=side._forward)
-        log.info("paired {label}", label=label)
+        session.paired(other, pairing.connector_peer, pairing.session, label=connector_label)
+        pair = self._couple(other, pairing.connector, other_session.label)
+        other._join(pair, self)
+        log.info("paired {label}", label=pair.label)
 
     def unpaired(self, how: str) -> None:
         self._partner = None
@@ -373,13 +359,6 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
         """Whether this socket is open and still waiting to be paired (a connector, or an accept)."""
         return self.state == _STATE_OPEN and self.session is not None and self.session.phase is Phase.CONNECTING
 
-    def accepting_remote(self, session: str) -> None:
-        """This socket's C{accept} names a session another instance may hold (relay.cluster)."""
-
-    def fail(self, error: ProtocolError) -> None:
-        """Refuse this socket with C{error} (what its code and phase call for)."""
-        self.session.failed(error)
-
     def pair_remote(self, end: IPairEnd, peer: str | None, connector: Connector | None, session: str) -> None:
         """
         Pair this socket with C{end}, a cluster link standing for a socket on
@@ -390,7 +369,13 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
         factory = self.factory
         if connector is not None:
             factory.metrics.paired(factory.reactor.seconds() - self._connect_at)
-        label = f"{self.session.label} session={session[:8]}"
+        self.session.paired(end, peer, session)
+        pair = self._couple(end, connector, self.session.label)
+        log.info("paired {label} (cluster link)", label=pair.label)
+
+    def _couple(self, end: IPairEnd, connector: Connector | None, label: str) -> Pair:
+        """Couple this socket with C{end} and take this side's data path off Autobahn."""
+        factory = self.factory
         pair = Pair(
             self,
             end,
@@ -402,14 +387,18 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
             seconds=factory.reactor.seconds,
         )
         self._join(pair, end)
-        self.session.paired(end, peer, session)
-        self.startFastDataPath(masked=True, max_message=factory.limits.max_message, on_data=self._forward)
-        log.info("paired {label} (cluster link)", label=label)
+        return pair
 
     def _join(self, pair: Pair, partner: IPairEnd) -> None:
+        """
+        This side's part of a pair: its partner, its limits, and from now on
+        each frame costs a header parse, an unmask and one write (wsframes);
+        Autobahn sees only control frames.
+        """
         self._pair = pair
         self._partner = partner
         self._start_limits(pair.budget)
+        self.startFastDataPath(masked=True, max_message=self.factory.limits.max_message, on_data=self._forward)
 
     # -- IPairEnd --------------------------------------------------------------
 
@@ -561,12 +550,7 @@ class RelayFactory(WebSocketServerFactory):
 
     def stats(self) -> dict[str, int]:
         """Live counts for C{/health} (never an id)."""
-        return {
-            "connections": len(self.sockets),
-            "listeners": self.registry.listener_count,
-            "sessions": self.registry.paired_count,
-            "pending": self.registry.pending_count,
-        }
+        return {"connections": len(self.sockets), **self.registry.counts()}
 
     def socket_closed(self) -> None:
         if self.shutting_down and not self.sockets:
