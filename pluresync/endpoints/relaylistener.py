@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pluresync.address import PeerAddress
+from pluresync.automata import Transitions
 from pluresync.endpoints.deadline import with_timeout
 from pluresync.errors import NotChosenError, PeerGoneError, PluresyncError
 from pluresync.interfaces import IPathListener
@@ -194,40 +195,42 @@ _REGISTERING = _ports.state("registering")
 _LISTENING = _ports.state("listening")
 _WAITING = _ports.state("waiting")
 _STOPPING = _ports.state("stopping")
+_transitions = Transitions(_PortInputs)
+_on = _transitions.upon
 
 
-@_STOPPED.upon(_PortInputs.start_once).to(_REGISTERING_ONCE)
-@_STOPPED.upon(_PortInputs.start_retrying).to(_REGISTERING)
+@_on(_STOPPED, _PortInputs.start_once).to(_REGISTERING_ONCE)
+@_on(_STOPPED, _PortInputs.start_retrying).to(_REGISTERING)
 def _start(inputs: _PortInputs, core: _PortCore) -> Deferred:
     started = core.wait_for_start()
     core.register()
     return started
 
 
-@_REGISTERING_ONCE.upon(_PortInputs.start_once).loop()
-@_REGISTERING_ONCE.upon(_PortInputs.start_retrying).loop()
-@_REGISTERING.upon(_PortInputs.start_once).loop()
-@_REGISTERING.upon(_PortInputs.start_retrying).loop()
-@_WAITING.upon(_PortInputs.start_once).loop()
-@_WAITING.upon(_PortInputs.start_retrying).loop()
+@_on(_REGISTERING_ONCE, _PortInputs.start_once).loop()
+@_on(_REGISTERING_ONCE, _PortInputs.start_retrying).loop()
+@_on(_REGISTERING, _PortInputs.start_once).loop()
+@_on(_REGISTERING, _PortInputs.start_retrying).loop()
+@_on(_WAITING, _PortInputs.start_once).loop()
+@_on(_WAITING, _PortInputs.start_retrying).loop()
 def _already_starting(inputs: _PortInputs, core: _PortCore) -> Deferred:
     return core.wait_for_start()
 
 
-@_LISTENING.upon(_PortInputs.start_once).loop()
-@_LISTENING.upon(_PortInputs.start_retrying).loop()
+@_on(_LISTENING, _PortInputs.start_once).loop()
+@_on(_LISTENING, _PortInputs.start_retrying).loop()
 def _already_listening(inputs: _PortInputs, core: _PortCore) -> Deferred:
     return succeed(core.port)
 
 
-@_STOPPING.upon(_PortInputs.start_once).loop()
-@_STOPPING.upon(_PortInputs.start_retrying).loop()
+@_on(_STOPPING, _PortInputs.start_once).loop()
+@_on(_STOPPING, _PortInputs.start_retrying).loop()
 def _start_while_stopping(inputs: _PortInputs, core: _PortCore) -> Deferred:
     return fail(PluresyncError(f"the listener on {core.config.name} is stopping; start it again once stopped"))
 
 
-@_REGISTERING_ONCE.upon(_PortInputs.registered).to(_LISTENING)
-@_REGISTERING.upon(_PortInputs.registered).to(_LISTENING)
+@_on(_REGISTERING_ONCE, _PortInputs.registered).to(_LISTENING)
+@_on(_REGISTERING, _PortInputs.registered).to(_LISTENING)
 def _registered(inputs: _PortInputs, core: _PortCore, control: RelaySocketProtocol) -> None:
     core.registration = None
     core.control = control
@@ -237,13 +240,13 @@ def _registered(inputs: _PortInputs, core: _PortCore, control: RelaySocketProtoc
     core.report_start(core.port)
 
 
-@_REGISTERING_ONCE.upon(_PortInputs.registration_failed).to(_STOPPED)
+@_on(_REGISTERING_ONCE, _PortInputs.registration_failed).to(_STOPPED)
 def _first_registration_failed(inputs: _PortInputs, core: _PortCore, failure: Failure) -> None:
     core.registration = None
     core.report_start(failure)
 
 
-@_REGISTERING.upon(_PortInputs.registration_failed).to(_WAITING)
+@_on(_REGISTERING, _PortInputs.registration_failed).to(_WAITING)
 def _registration_failed(inputs: _PortInputs, core: _PortCore, failure: Failure) -> None:
     core.registration = None
     core.report_start(failure)
@@ -256,7 +259,7 @@ def _registration_failed(inputs: _PortInputs, core: _PortCore, failure: Failure)
     core.schedule_retry()
 
 
-@_LISTENING.upon(_PortInputs.control_lost).to(_WAITING)
+@_on(_LISTENING, _PortInputs.control_lost).to(_WAITING)
 def _control_lost(inputs: _PortInputs, core: _PortCore, reason: Failure) -> None:
     core.control = None
     core.connected = False
@@ -269,13 +272,13 @@ def _control_lost(inputs: _PortInputs, core: _PortCore, reason: Failure) -> None
     core.schedule_retry()
 
 
-@_WAITING.upon(_PortInputs.retry_due).to(_REGISTERING)
+@_on(_WAITING, _PortInputs.retry_due).to(_REGISTERING)
 def _retry(inputs: _PortInputs, core: _PortCore) -> None:
     core.retry_call = None
     core.register()
 
 
-@_LISTENING.upon(_PortInputs.incoming).loop()
+@_on(_LISTENING, _PortInputs.incoming).loop()
 def _incoming(inputs: _PortInputs, core: _PortCore, session: str, peer: str | None) -> None:
     core.accept(session)
 
@@ -284,13 +287,13 @@ def _incoming(inputs: _PortInputs, core: _PortCore, session: str, peer: str | No
 # their handshake are abandoned.
 
 
-@_STOPPED.upon(_PortInputs.stop).loop()
+@_on(_STOPPED, _PortInputs.stop).loop()
 def _stopped_already(inputs: _PortInputs, core: _PortCore) -> Deferred[None]:
     return succeed(None)
 
 
-@_REGISTERING_ONCE.upon(_PortInputs.stop).to(_STOPPED)
-@_REGISTERING.upon(_PortInputs.stop).to(_STOPPED)
+@_on(_REGISTERING_ONCE, _PortInputs.stop).to(_STOPPED)
+@_on(_REGISTERING, _PortInputs.stop).to(_STOPPED)
 def _stop_registering(inputs: _PortInputs, core: _PortCore) -> Deferred[None]:
     # Its failure (cancelled) reaches the startListening callers once
     # this transition is over.
@@ -301,7 +304,7 @@ def _stop_registering(inputs: _PortInputs, core: _PortCore) -> Deferred[None]:
     return succeed(None)
 
 
-@_WAITING.upon(_PortInputs.stop).to(_STOPPED)
+@_on(_WAITING, _PortInputs.stop).to(_STOPPED)
 def _stop_waiting(inputs: _PortInputs, core: _PortCore) -> Deferred[None]:
     core.abandon_accepts()  # offers from the registration just lost
     retry, core.retry_call = core.retry_call, None
@@ -311,7 +314,7 @@ def _stop_waiting(inputs: _PortInputs, core: _PortCore) -> Deferred[None]:
     return succeed(None)
 
 
-@_LISTENING.upon(_PortInputs.stop).to(_STOPPING)
+@_on(_LISTENING, _PortInputs.stop).to(_STOPPING)
 def _stop_listening(inputs: _PortInputs, core: _PortCore) -> Deferred[None]:
     stopped = core.wait_for_stop()
     core.abandon_accepts()
@@ -319,19 +322,19 @@ def _stop_listening(inputs: _PortInputs, core: _PortCore) -> Deferred[None]:
     return stopped
 
 
-@_STOPPING.upon(_PortInputs.stop).loop()
+@_on(_STOPPING, _PortInputs.stop).loop()
 def _stop_again(inputs: _PortInputs, core: _PortCore) -> Deferred[None]:
     return core.wait_for_stop()
 
 
-@_STOPPING.upon(_PortInputs.control_lost).to(_STOPPED)
+@_on(_STOPPING, _PortInputs.control_lost).to(_STOPPED)
 def _stopped(inputs: _PortInputs, core: _PortCore, reason: Failure) -> None:
     core.control = None
     core.connected = False
     core.finish_stopping()
 
 
-@_STOPPED.upon(_PortInputs.registration_failed).loop()
+@_on(_STOPPED, _PortInputs.registration_failed).loop()
 def _cancelled_by_stop(inputs: _PortInputs, core: _PortCore, failure: Failure) -> None:
     core.report_start(failure)
 
@@ -340,18 +343,10 @@ def _cancelled_by_stop(inputs: _PortInputs, core: _PortCore, failure: Failure) -
 # (an offer for a listener that is going, a timer or a socket end that lost
 # a race with stopListening)
 
-_HANDLED = {
-    _STOPPED: {"start_once", "start_retrying", "stop", "registration_failed"},
-    _REGISTERING_ONCE: {"start_once", "start_retrying", "stop", "registered", "registration_failed"},
-    _REGISTERING: {"start_once", "start_retrying", "stop", "registered", "registration_failed"},
-    _LISTENING: {"start_once", "start_retrying", "stop", "control_lost", "incoming"},
-    _WAITING: {"start_once", "start_retrying", "stop", "retry_due"},
-    _STOPPING: {"start_once", "start_retrying", "stop", "control_lost"},
-}
-for _state, _names in _HANDLED.items():
-    for _name in ("registered", "registration_failed", "control_lost", "retry_due", "incoming"):
-        if _name not in _names:
-            _state.upon(getattr(_PortInputs, _name)).loop().returns(None)
+_transitions.ignore_the_rest(
+    (_STOPPED, _REGISTERING_ONCE, _REGISTERING, _LISTENING, _WAITING, _STOPPING),
+    ("registered", "registration_failed", "control_lost", "retry_due", "incoming"),
+)
 
 _PortMachine = _ports.build()
 

@@ -35,6 +35,8 @@ from typing import Any, Protocol
 
 from automat import TypeMachineBuilder
 
+from pluresync.automata import Transitions
+
 from .pairing import CallLater, Cancellable
 from .wire import (
     CLOSE_GOING_AWAY,
@@ -219,12 +221,14 @@ _CONNECTING = _builder.state("connecting")
 _PAIRED = _builder.state("paired")
 _CLOSED = _builder.state("closed")
 _ALL = (_OPENING, _HELLO, _LISTENING, _CONNECTING, _PAIRED, _CLOSED)
+_transitions = Transitions(_Inputs)
+_on = _transitions.upon
 
 
 # -- opening and the control phase -------------------------------------------
 
 
-@_OPENING.upon(_Inputs.opened).to(_HELLO)
+@_on(_OPENING, _Inputs.opened).to(_HELLO)
 def _opened(inputs: _Inputs, core: _Core, tenant: str | None) -> None:
     core.phase = Phase.HELLO
     core.tenant = tenant
@@ -232,7 +236,7 @@ def _opened(inputs: _Inputs, core: _Core, tenant: str | None) -> None:
         core.hello_call = core.call_later(core.hello_timeout, inputs.hello_expired)
 
 
-@_HELLO.upon(_Inputs.control).loop()
+@_on(_HELLO, _Inputs.control).loop()
 def _hello(inputs: _Inputs, core: _Core, payload: bytes, binary: bool) -> None:
     core.cancel_hello()
     if binary:
@@ -251,20 +255,20 @@ def _hello(inputs: _Inputs, core: _Core, payload: bytes, binary: bool) -> None:
         inputs.accept(message)
 
 
-@_HELLO.upon(_Inputs.hello_expired).loop()
+@_on(_HELLO, _Inputs.hello_expired).loop()
 def _hello_expired(inputs: _Inputs, core: _Core) -> None:
     core.hello_call = None
     inputs.failed(ProtocolError(ErrorCode.TIMEOUT, f"no control message within {core.hello_timeout:g} s"))
 
 
-@_HELLO.upon(_Inputs.listen).to(_LISTENING)
+@_on(_HELLO, _Inputs.listen).to(_LISTENING)
 def _listen(inputs: _Inputs, core: _Core, message: Listen) -> None:
     core.phase = Phase.LISTENING
     core.label = f"rdv={short_id(message.rdv)} peer={short_id(message.peer)}{core.tenant_tag}"
     core.front.listen(core.inputs, message)
 
 
-@_HELLO.upon(_Inputs.connect).to(_CONNECTING)
+@_on(_HELLO, _Inputs.connect).to(_CONNECTING)
 def _connect(inputs: _Inputs, core: _Core, message: Connect) -> None:
     core.phase = Phase.CONNECTING
     core.label = f"rdv={short_id(message.rdv)} from={short_id(message.from_)}{core.tenant_tag}"
@@ -272,7 +276,7 @@ def _connect(inputs: _Inputs, core: _Core, message: Connect) -> None:
     core.front.connect(core.inputs, message)
 
 
-@_HELLO.upon(_Inputs.accept).to(_CONNECTING)
+@_on(_HELLO, _Inputs.accept).to(_CONNECTING)
 def _accept(inputs: _Inputs, core: _Core, message: Accept) -> None:
     core.phase = Phase.CONNECTING
     core.label = f"session={short_id(message.session)}{core.tenant_tag}"
@@ -284,17 +288,17 @@ def _extra_message(inputs: _Inputs, core: _Core, payload: bytes, binary: bool) -
     inputs.failed(ProtocolError(ErrorCode.BAD_REQUEST, reason))
 
 
-_LISTENING.upon(_Inputs.control).loop()(_extra_message)
-_CONNECTING.upon(_Inputs.control).loop()(_extra_message)
+_on(_LISTENING, _Inputs.control).loop()(_extra_message)
+_on(_CONNECTING, _Inputs.control).loop()(_extra_message)
 
 
-@_LISTENING.upon(_Inputs.incoming).loop()
+@_on(_LISTENING, _Inputs.incoming).loop()
 def _incoming(inputs: _Inputs, core: _Core, session: str, peer: str | None) -> None:
     core.front.send_control(encode_incoming(session, peer))
     core.log(f"incoming {core.label} session={short_id(session)} from={short_id(peer)}")
 
 
-@_CONNECTING.upon(_Inputs.paired).to(_PAIRED)
+@_on(_CONNECTING, _Inputs.paired).to(_PAIRED)
 def _paired(
     inputs: _Inputs, core: _Core, partner: PartnerEnd, peer: str | None, session: str, label: str | None
 ) -> None:
@@ -304,7 +308,7 @@ def _paired(
     core.front.send_control(encode_paired(peer, core.announced_limits))
 
 
-@_PAIRED.upon(_Inputs.control).loop()
+@_on(_PAIRED, _Inputs.control).loop()
 def _after_pairing(inputs: _Inputs, core: _Core, payload: bytes, binary: bool) -> None:
     # Binary frames after pairing are forwarded by the front and never come here.
     inputs.failed(ProtocolError(ErrorCode.BAD_REQUEST, "text message after pairing"))
@@ -339,19 +343,19 @@ def _going_away(inputs: _Inputs, core: _Core) -> None:
 
 
 for _state in (_OPENING, _HELLO, _LISTENING, _CONNECTING, _PAIRED):
-    _state.upon(_Inputs.failed).to(_CLOSED)(_fail)
-    _state.upon(_Inputs.client_closed).to(_CLOSED)(_closed_by_client)
-    _state.upon(_Inputs.go_away).to(_CLOSED)(_going_away)
+    _on(_state, _Inputs.failed).to(_CLOSED)(_fail)
+    _on(_state, _Inputs.client_closed).to(_CLOSED)(_closed_by_client)
+    _on(_state, _Inputs.go_away).to(_CLOSED)(_going_away)
 
 
-@_PAIRED.upon(_Inputs.partner_ended).to(_CLOSED)
+@_on(_PAIRED, _Inputs.partner_ended).to(_CLOSED)
 def _partner_ended(inputs: _Inputs, core: _Core, code: int, reason: str) -> None:
     core.partner = None
     core.front.unpaired(f"closed {code}" if code == CLOSE_NORMAL else reason)
     core.finish(code, reason)
 
 
-@_PAIRED.upon(_Inputs.cap_reached).to(_CLOSED)
+@_on(_PAIRED, _Inputs.cap_reached).to(_CLOSED)
 def _cap_reached(inputs: _Inputs, core: _Core, what: str, retry: float) -> None:
     core.front.counted(ErrorCode.RATE_LIMITED)
     core.log(f"rate-limited {core.label}: session {what} cap reached")
@@ -364,19 +368,7 @@ def _cap_reached(inputs: _Inputs, core: _Core, what: str, retry: float) -> None:
 # (late timers, offers for a listener that is going, an end reported twice)
 
 
-_HANDLED = {
-    _OPENING: {"opened", "failed", "client_closed", "go_away"},
-    _HELLO: {"control", "hello_expired", "listen", "connect", "accept", "failed", "client_closed", "go_away"},
-    _LISTENING: {"control", "incoming", "failed", "client_closed", "go_away"},
-    _CONNECTING: {"control", "paired", "failed", "client_closed", "go_away"},
-    _PAIRED: {"control", "failed", "client_closed", "go_away", "partner_ended", "cap_reached"},
-    _CLOSED: set(),
-}
-_INPUT_NAMES = [name for name in _Inputs.__dict__ if not name.startswith("_")]
-for _state, _names in _HANDLED.items():
-    for _name in _INPUT_NAMES:
-        if _name not in _names:
-            _state.upon(getattr(_Inputs, _name)).loop().returns(None)
+_transitions.ignore_the_rest(_ALL, [name for name in _Inputs.__dict__ if not name.startswith("_")])
 
 _Machine = _builder.build()
 
