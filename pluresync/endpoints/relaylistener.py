@@ -149,7 +149,11 @@ class _PortCore:
         waiting, self.stopped = self.stopped, []
         self.outcomes.extend((d, None) for d in waiting)
 
-    def schedule_retry(self) -> None:
+    def retry_later(self, what: str, why: Failure, then: str) -> None:
+        """Say what went wrong (the words troubleshooting.md quotes), then register again after the backoff."""
+        self.log.warn(
+            "{what} ({why}); {then} in {delay:.1f} s", what=what, why=why.getErrorMessage(), then=then, delay=self.delay
+        )
         delay = self.delay * random.uniform(0.8, 1.2)
         self.delay = min(self.delay * 2, self.max_delay)
         self.retry_call = self.reactor.callLater(delay, self.enter, self.inputs.retry_due)
@@ -250,26 +254,14 @@ def _first_registration_failed(inputs: _PortInputs, core: _PortCore, failure: Fa
 def _registration_failed(inputs: _PortInputs, core: _PortCore, failure: Failure) -> None:
     core.registration = None
     core.report_start(failure)
-    core.log.warn(
-        "registering at {relay} failed ({why}); next try in {delay:.1f} s",
-        relay=core.where,
-        why=failure.getErrorMessage(),
-        delay=core.delay,
-    )
-    core.schedule_retry()
+    core.retry_later(f"registering at {core.where} failed", failure, "next try")
 
 
 @_on(_LISTENING, _PortInputs.control_lost).to(_WAITING)
 def _control_lost(inputs: _PortInputs, core: _PortCore, reason: Failure) -> None:
     core.control = None
     core.connected = False
-    core.log.warn(
-        "lost the listener registration at {relay} ({why}); registering again in {delay:.1f} s",
-        relay=core.where,
-        why=reason.getErrorMessage(),
-        delay=core.delay,
-    )
-    core.schedule_retry()
+    core.retry_later(f"lost the listener registration at {core.where}", reason, "registering again")
 
 
 @_on(_WAITING, _PortInputs.retry_due).to(_REGISTERING)
