@@ -216,23 +216,29 @@ def _encode(obj: dict[str, Any]) -> bytes:
 # -- what a client sends -------------------------------------------------------
 
 
-def _check_hex64(name: str, value: str | None, required: bool) -> None:
-    if value is None and not required:
-        return
-    if not isinstance(value, str) or not _HEX64.match(value):
-        raise ValueError(f"{name} must be 64 lowercase hex characters")
+def _checked(message: dict[str, Any]) -> bytes:
+    """
+    C{message} encoded, once the relay's own rules (L{parse_control}) accept
+    it: a client bug is caught before it costs a round trip, and what the
+    client sends and what the relay accepts cannot drift apart.
+
+    @raise ValueError: the relay would refuse it (its reason).
+    """
+    payload = _encode(message)
+    try:
+        parse_control(payload)
+    except ProtocolError as error:
+        raise ValueError(error.message) from None
+    return payload
 
 
 def encode_listen(rdv: str, peer: str) -> bytes:
     """
     A listener's hello: register under C{rdv} as peer C{peer}.
 
-    @raise ValueError: an argument the relay would refuse (a client bug,
-        caught before it costs a round trip).
+    @raise ValueError: an argument the relay would refuse.
     """
-    _check_hex64("rdv", rdv, required=True)
-    _check_hex64("peer", peer, required=True)
-    return _encode({"v": VERSION, "op": "listen", "rdv": rdv, "peer": peer})
+    return _checked({"v": VERSION, "op": "listen", "rdv": rdv, "peer": peer})
 
 
 def encode_connect(rdv: str, peer: str | None, from_: str | None, wait: float | None) -> bytes:
@@ -243,19 +249,8 @@ def encode_connect(rdv: str, peer: str | None, from_: str | None, wait: float | 
 
     @raise ValueError: an argument the relay would refuse.
     """
-    _check_hex64("rdv", rdv, required=True)
-    _check_hex64("peer", peer, required=False)
-    _check_hex64("from", from_, required=False)
-    message: dict[str, Any] = {"v": VERSION, "op": "connect", "rdv": rdv}
-    if peer is not None:
-        message["peer"] = peer
-    if from_ is not None:
-        message["from"] = from_
-    if wait is not None:
-        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait) or wait < 0:
-            raise ValueError("wait must be a finite number of seconds >= 0")
-        message["wait"] = wait
-    return _encode(message)
+    fields = {"peer": peer, "from": from_, "wait": wait}
+    return _checked({"v": VERSION, "op": "connect", "rdv": rdv, **{k: v for k, v in fields.items() if v is not None}})
 
 
 def encode_accept(session: str) -> bytes:
@@ -265,9 +260,7 @@ def encode_accept(session: str) -> bytes:
 
     @raise ValueError: not a session id the relay hands out.
     """
-    if not isinstance(session, str) or not _SESSION.match(session):
-        raise ValueError("session must be 32 lowercase hex characters")
-    return _encode({"v": VERSION, "op": "accept", "session": session})
+    return _checked({"v": VERSION, "op": "accept", "session": session})
 
 
 # -- what the relay sends ------------------------------------------------------
