@@ -90,13 +90,18 @@ class PumpedRelayTests(unittest.TestCase):
             phases.setdefault(socket.session.phase, []).append(socket)
         return phases
 
-    def pair(self) -> tuple[RawClient, RawClient, RawClient]:
+    def offer(self) -> tuple[RawClient, RawClient]:
+        """A listener and a connector it has been offered (not yet accepted)."""
         listener = self.client()
         listener.hello(op="listen", rdv=RDV, peer=PEER_L)
         connector = self.client()
         connector.hello(op="connect", rdv=RDV, **{"from": PEER_C})
         self.flush()
         self.assertEqual([m["op"] for m in listener.messages], ["ready", "incoming"])
+        return listener, connector
+
+    def pair(self) -> tuple[RawClient, RawClient, RawClient]:
+        listener, connector = self.offer()
         acceptor = self.client()
         acceptor.hello(op="accept", session=listener.messages[1]["session"])
         self.flush()
@@ -165,12 +170,7 @@ class PumpedRelayTests(unittest.TestCase):
 
     def test_shutdown_with_an_offer_pending(self) -> None:
         """A connector offered but not yet accepted gets 1001 too, never no-listener, whatever the order."""
-        listener = self.client()
-        listener.hello(op="listen", rdv=RDV, peer=PEER_L)
-        connector = self.client()
-        connector.hello(op="connect", rdv=RDV, **{"from": PEER_C})
-        self.flush()
-        self.assertEqual([m["op"] for m in listener.messages], ["ready", "incoming"])
+        listener, connector = self.offer()
         self.factory.close_all()
         self.flush()
         self.assertEqual(connector.messages, [], "no error message at shutdown")
