@@ -27,7 +27,7 @@ from zope.interface import implementer
 from pluresync.errors import ConfigurationError, PluresyncError
 from pluresync.interfaces import ISyncConnection, ISyncTransport
 from pluresync.keys import PeerIdentity, SyncKey, parse_peer_id
-from pluresync.secure.channel import IRecordReceiver
+from pluresync.session.stream import IRecordReceiver
 
 #: The seed's mode names, and the relay preset each one uses.
 RELAY_MODES = {"azure-relay": "azure", "vercel-relay": "vercel"}
@@ -77,13 +77,18 @@ class SyncConnection(Protocol):
         self._closing = False
         self._closed = Deferred()
         self.peer_id: str | None = None
-        self.transport_name: str | None = None
+
+    @property
+    def transport_name(self) -> str | None:
+        """The path carrying the connection right now (it changes when the session moves)."""
+        if self.transport is None:
+            return None
+        return self.transport.getPeer().transport
 
     # Protocol
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
-        self.peer_id, self.transport_name = peer.peer_id, peer.transport
+        self.peer_id = self.transport.getPeer().peer_id
         self.transport.registerProducer(self, True)
         if self._on_connection is not None:
             _call_handler(self._on_connection, self)
@@ -316,6 +321,8 @@ def create_transport(
     ca: str | None = None,
     max_message_size: int = DEFAULT_MAX_MESSAGE,
     receive_buffer: int = DEFAULT_RECEIVE_BUFFER,
+    resume: float | None = None,
+    window: int | None = None,
     reactor=None,
 ) -> ISyncTransport:
     """
@@ -331,6 +338,11 @@ def create_transport(
     @param head_start: (auto) seconds each relay gets before the next is tried.
     @param identity: this peer's identity, or a path to its identity file
         (created on first use); a fresh one per transport if omitted.
+    @param resume: seconds a connection may be without any path before it
+        ends (30 by default; 0: it ends with its first path, as before
+        sessions could move).
+    @param window: bytes the peer may send ahead of what this side has
+        read (the session's credit, 4 MiB by default).
     @param reactor: the reactor to use; the global one if omitted (the one
         place pluresync reaches for it, so scripts stay short).
     """
@@ -356,6 +368,10 @@ def create_transport(
         params["identity"] = identity
     if head_start is not None:
         params["delay"] = str(head_start)
+    if resume is not None:
+        params["resume"] = str(resume)
+    if window is not None:
+        params["window"] = str(window)
     if mode != "auto":
         params["relays"] = RELAY_MODES[mode]
     config = auto_config(**params)

@@ -38,6 +38,17 @@ class WrongKeyError(HandshakeError):
         super().__init__(message)
 
 
+class VersionError(HandshakeError):
+    """The peer speaks another version of the end-to-end protocol."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or "the peer runs an older pluresync (end-to-end protocol version 1); this side needs version 2 "
+            "(streams that survive a change of relay): upgrade pluresync on both sides"
+        )
+
+
 class NotChosenError(HandshakeError):
     """The connecting peer completed the handshake but used another path (it raced several)."""
 

@@ -88,10 +88,11 @@ class IPipe(Interface):
     relay's WebSocket today, a direct TCP or QUIC stream later).
 
     Keeping the carrier behind this narrow interface is what lets a new kind
-    of pipe serve the same end-to-end layer unchanged.  A connection is bound
-    to the one pipe it was secured on: when that pipe ends, the connection
-    ends (moving a live connection to another pipe is issue 9's work).  A
-    pipe delivers to its L{IPipeReceiver}.
+    of pipe serve the same end-to-end layer unchanged.  A pipe carries one
+    link (L{pluresync.secure.link.Link}); the session above moves to another
+    link when it ends.  A pipe delivers to its L{IPipeReceiver}.  A pipe
+    whose carrier announces when it will end (a relay's session cap) says so
+    in an optional C{expires_at} attribute (reactor seconds, or C{None}).
     """
 
     def write(data):
@@ -145,14 +146,17 @@ class IPathClient(Interface):
 
     name = Attribute("The path's name, e.g. 'relay:azure'.")
 
-    def secure():
+    def secure(hello=None):
         """
         Reach the peer and complete the end-to-end handshake, building no
         protocol.
 
-        @return: a Deferred firing with a secured, unattached
-            L{pluresync.secure.channel.SecureChannel}, for the caller to
-            C{attach} (L{pluresync.secure.establish.attach}) or C{discard};
+        @param hello: makes the session hello written in the handshake's
+            frame 3 (L{pluresync.session.wire.Hello}): a resume of an
+            existing session; a new session's if C{None}.
+        @return: a Deferred firing with a secured, unused
+            L{pluresync.secure.link.Link}, for the caller to use (a session
+            takes it: L{pluresync.session.attach}) or C{discard};
             cancelling it abandons the attempt (C{ConnectingCancelledError}),
             and it fails with C{ConnectionTimeoutError} after the path's
             own timeout.
@@ -186,6 +190,7 @@ class IPath(Interface):
 
     name = Attribute("The path's name, e.g. 'relay:azure'.")
     identity = Attribute("Our PeerIdentity on this path.")
+    session = Attribute("The SessionParams of the sessions it carries.")
     cache_key = Attribute("What identifies the peer we reach, before connecting (for the path cache).")
 
     def client(reactor):
@@ -193,8 +198,11 @@ class IPath(Interface):
         @return: an L{IPathClient} for one connection attempt.
         """
 
-    def listener(reactor, factory):
+    def listener(reactor, factory, sessions=None):
         """
+        @param sessions: the L{pluresync.session.attach.SessionTable} its
+            links join (shared by the paths of one C{auto:} listener, so a
+            session can resume over any of them); its own if C{None}.
         @return: an L{IPathListener}, not yet started, that builds the
             user's protocols with C{factory}.
         """

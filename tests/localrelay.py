@@ -74,6 +74,7 @@ class LocalRelay:
         self.url = f"ws://127.0.0.1:{self.port.getHost().port}"
         self._stopped = False
         test.addCleanup(self.stop)
+        test.addCleanup(abort_live_collectors)
 
     @property
     def tapped(self) -> bytes:
@@ -107,6 +108,20 @@ async def _nothing() -> None:
     return None
 
 
+#: Every Collector connected and not yet lost, so a test's end can abort
+#: them: a session whose relay goes away would otherwise wait out its
+#: resume limit, and trial would find its timer.
+_live: set = set()
+
+
+def abort_live_collectors() -> None:
+    """Abort every Collector still connected (a test's last cleanup)."""
+    for protocol in list(_live):
+        if protocol.transport is not None:
+            protocol.transport.abortConnection()
+    _live.clear()
+
+
 class Collector(Protocol):
     """A user protocol that keeps what it receives and how it ended."""
 
@@ -118,6 +133,7 @@ class Collector(Protocol):
         self.reason = None
 
     def connectionMade(self) -> None:
+        _live.add(self)
         self.made.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -128,6 +144,7 @@ class Collector(Protocol):
         """Hook for tests."""
 
     def connectionLost(self, reason) -> None:
+        _live.discard(self)
         self.reason = reason
         self.lost.callback(None)
 

@@ -130,6 +130,23 @@ class MessageAPITests(TestCase):
         with self.assertRaises(ConfigurationError):
             await self.transport().connect("not-a-peer")
 
+    async def test_messages_survive_a_lost_path(self):
+        """
+        The path under a connection is dropped between messages and in the
+        middle of a large one: every message arrives once, whole and in
+        order, on the same connection.
+        """
+        conn, peer = await self.pair()
+        messages = [bytes([i]) * (i * 9973) for i in range(40)]
+        for i, message in enumerate(messages):
+            if i in (10, 25):
+                conn.transport.session.links[0].abort()
+            await conn.send(message)
+        await conn.close()
+        got = [m async for m in peer.receive()]
+        self.assertEqual(got, messages)
+        self.assertEqual(conn.transport.stats()["swaps"], 2)
+
     async def test_oversize_message_is_refused(self):
         """A receiver drops a peer that sends more than max_message_size in one message."""
         conn, peer = await self.pair(max_message_size=100_000)
@@ -141,12 +158,12 @@ class MessageAPITests(TestCase):
     async def test_truncation_is_an_error_not_an_end(self):
         """
         If the stream ends without the authenticated close (here: the
-        WebSocket is closed cleanly under the channel, as a relay could),
-        receive() raises instead of ending quietly.
+        WebSocket is closed cleanly under a session that may not resume,
+        as a relay could), receive() raises instead of ending quietly.
         """
-        conn, peer = await self.pair()
+        conn, peer = await self.pair(resume=0)
         await conn.send(b"first")
-        conn.transport._pipe.close()
+        conn.transport.session.links[0].pipe.close()
         messages = peer.receive()
         self.assertEqual(await messages.__anext__(), b"first")
         with self.assertRaises(TruncatedStreamError):

@@ -33,24 +33,45 @@ from pluresync.endpoints.pathcache import PathCache, network_id
 from pluresync.errors import ConfigurationError
 from pluresync.interfaces import IPath, IPathClient, IPathListener
 from pluresync.keys import PeerIdentity, SyncKey
+from pluresync.session.params import SessionParams
+from pluresync.session.wire import ReadyAnswer, Status
 
 
-class FakeChannel:
-    """A secured channel as the race sees it."""
+class FakeLink:
+    """A secured link as the race and a new session see it."""
 
-    def __init__(self, peer_id: str = "ab" * 32) -> None:
-        self.peer_id = peer_id
-        self.attached = None
+    name = "relay:fake"
+    handshake_hash = b"h" * 64
+    peer_static = b"\xab" * 32
+    pipe = None
+    usable = True
+
+    def __init__(self) -> None:
+        self.answer = ReadyAnswer(Status.OK, 0, SessionParams().window)
+        self.owner = None
+        self.used = False
         self.discarded = False
+        self.records: list[bytes] = []
 
-    def getPeer(self) -> PeerAddress:
-        return PeerAddress("relay:fake", self.peer_id)
+    def use(self) -> None:
+        self.used = True
 
-    def attach(self, protocol) -> None:
-        self.attached = protocol
+    def adopt(self, owner) -> None:
+        self.owner = owner
+
+    def sendRecord(self, plaintext) -> None:
+        self.records.append(bytes(plaintext))
+
+    def sendRecords(self, plaintexts) -> None:
+        self.records.extend(bytes(p) for p in plaintexts)
 
     def discard(self) -> None:
         self.discarded = True
+
+    def close(self) -> None:
+        pass
+
+    abort = close
 
 
 @implementer(IPathClient)
@@ -62,7 +83,7 @@ class FakeAttempt:
 
     name = "relay:fake"
 
-    def __init__(self, complete_on_cancel: FakeChannel | None = None) -> None:
+    def __init__(self, complete_on_cancel: FakeLink | None = None) -> None:
         self.cancelled = False
         self.complete_on_cancel = complete_on_cancel
         self.d = Deferred(self._cancel)
@@ -72,7 +93,8 @@ class FakeAttempt:
         if self.complete_on_cancel is not None:
             d.callback(self.complete_on_cancel)
 
-    def secure(self) -> Deferred:
+    def secure(self, hello=None) -> Deferred:
+        self.hello = hello
         return self.d
 
 
@@ -104,16 +126,18 @@ class FakePath:
         self.name = name
         self.identity = identity
         self.cache_key = "peer"
+        self.session = SessionParams()
         self.attempts: list[FakeAttempt] = []
         self.port = FakePort()
-        self.complete_on_cancel: FakeChannel | None = None
+        self.complete_on_cancel: FakeLink | None = None
 
     def client(self, reactor) -> FakeAttempt:
         attempt = FakeAttempt(self.complete_on_cancel)
         self.attempts.append(attempt)
         return attempt
 
-    def listener(self, reactor, factory) -> FakePort:
+    def listener(self, reactor, factory, sessions=None) -> FakePort:
+        self.sessions = sessions
         return self.port
 
 
@@ -149,10 +173,12 @@ class RaceTests(SynchronousTestCase):
         """A primary that connects before the head start ends the race; the backup never starts."""
         d = self.connect()
         self.assertEqual(len(self.backup.attempts), 0)
-        channel = FakeChannel()
-        self.primary.attempts[0].d.callback(channel)
+        link = FakeLink()
+        self.primary.attempts[0].d.callback(link)
         protocol = self.successResultOf(d)
-        self.assertIs(channel.attached, protocol)
+        self.assertTrue(link.used)
+        self.assertIs(link.owner, protocol.transport.session)
+        protocol.transport.abortConnection()
         self.clock.advance(1)
         self.assertEqual(len(self.backup.attempts), 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -164,8 +190,8 @@ class RaceTests(SynchronousTestCase):
         self.assertEqual(len(self.backup.attempts), 0)
         self.clock.advance(0.02)
         self.assertEqual(len(self.backup.attempts), 1)
-        self.backup.attempts[0].d.callback(FakeChannel())
-        self.successResultOf(d)
+        self.backup.attempts[0].d.callback(FakeLink())
+        self.successResultOf(d).transport.abortConnection()
         self.assertTrue(self.primary.attempts[0].cancelled)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -175,7 +201,7 @@ class RaceTests(SynchronousTestCase):
         self.primary.attempts[0].d.errback(ConnectionRefusedError())
         self.assertEqual(len(self.backup.attempts), 1)
         self.assertEqual(self.clock.seconds(), 0)
-        self.backup.attempts[0].d.callback(FakeChannel())
+        self.backup.attempts[0].d.callback(FakeLink())
         self.successResultOf(d)
 
     def test_late_winner_is_discarded(self):
@@ -184,14 +210,14 @@ class RaceTests(SynchronousTestCase):
         winner was decided in the same turn) has its channel discarded:
         closed with CLOSE, never attached.
         """
-        late = FakeChannel()
+        late = FakeLink()
         self.primary.complete_on_cancel = late
         d = self.connect()
         self.clock.advance(0.5)
-        self.backup.attempts[0].d.callback(FakeChannel())
+        self.backup.attempts[0].d.callback(FakeLink())
         self.successResultOf(d)
         self.assertTrue(late.discarded)
-        self.assertIsNone(late.attached)
+        self.assertFalse(late.used)
 
     def test_all_fail(self):
         """When every path fails, one error lists each and why, in order."""
@@ -229,11 +255,11 @@ class RaceTests(SynchronousTestCase):
         """The next race starts with the last winner on this network, until the entry expires."""
         d = self.connect()
         self.clock.advance(0.5)
-        self.backup.attempts[0].d.callback(FakeChannel())
+        self.backup.attempts[0].d.callback(FakeLink())
         self.successResultOf(d)
         self.connect()
         self.assertEqual((len(self.primary.attempts), len(self.backup.attempts)), (1, 2))
-        self.backup.attempts[1].d.callback(FakeChannel())
+        self.backup.attempts[1].d.callback(FakeLink())
         self.clock.advance(self.cache.ttl + 1)
         self.connect()
         self.assertEqual(len(self.primary.attempts), 2)

@@ -77,7 +77,7 @@ class ExampleTests(TestCase):
         client = spawn(self, ["docs/examples/api_echo.py", "connect"], env=self.env)
         self.assertEqual(await client.ended, 0, client.err.decode()[-2000:])
         self.assertEchoed(client)
-        self.assertEqual(listener.err, b"")
+        self.assertEqual(listener.err, b"", listener.err.decode()[-3000:])
 
     async def test_endpoint_client_fetches_from_twist_web(self):
         """

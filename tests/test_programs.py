@@ -23,9 +23,25 @@ class _RelayEndpoints:
 
     def __init__(self, description: str) -> None:
         self.description = description
+        self.connected: list = []
 
     def endpointForURI(self, uri):
-        return clientFromString(reactor, self.description)
+        return _Recorded(clientFromString(reactor, self.description), self.connected)
+
+
+class _Recorded:
+    """A client endpoint that remembers the transports it connected."""
+
+    def __init__(self, endpoint, connected: list) -> None:
+        self._endpoint = endpoint
+        self._connected = connected
+
+    def connect(self, factory):
+        return self._endpoint.connect(factory).addCallback(self._record)
+
+    def _record(self, protocol):
+        self._connected.append(protocol.transport)
+        return protocol
 
 
 class ProgramTests(TestCase):
@@ -61,10 +77,14 @@ class ProgramTests(TestCase):
         spawn(self, ["-m", "twisted", "web", "--listen", self.description, "--path", str(site)])
         # wait=20: the relay holds us until the twist process has registered.
         pool = HTTPConnectionPool(reactor, persistent=False)
-        agent = Agent.usingEndpointFactory(reactor, _RelayEndpoints(self.description + ":wait=20"), pool)
+        endpoints = _RelayEndpoints(self.description + ":wait=20")
+        agent = Agent.usingEndpointFactory(reactor, endpoints, pool)
         response = await agent.request(b"GET", b"http://peer/hello.txt")
         self.assertEqual(response.code, 200)
         self.assertEqual(await readBody(response), b"served through an end-to-end encrypted relay\n")
         response = await agent.request(b"GET", b"http://peer/missing")
         self.assertEqual(response.code, 404)
         await readBody(response)
+        # Each connection closes once the server confirmed it (not before).
+        for transport in endpoints.connected:
+            await transport.session.whenEnded()

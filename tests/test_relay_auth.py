@@ -603,4 +603,3 @@ class RelayAuthLoopbackTests(TestCase):
         self.log.assertNever(self, self.token)
         self.log.assertNever(self, self.token.split(".")[2])
         self.assertIn(b"Authorization: Bearer ", self.relay.tapped)
-

@@ -45,7 +45,7 @@ from pluresync.relay.core.wire import (
     encode_paired,
     encode_ready,
 )
-from pluresync.secure.channel import SecureChannel
+from pluresync.secure.link import Link
 
 RDV = "ab" * 32
 PEER = "0f" * 32
@@ -131,8 +131,8 @@ class InterfaceTests(SynchronousTestCase):
         self.assertTrue(verifyClass(IPipe, WebSocketPipe))
 
     def test_pipe_receiver(self):
-        """What a relay socket delivers to, once paired, is an IPipeReceiver (the secure channel)."""
-        self.assertTrue(verifyClass(IPipeReceiver, SecureChannel))
+        """What a relay socket delivers to, once paired, is an IPipeReceiver (a link)."""
+        self.assertTrue(verifyClass(IPipeReceiver, Link))
 
     def test_stop_listening_before_registered(self):
         """stopListening during registration abandons it and leaves nothing scheduled."""

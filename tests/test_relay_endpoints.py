@@ -162,25 +162,66 @@ class RelayEndpointTests(TestCase):
             await self.connect(wait="0")
         self.assertEqual(e.exception.code, "no-listener")
 
-    async def test_peer_vanishes(self):
-        """A peer whose connection drops is reported as PeerGoneError, not a clean close."""
+    async def pair_without_resume(self):
+        listening, port = await self.listen(resume="0")
+        accepted = listening.next()
+        client = await self.connect(resume="0")
+        server = await accepted
+        return client, server, port
+
+    async def test_link_lost_resumes(self):
+        """
+        A link that drops mid-stream is replaced through the same relay: the
+        session resumes, nothing is lost or doubled, the listener builds no
+        second protocol, and the close is still clean on both sides.
+        """
+        listening, _ = await self.listen()
+        accepted = listening.next()
+        client = await self.connect()
+        server = await accepted
+        blob = hashlib.sha256(b"resume").digest() * 32768  # 1 MiB
+        done = Deferred()
+        server.dataArrived = lambda data: len(server.data) >= 2 * len(blob) and not done.called and done.callback(None)
+        client.transport.write(blob)
+        [link] = client.transport.session.links
+        link.abort()
+        client.transport.write(blob)
+        await done
+        self.assertEqual(server.data, blob + blob)
+        self.assertEqual(len(listening.accepted), 1)
+        self.assertEqual(client.transport.stats()["swaps"], 1)
+        client.transport.loseConnection()
+        await gatherResults([client.lost, server.lost])
+        client.reason.trap(ConnectionDone)
+        server.reason.trap(ConnectionDone)
+
+    async def test_abort_reaches_the_peer_at_once(self):
+        """abortConnection ends the peer's side at once (an authenticated ABORT), not after its resume limit."""
         client, server, _ = await self.pair()
-        server.transport._pipe.abort()
+        client.transport.abortConnection()
+        await server.lost
+        server.reason.trap(PeerGoneError)
+        self.assertIn("aborted", str(server.reason.value))
+
+    async def test_peer_vanishes(self):
+        """Without resume, a peer whose connection drops is reported as PeerGoneError, not a clean close."""
+        client, server, _ = await self.pair_without_resume()
+        server.transport.session.links[0].pipe.abort()
         await client.lost
         client.reason.trap(PeerGoneError)
         self.assertFalse(client.reason.check(ConnectionDone))
 
     async def test_relay_dies(self):
-        """A relay that drops every socket is reported as RelayLostError on both sides."""
-        client, server, _ = await self.pair()
+        """Without resume, a relay that drops every socket is reported as RelayLostError on both sides."""
+        client, server, _ = await self.pair_without_resume()
         self.relay.kill()
         await gatherResults([client.lost, server.lost])
         client.reason.trap(RelayLostError)
         server.reason.trap(RelayLostError)
 
     async def test_relay_shuts_down(self):
-        """A relay going away (1001) is reported at once, saying so."""
-        client, server, _ = await self.pair()
+        """Without resume, a relay going away (1001) is reported at once, saying so."""
+        client, server, _ = await self.pair_without_resume()
         await self.relay.stop()
         await client.lost
         client.reason.trap(RelayLostError)

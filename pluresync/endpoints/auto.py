@@ -8,11 +8,14 @@ wins; the others are cancelled, and any that also completed are closed with
 an authenticated CLOSE before their listener builds anything (see the USE
 record in docs/protocol.md). A total C{timeout} ends the race with one error
 that lists every attempt and why it failed. The winner is remembered per
-network and peer (L{pathcache}) and tried first next time.
+network and peer (L{pathcache}) and tried first next time.  When the
+session's link is lost (or must move before a relay's cap), the same race
+runs again to resume it, over every path.
 
 A listener registers on every path at once and keeps each registration
 alive on its own (reconnecting with backoff), so losing one relay leaves the
-others serving.
+others serving; its paths share one session table, so a session resumes
+through whichever path the connector reaches.
 
 The race and the listener know paths only as L{IPath} providers
 (L{pluresync.interfaces}): a path's C{client()} is an L{IPathClient} that
@@ -38,7 +41,7 @@ from pluresync.address import PeerAddress
 from pluresync.endpoints import pathcache
 from pluresync.errors import ConnectionTimeoutError, PluresyncError
 from pluresync.interfaces import IPath, IPathClient, IPathListener
-from pluresync.secure.establish import attach
+from pluresync.session import attach
 
 #: The default head start of each path over the next, in seconds: long enough
 #: for a healthy relay on another continent to answer, short enough that a
@@ -87,6 +90,10 @@ class AutoConfig:
     def cache_key(self) -> str:
         return self.paths[0].cache_key
 
+    @property
+    def session(self):
+        return self.paths[0].session
+
 
 def _why(failure: Failure) -> str:
     if failure.check(CancelledError, ConnectingCancelledError):
@@ -95,14 +102,19 @@ def _why(failure: Failure) -> str:
 
 
 class _Race:
-    """One connection attempt of an L{AutoClientEndpoint}."""
+    """
+    One connection attempt of an L{AutoClientEndpoint}: the first secured
+    link over any path, or the error of every path.
+
+    @param hello: makes the session hello (a resume); a new session's if C{None}.
+    """
 
     _log = Logger()
 
-    def __init__(self, reactor, config: AutoConfig, factory) -> None:
+    def __init__(self, reactor, config: AutoConfig, hello=None) -> None:
         self._reactor = reactor
         self._config = config
-        self._factory = factory
+        self._hello = hello
         names = [path.name for path in config.paths]
         by_name = {path.name: path for path in config.paths}
         self._order = [by_name[n] for n in config.cache.order(names, config.cache_key, reactor.seconds())]
@@ -128,25 +140,20 @@ class _Race:
         path = self._order[self._next]
         self._next += 1
         client: IPathClient = path.client(self._reactor)
-        d = client.secure()
+        d = client.secure(self._hello)
         self._attempts[path.name] = d
         d.addCallbacks(self._won, self._lost, callbackArgs=(path,), errbackArgs=(path,))
         if self._next < len(self._order):
             self._head_start = self._reactor.callLater(self._config.delay, self._startNext)
 
-    def _won(self, channel, path: IPath) -> None:
+    def _won(self, link, path: IPath) -> None:
         self._attempts.pop(path.name, None)
         if self._done:
-            channel.discard()
+            link.discard()
             return
         self._finish()
         self._config.cache.remember(path.name, self._config.cache_key, self._reactor.seconds())
-        try:
-            protocol = attach(channel, self._factory)
-        except Exception:
-            self.result.errback()
-            return
-        self.result.callback(protocol)
+        self.result.callback(link)
 
     def _lost(self, failure: Failure, path: IPath) -> None:
         self._attempts.pop(path.name, None)
@@ -209,9 +216,22 @@ class AutoClientEndpoint:
 
     def connect(self, protocolFactory) -> Deferred:
         try:
-            return _Race(self._reactor, self._config, protocolFactory).start()
+            d = _Race(self._reactor, self._config).start()
         except BaseException:
             return fail()
+        params = self._config.session
+        return d.addCallback(
+            attach.connect,
+            protocolFactory,
+            clock=self._reactor,
+            params=params,
+            local_id=self._config.identity.peer_id,
+            reconnect=self._resume if params.resume > 0 else None,
+        )
+
+    def _resume(self, hello) -> Deferred:
+        """A link for an existing session: the same race, with its resume hello."""
+        return _Race(self._reactor, self._config, hello).start()
 
 
 @implementer(IStreamServerEndpoint)
@@ -241,7 +261,10 @@ class AutoListeningPort:
 
     def __init__(self, reactor, config: AutoConfig, factory) -> None:
         self._config = config
-        self._ports: dict[str, IPathListener] = {path.name: path.listener(reactor, factory) for path in config.paths}
+        sessions = attach.SessionTable(reactor, factory, config.session, config.identity.peer_id)
+        self._ports: dict[str, IPathListener] = {
+            path.name: path.listener(reactor, factory, sessions) for path in config.paths
+        }
 
     @property
     def transports(self) -> dict[str, bool]:

@@ -26,6 +26,7 @@ from pluresync.errors import ConfigurationError
 RELAY_PARAMETERS = frozenset(
     {"url", "keyfile", "key", "topic", "peer", "identity", "wait", "timeout", "ca", "ping", "proxy"}
     | {"token", "tokenfile"}
+    | {"resume", "window", "stall", "rotate"}
 )
 
 #: The environment variable with the relay token (the token, or a file holding it).
@@ -160,6 +161,7 @@ def relay_config(*args: str, **kwargs: str):
     identity_path = kwargs.get("identity")
     identity = PeerIdentity.from_file(identity_path, create=True) if identity_path else PeerIdentity.generate()
     ping = _number("ping", kwargs.get("ping"), 25.0)
+    session = _session_params(kwargs)
     proxy = proxy_for(relay.host, relay.port, relay.secure, explicit=kwargs.get("proxy"), environ=os.environ)
     return RelayConfig(
         name=name,
@@ -174,6 +176,34 @@ def relay_config(*args: str, **kwargs: str):
         ping_timeout=min(10.0, ping) if ping else 0.0,
         proxy=proxy,
         token=relay_token(kwargs.get("token"), kwargs.get("tokenfile"), os.environ),
+        session=session,
+    )
+
+
+def _session_params(kwargs: dict):
+    """The session's knobs; C{ping=} paces both the WebSocket's and the session's keepalive."""
+    from pluresync.session.params import DEFAULT_WINDOW, MAX_WINDOW, MIN_WINDOW, SessionParams
+
+    defaults = SessionParams()
+    window = kwargs.get("window")
+    if window is None:
+        size = DEFAULT_WINDOW
+    else:
+        try:
+            size = int(window)
+        except ValueError:
+            raise ConfigurationError(f"relay endpoint: window= must be a number of bytes, got {window!r}") from None
+        if not MIN_WINDOW <= size <= MAX_WINDOW:
+            raise ConfigurationError(
+                f"relay endpoint: window= must be between {MIN_WINDOW} and {MAX_WINDOW} bytes, got {window!r}"
+            )
+    ping = kwargs.get("ping")
+    return SessionParams(
+        resume=_number("resume", kwargs.get("resume"), defaults.resume),
+        window=size,
+        stall=_number("stall", kwargs.get("stall"), defaults.stall, minimum=0.01),
+        ping=_number("ping", ping, defaults.ping, minimum=0.01) if ping not in (None, "0") else defaults.ping,
+        rotate=_number("rotate", kwargs.get("rotate"), defaults.rotate),
     )
 
 

@@ -6,7 +6,9 @@ rendezvous id, then runs the Noise handshake through the pair as initiator.
 A server endpoint registers a listener (a control WebSocket); for each
 connector the relay announces, it opens a new WebSocket, accepts the session
 and runs the handshake as responder. User protocols are built only once the
-peer is authenticated, and get a L{SecureChannel} as their transport.
+peer is authenticated, and get a L{pluresync.session.stream.Stream} as their
+transport: when the relay drops the pair, the client pairs again through
+the same relay and the session resumes (L{pluresync.session}).
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ from pluresync.interfaces import IPath, IPathClient
 from pluresync.keys import PeerIdentity, Topic, format_peer_id
 from pluresync.pipes.websocket import RelaySocketProtocol, RelayURL, open_relay_socket
 from pluresync.relay.core.wire import ErrorCode, encode_connect
-from pluresync.secure.channel import SecureChannel
-from pluresync.secure.establish import attach, secure_pipe
+from pluresync.secure.establish import secure_link
+from pluresync.secure.link import Link
+from pluresync.session import attach
+from pluresync.session.params import SessionParams
+from pluresync.session.session import new_hello
 
 #: The seed's relays. C{url=} overrides either.
 PRESETS = {
@@ -64,6 +69,8 @@ class RelayConfig:
     proxy: ProxyConfig | None = None
     #: The relay token (C{token=}, C{tokenfile=}, C{PLURESYNC_RELAY_TOKEN}); never in a repr.
     token: str | None = field(default=None, repr=False)
+    #: The session's knobs (C{resume=}, C{window=}, C{stall=}, C{ping=}, C{rotate=}).
+    session: SessionParams = SessionParams()
 
     def open(self, reactor, hello: bytes, **callbacks) -> Deferred:
         return open_relay_socket(
@@ -88,22 +95,24 @@ class RelayConfig:
     def cache_key(self) -> str:
         return self.peer.hex() if self.peer is not None else self.rendezvous_hex[:32]
 
-    def secure(self, protocol: RelaySocketProtocol, initiator: bool) -> Deferred[SecureChannel]:
+    def secure(self, protocol: RelaySocketProtocol, initiator: bool, *, hello=None, resolver=None) -> Deferred[Link]:
         """Run the handshake over C{protocol}, a relay socket the relay has just paired."""
-        return secure_pipe(
+        return secure_link(
             protocol.becomePipe,
             initiator=initiator,
             name=self.name,
             identity=self.identity,
             topic=self.topic,
             expected_peer=self.peer,
+            hello=hello,
+            resolver=resolver,
         )
 
     def client(self, reactor) -> RelayClientEndpoint:
         return RelayClientEndpoint(reactor, self)
 
-    def listener(self, reactor, factory) -> RelayListeningPort:
-        return RelayListeningPort(reactor, self, factory)
+    def listener(self, reactor, factory, sessions: attach.SessionTable | None = None) -> RelayListeningPort:
+        return RelayListeningPort(reactor, self, factory, sessions=sessions)
 
 
 @implementer(IStreamClientEndpoint, IPathClient)
@@ -123,25 +132,43 @@ class RelayClientEndpoint:
             d = self.secure()
         except BaseException:
             return fail()
-        return d.addCallback(attach, protocolFactory)
-
-    def secure(self) -> Deferred[SecureChannel]:
-        """
-        Pair through the relay and complete the handshake, but build no
-        protocol yet: the channel is C{attach}ed by the caller, or
-        C{discard}ed if another path won a race (the C{auto:} transport).
-        """
-        return with_timeout(
-            self._reactor,
-            Deferred.fromCoroutine(self._secure()),
-            self._config.timeout,
-            f"connecting through {self._config.name}",
-            PeerAddress(self._config.name, None),
+        config = self._config
+        return d.addCallback(
+            attach.connect,
+            protocolFactory,
+            clock=self._reactor,
+            params=config.session,
+            local_id=config.identity.peer_id,
+            reconnect=self.secure if config.session.resume > 0 else None,
         )
 
-    async def _secure(self) -> SecureChannel:
+    def secure(self, hello=None) -> Deferred[Link]:
+        """
+        Pair through the relay and complete the handshake, but start no
+        session yet: the link is used by the caller, or C{discard}ed if
+        another path won a race (the C{auto:} transport).
+
+        @param hello: makes the session hello (a resume of an existing
+            session); a new session's by default.
+        """
         config = self._config
-        hello = encode_connect(
+        if hello is None:
+            params = config.session
+
+            def hello():
+                return new_hello(params)
+
+        return with_timeout(
+            self._reactor,
+            Deferred.fromCoroutine(self._secure(hello)),
+            config.timeout,
+            f"connecting through {config.name}",
+            PeerAddress(config.name, None),
+        )
+
+    async def _secure(self, hello) -> Link:
+        config = self._config
+        request = encode_connect(
             config.rendezvous_hex,
             peer=format_peer_id(config.peer) if config.peer is not None else None,
             from_=config.identity.peer_id,
@@ -150,7 +177,7 @@ class RelayClientEndpoint:
             wait=max(0.0, min(config.wait, config.timeout - 1.0)),
         )
         try:
-            protocol, _ = await config.open(self._reactor, hello)
+            protocol, _ = await config.open(self._reactor, request)
         except RelayError as e:
             if e.code == ErrorCode.NO_LISTENER.value:
                 # Peers with different keys have different rendezvous ids, so
@@ -162,7 +189,7 @@ class RelayClientEndpoint:
                     ErrorCode.NO_LISTENER.value,
                 ) from None
             raise
-        return await config.secure(protocol, initiator=True)
+        return await config.secure(protocol, initiator=True, hello=hello)
 
 
 @implementer(IStreamServerEndpoint)

@@ -29,7 +29,7 @@ from pluresync.errors import NotChosenError, PeerGoneError, PluresyncError
 from pluresync.interfaces import IPathListener
 from pluresync.pipes.websocket import RelaySocketProtocol
 from pluresync.relay.core.wire import CLOSE_NORMAL, encode_accept, encode_listen
-from pluresync.secure.establish import attach
+from pluresync.session.attach import SessionTable
 
 if TYPE_CHECKING:
     from pluresync.endpoints.relay import RelayConfig
@@ -69,7 +69,7 @@ class _PortCore:
 
     reactor: Any
     config: RelayConfig
-    factory: Any
+    sessions: SessionTable
     log: Logger
     host: PeerAddress
     initial_delay: float
@@ -171,8 +171,8 @@ class _PortCore:
     async def _accept(self, session: str):
         config = self.config
         protocol, _ = await config.open(self.reactor, encode_accept(session))
-        channel = await config.secure(protocol, initiator=False)
-        return attach(channel, self.factory)
+        link = await config.secure(protocol, initiator=False, resolver=self.sessions.resolve)
+        return self.sessions.accept(link)
 
     def _accepted(self, result, d: Deferred) -> None:
         self.accepting.discard(d)
@@ -367,18 +367,24 @@ class RelayListeningPort:
         registering*, waiting --stopListening()--> stopped
 
     @param log: where its log lines go (C{pluresync doctor} silences them).
+    @param sessions: the sessions a resuming peer may come back to (shared
+        by every path of an C{auto:} listener); its own if not given.
     """
 
     _log = Logger()
     initial_delay = 1.0
     max_delay = 60.0
 
-    def __init__(self, reactor, config: RelayConfig, factory, *, log: Logger | None = None) -> None:
+    def __init__(
+        self, reactor, config: RelayConfig, factory, *, log: Logger | None = None, sessions: SessionTable | None = None
+    ) -> None:
         self._config = config
+        if sessions is None:
+            sessions = SessionTable(reactor, factory, config.session, config.identity.peer_id)
         core = _PortCore(
             reactor,
             config,
-            factory,
+            sessions,
             log if log is not None else self._log,
             self.getHost(),
             self.initial_delay,

@@ -13,11 +13,12 @@ Wire format (all integers big-endian)::
     record phase:     body = seq:u64 ciphertext
                       ciphertext = ChaChaPoly(k, nonce=seq, ad="", type:u8 payload)
 
-The sequence number is the Noise nonce, sent in clear.  Today a receiver
-only checks that each record carries the nonce it expects (a record lost,
-repeated or reordered fails), since a connection lives and dies with one
-pipe; carrying it is what will let a receiver recognise records it already
-has once a connection can move between pipes (issue 9).
+The sequence number is the link's Noise nonce, sent in clear, and each
+link checks it strictly: a record lost, repeated or reordered on a link
+fails that link.  A session that moves between links numbers its own
+records inside the plaintext instead (L{pluresync.session.wire}), so a
+record resent on another link is recognised by its session number, never
+by this one.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ class RecordType(IntEnum):
     READY = 0x03  #: the responder accepted the handshake (first record it sends)
     USE = 0x04  #: the initiator chose this connection (first record it sends)
     SHUTDOWN = 0x05  #: authenticated end of the sender's direction (half-close); the other may go on
+    # Version 2 (pluresync.session.wire): a session's bookkeeping on its links.
+    ACK = 0x06  #: recv_next, max_offset: what arrived, and how far the peer may send
+    PING = 0x07  #: an id the peer echoes in a PONG (liveness of this link)
+    PONG = 0x08  #: the echo of a PING
+    START = 0x09  #: the next numbered record on this link has this number
+    RESYNC = 0x0A  #: send again from this number (a link that held records is gone)
+    CONTROL = 0x0B  #: reserved: path signaling (the direct path)
+    DETACH = 0x0C  #: the sender retires this link (a reason byte); nothing follows on it
+    ABORT = 0x0D  #: the sender ended the session without a clean close (a reason byte)
 
 
 class AbortReason(IntEnum):
@@ -55,6 +65,7 @@ class AbortReason(IntEnum):
     WRONG_KEY = 0x01
     REFUSED = 0x02
     MALFORMED = 0x03
+    VERSION = 0x04  #: the peer speaks another end-to-end protocol version
 
 
 def frame(body: bytes) -> bytes:

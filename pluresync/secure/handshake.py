@@ -20,10 +20,10 @@ initiator racing several relays leaves no stray connections at listeners.
 
 The READY, USE and CLOSE records travel after the Noise messages, sealed
 with the new keys, so this module only produces the keys:
-L{pluresync.secure.channel} sends and checks those records.
+L{pluresync.secure.link} sends and checks those records.
 
 This module is pure (no I/O): L{Handshake} takes frame bodies and returns
-frame bodies to send; L{pluresync.secure.channel} drives it.
+frame bodies to send; L{pluresync.secure.link} drives it.
 """
 
 from __future__ import annotations
@@ -31,23 +31,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pluresync.errors import HandshakeError, PeerMismatchError, WrongKeyError
+from pluresync.errors import HandshakeError, PeerMismatchError, VersionError, WrongKeyError
 from pluresync.keys import PeerIdentity, Topic, format_peer_id
 from pluresync.noise import CipherState, HandshakeState, NoiseError
 from pluresync.secure.frames import AbortReason
 
 PROTOCOL_NAME = "Noise_XXpsk3_25519_ChaChaPoly_BLAKE2b"
+#: Kept from version 1: the end-to-end version is negotiated inside the
+#: handshake's payloads (pluresync.session.wire), not by the prologue, so a
+#: version 1 peer completes the handshake and hears a clear refusal.
 PROLOGUE = b"pluresync.v1"
 _MIN_NOISE_MESSAGE = 32
 
 
 @dataclass
 class Secured:
-    """The outcome of a completed handshake."""
+    """
+    The outcome of a completed handshake.
+
+    @ivar payload: (responder) the initiator's frame-3 payload: its session
+        hello (L{pluresync.session.wire.Hello}), empty from a version 1 peer.
+    @ivar handshake_hash: the transcript hash, the same on both sides; a
+        new session's identity is derived from it.
+    """
 
     send: CipherState
     receive: CipherState
     remote_static: bytes
+    payload: bytes = b""
+    handshake_hash: bytes = b""
 
 
 class HandshakeAborted(Exception):
@@ -67,6 +79,9 @@ class Handshake:
         insist on, from C{peer=}; any other identity is refused.
     @param firewall: (responder) called with the initiator's peer id once it
         is proven; return C{False} to refuse the peer.
+    @param payload: (initiator) makes the frame-3 payload, when frame 3 is
+        written: encrypted, and bound to this handshake's fresh ephemerals,
+        so nobody else can read or replay it.
     """
 
     def __init__(
@@ -77,8 +92,10 @@ class Handshake:
         *,
         expected_peer: bytes | None = None,
         firewall: Callable[[str], bool] | None = None,
+        payload: Callable[[], bytes] | None = None,
     ) -> None:
         self.initiator = initiator
+        self._payload = payload
         self._expected_peer = expected_peer
         self._firewall = firewall
         self._noise = HandshakeState(
@@ -110,7 +127,7 @@ class Handshake:
             raise HandshakeAborted(None, abort_error(body))
         self._reads += 1
         try:
-            self._noise.read_message(body)
+            payload = self._noise.read_message(body)
         except NoiseError:
             # Only frame 3 (the responder's second read) depends on the psk,
             # so only there does a failure mean the keys differ.
@@ -130,9 +147,9 @@ class Handshake:
                         f"not the requested {format_peer_id(self._expected_peer)[:12]}…"
                     ),
                 )
-            out = [self._noise.write_message()]
+            out = [self._noise.write_message(self._payload() if self._payload is not None else b"")]
             send, receive = self._noise.split()
-            self._secured = Secured(send, receive, remote)
+            self._secured = Secured(send, receive, remote, handshake_hash=self._noise.handshake_hash)
             return out, None
         if not self._noise.finished:
             return [self._noise.write_message()], None
@@ -142,7 +159,7 @@ class Handshake:
                 HandshakeError(f"peer {format_peer_id(remote)[:12]}… refused by the firewall"),
             )
         send, receive = self._noise.split()
-        return [], Secured(send, receive, remote)
+        return [], Secured(send, receive, remote, payload, self._noise.handshake_hash)
 
     def pending(self) -> Secured:
         """(initiator) the keys, to decrypt the READY record that confirms them."""
@@ -161,6 +178,8 @@ def abort_error(body: bytes) -> HandshakeError:
             return WrongKeyError("the peer could not authenticate our handshake")
         if reason is AbortReason.REFUSED:
             return HandshakeError("handshake refused: the peer does not accept this peer id")
+        if reason is AbortReason.VERSION:
+            return VersionError()
     return HandshakeError(
         "handshake failed: the peer gave up (it may not share this sync key, or be a different program)"
     )

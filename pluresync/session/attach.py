@@ -1,0 +1,162 @@
+"""
+Where a secured link becomes (part of) a session, and a session the user's
+connection: the step after the handshake, on either side.
+
+ - The initiator (L{connect}) chooses a link that won its race, starts a
+   session on it and builds the user's protocol; later links for the same
+   session come from the C{reconnect} function it is given.
+ - The responder (L{SessionTable}) answers each hello: a new session gets a
+   new protocol, a resume is matched to the session it names (its peer must
+   be the same proven peer) and builds nothing.  One table serves every path
+   of a listening port, so a session can come back over any of them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from pluresync.errors import PluresyncError
+from pluresync.secure.handshake import Secured
+from pluresync.secure.link import Link
+from pluresync.session.params import SessionParams
+from pluresync.session.session import Session, session_id
+from pluresync.session.stream import Stream
+from pluresync.session.wire import AbortReason, Hello, Intent, ReadyAnswer, Status
+
+#: How many ended sessions a listener remembers, to answer a late resume
+#: (a close whose acknowledgement was lost) with how far they got.
+MAX_ENDED = 1024
+
+
+def _build(session: Session, factory, local_id: str):
+    stream = Stream(session, 0, local_id)
+    protocol = factory.buildProtocol(stream.getPeer())
+    if protocol is None:
+        session.abort(why=AbortReason.REFUSED)
+        raise PluresyncError("the protocol factory refused the connection (buildProtocol returned None)")
+    stream.attach(protocol)
+    return protocol
+
+
+def connect(
+    link: Link,
+    factory,
+    *,
+    clock,
+    params: SessionParams,
+    local_id: str,
+    reconnect: Callable[[Callable[[], Hello]], Deferred] | None,
+):
+    """
+    (initiator) Choose C{link}, start a new session on it and connect the
+    user's protocol.
+
+    @param reconnect: opens another link for this session (through the
+        same path, or any of C{auto:}'s); C{None}: the session ends with its
+        link.
+    @return: the protocol.
+    @raise PluresyncError: the factory refused.
+    """
+    link.use()
+    session = Session(
+        clock,
+        initiator=True,
+        ident=session_id(link.handshake_hash),
+        peer_static=link.peer_static,
+        params=params if reconnect is not None else _no_resume(params),
+        peer_max=link.answer.max_offset,
+        reconnect=reconnect,
+    )
+    session.addLink(link, link.answer.recv_next, link.answer.max_offset)
+    return _build(session, factory, local_id)
+
+
+def _no_resume(params: SessionParams) -> SessionParams:
+    return replace(params, resume=0.0)
+
+
+@dataclass
+class _Ended:
+    peer_static: bytes
+    answer: ReadyAnswer
+
+
+class SessionTable:
+    """
+    A listener's sessions, by id: what a resuming link is matched against.
+
+    @param factory: builds the user's protocol for each new session.
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock, factory, params: SessionParams, local_id: str) -> None:
+        self._clock = clock
+        self._factory = factory
+        self.params = params
+        self._local_id = local_id
+        self._sessions: dict[bytes, Session] = {}
+        self._ended: OrderedDict[bytes, _Ended] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def resolve(self, hello: Hello, secured: Secured) -> ReadyAnswer:
+        """The READY answer to C{hello} from the peer that C{secured} proved."""
+        if hello.intent is Intent.NEW:
+            return ReadyAnswer(Status.OK, 0, self.params.window)
+        session = self._sessions.get(hello.session_id)
+        if session is None:
+            ended = self._ended.get(hello.session_id)
+            if ended is None:
+                return ReadyAnswer(Status.UNKNOWN_SESSION, 0, 0)
+            if ended.peer_static != secured.remote_static:
+                return ReadyAnswer(Status.NOT_YOURS, 0, 0)
+            return ended.answer
+        if session.peer_static != secured.remote_static:
+            self._log.warn(
+                "peer {peer} tried to resume a session of another peer; refused",
+                peer=secured.remote_static.hex()[:12],
+            )
+            return ReadyAnswer(Status.NOT_YOURS, 0, 0)
+        return session.answer()
+
+    def accept(self, link: Link):
+        """
+        (responder) C{link} was chosen by the initiator: start its session
+        and build the protocol, or hand it to the session it resumes.
+
+        @return: the new protocol, or C{None} for a resumed session.
+        """
+        hello = link.hello
+        if hello.intent is Intent.RESUME:
+            session = self._sessions.get(hello.session_id)
+            if session is None or session.peer_static != link.peer_static:
+                link.abort()
+                return None
+            session.addLink(link, hello.recv_next, hello.max_offset)
+            return None
+        ident = session_id(link.handshake_hash)
+        session = Session(
+            self._clock,
+            initiator=False,
+            ident=ident,
+            peer_static=link.peer_static,
+            params=self.params,
+            peer_max=hello.max_offset,
+            on_end=self._forget,
+        )
+        self._sessions[ident] = session
+        session.addLink(link, 0, hello.max_offset)
+        return _build(session, self._factory, self._local_id)
+
+    def _forget(self, session: Session) -> None:
+        self._sessions.pop(session.ident, None)
+        self._ended[session.ident] = _Ended(session.peer_static, session.answer())
+        while len(self._ended) > MAX_ENDED:
+            self._ended.popitem(last=False)

@@ -1,0 +1,47 @@
+"""
+The knobs of a session, as endpoint strings (C{resume=}, C{window=},
+C{stall=}, C{ping=}, C{rotate=}) and C{create_transport} set them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pluresync.secure.frames import MAX_RECORD_PAYLOAD
+
+DEFAULT_WINDOW = 4 * 1024 * 1024
+#: A window must hold a few full records, or a sender could never send one.
+MIN_WINDOW = 4 * (MAX_RECORD_PAYLOAD + 1)
+MAX_WINDOW = 1 << 30
+
+
+@dataclass(frozen=True)
+class SessionParams:
+    """
+    @ivar resume: seconds a session may go without any link before it ends
+        (C{connectionLost} with the last link's error); 0 ends it with its
+        first link, as version 1 did.
+    @ivar window: bytes the peer may send beyond what our protocol has
+        consumed (the credit), which also bounds what we keep for resending.
+    @ivar stall: seconds of silence on a link that was carrying traffic
+        before it counts as dead (a ping goes out after half of it).
+    @ivar ping: seconds of silence on an idle link before we ping it; it
+        counts as dead after C{ping + stall}.
+    @ivar rotate: seconds before a relay's announced session cap at which
+        the initiator moves the session to a fresh link (at most a quarter
+        of the cap, so short caps rotate too).
+    @ivar ack_delay: longest wait before acknowledging what arrived.
+    """
+
+    resume: float = 30.0
+    window: int = DEFAULT_WINDOW
+    stall: float = 2.0
+    ping: float = 15.0
+    rotate: float = 20.0
+    ack_delay: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not MIN_WINDOW <= self.window <= MAX_WINDOW:
+            raise ValueError(f"window must be between {MIN_WINDOW} and {MAX_WINDOW} bytes")
+        if self.resume < 0 or self.stall <= 0 or self.ping <= 0 or self.rotate < 0:
+            raise ValueError("resume and rotate must be >= 0, stall and ping > 0")
