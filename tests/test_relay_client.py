@@ -19,6 +19,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyClass, verifyObject
 
 from pluresync.endpoints.relay import RelayClientEndpoint, RelayConfig, RelayServerEndpoint
@@ -379,6 +380,21 @@ class ScriptedRelayFactory(WebSocketServerFactory):
         self.hellos: list[bytes] = []
 
 
+@implementer(IPipeReceiver)
+class Receiver:
+    """What a paired relay socket delivers to, keeping it."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.lost: list[Failure] = []
+
+    def pipeDataReceived(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def pipeLost(self, reason: Failure) -> None:
+        self.lost.append(reason)
+
+
 class RelaySocketTests(SynchronousTestCase):
     """The client's relay socket against a scripted relay, pumped in memory on a fake clock."""
 
@@ -387,7 +403,14 @@ class RelaySocketTests(SynchronousTestCase):
         self.incoming: list[tuple[str, str | None]] = []
         self.lost: list[Failure] = []
 
-    def run_script(self, *script: bytes, subprotocol: str = SUBPROTOCOL, close_code: int | None = None):
+    def run_script(
+        self, *script: bytes, subprotocol: str = SUBPROTOCOL, close_code: int | None = None, answer_after: float = 0
+    ):
+        """
+        Connect a client socket to a relay that answers its hello with
+        C{script}; C{answer_after} seconds pass on the clock between the
+        client's upgrade request and the relay reading it.
+        """
         hello = encode_listen(RDV, PEER)
         client_factory = RelaySocketFactory(
             self.clock,
@@ -402,8 +425,9 @@ class RelaySocketTests(SynchronousTestCase):
         server = self.relay.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         client = client_factory.buildProtocol(None)
         self.pump = iosim.connect(
-            server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), clock=self.clock
+            server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), greet=False, clock=self.clock
         )
+        self.clock.advance(answer_after)
         self.flush()
         return client, client_factory.answer
 
@@ -419,6 +443,36 @@ class RelaySocketTests(SynchronousTestCase):
         protocol, message = self.successResultOf(answer)
         self.assertIs(protocol, client)
         self.assertEqual(message, Ready(limits={"max_message": 262144}))
+
+    def test_limits_kept(self):
+        """
+        The socket keeps the announced session_seconds and when the answer
+        came; it expires that long after the upgrade request went out (no
+        relay counts from earlier), not after the answer.
+        """
+        self.clock.advance(100)
+        client, answer = self.run_script(encode_ready({"session_seconds": 295, "max_message": 262144}), answer_after=2)
+        self.successResultOf(answer)
+        self.assertEqual((client.session_seconds, client.answered_at), (295, 102))
+        self.assertEqual(client.expires_at, 395)
+
+    def test_no_cap(self):
+        """No session_seconds (null, absent, an older relay's bare ready): expires_at is None."""
+        for ready in (encode_ready({"session_seconds": None, "max_message": 262144}), encode_ready()):
+            client, answer = self.run_script(ready)
+            self.successResultOf(answer)
+            self.assertIsNone(client.session_seconds)
+            self.assertIsNone(client.expires_at)
+        self.assertEqual(client.answered_at, 0)
+
+    def test_pipe_expires(self):
+        """The pipe of a paired socket says when the relay will end it: its socket's expires_at."""
+        self.clock.advance(10)
+        client, answer = self.run_script(encode_paired(PEER, {"session_seconds": 2}), answer_after=0.5)
+        self.successResultOf(answer)
+        pipe = client.becomePipe(Receiver())
+        self.assertEqual(pipe.expires_at, 12)
+        self.assertEqual(client.answered_at, 10.5)
 
     def test_incoming_after_ready(self):
         """Each incoming on a registered control socket reaches on_incoming."""
