@@ -274,6 +274,24 @@ class ConformanceTests:
         await within(listener.close_normally())
         await self.assertError(connector, ErrorCode.NO_LISTENER)
 
+    async def test_listener_gone_offered_again(self) -> None:
+        """
+        The listener leaves after the offer, before accepting, while another
+        is registered (a listener renewing its registration): the connector
+        is offered to that one in the same session, and its accept pairs it.
+        """
+        first = await self.listener()
+        connector = await self.connector(**{"from": FROM, "wait": 10})
+        offered = await within(first.next_json())
+        second = await self.listener()
+        await within(first.close_normally())
+        again = await within(second.next_json())
+        self.assertEqual((again["op"], again["session"], again["peer"]), ("incoming", offered["session"], FROM))
+        acceptor = await self.open()
+        acceptor.send_json({"v": 1, "op": "accept", "session": again["session"]})
+        self.assertEqual((await within(acceptor.next_json()))["op"], "paired")
+        self.assertEqual((await within(connector.next_json()))["op"], "paired")
+
     async def test_too_many_pending(self) -> None:
         """
         Beyond max_pending connectors waiting for one rendezvous: rate-limited
