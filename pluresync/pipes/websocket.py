@@ -177,6 +177,8 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
     session_seconds: float | None = None
     #: Reactor seconds when the relay's answer (C{ready} or C{paired}) arrived.
     answered_at: float | None = None
+    #: The close code the socket ended with (1006: without a close frame), once it has.
+    close_code: int | None = None
     #: Reactor seconds when we sent the upgrade request.
     _upgrade_sent_at: float | None = None
 
@@ -283,6 +285,7 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
         if self.closeHandshakeTimeoutCall is not None:
             self.closeHandshakeTimeoutCall.cancel()
             self.closeHandshakeTimeoutCall = None
+        self.close_code = code
         if self._channel is not None:
             channel, self._channel = self._channel, None
             channel.pipeLost(self._pipeEnd(wasClean, code))
