@@ -520,7 +520,7 @@ class SessionDurationTests(_LimitsCase):
         yield _within(connector.next_json())
         _, code, _ = yield _within(connector.closed)
         self.assertEqual(code, 4029)
-        self.assertGreaterEqual(reactor.seconds() - paired_at, 0.25)
+        self.assertGreaterEqual(reactor.seconds() - paired_at, 0.2)
         self.assertFalse(listener.closed.called)
 
 
