@@ -185,6 +185,10 @@ class FakeControl:
     def expires_at(self) -> float | None:
         return None if self.session_seconds is None else self.sent_at + self.session_seconds
 
+    @property
+    def closed_on_purpose(self) -> bool:
+        return self.close_code in (1001, 4029)
+
     def sendClose(self, code: int) -> None:
         self.closed.append(code)
 
@@ -583,7 +587,8 @@ class ScriptedRelayProtocol(WebSocketServerProtocol):
         for message in self.factory.script:
             self.sendMessage(message, False)
         if self.factory.close_code is not None:
-            self.sendClose(self.factory.close_code)
+            # (sendCloseFrame: Autobahn's sendClose refuses 1001, which relays send)
+            self.sendCloseFrame(code=self.factory.close_code, isReply=False)
 
 
 class ScriptedRelayFactory(WebSocketServerFactory):
@@ -692,6 +697,13 @@ class RelaySocketTests(SynchronousTestCase):
         pipe = client.becomePipe(Receiver())
         self.assertEqual(pipe.expires_at, 12)
         self.assertEqual(client.answered_at, 10.5)
+
+    def test_how_it_ended(self):
+        """The socket keeps its close code; 1001 (going away) and 4029 (a cap) are ends on purpose."""
+        for code, on_purpose in ((1001, True), (4029, True), (1000, False), (4000, False)):
+            client, answer = self.run_script(encode_ready(), close_code=code)
+            self.successResultOf(answer)
+            self.assertEqual((client.close_code, client.closed_on_purpose), (code, on_purpose))
 
     def test_incoming_after_ready(self):
         """Each incoming on a registered control socket reaches on_incoming."""

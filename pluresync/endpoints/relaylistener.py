@@ -31,7 +31,7 @@ from pluresync.endpoints.deadline import with_timeout
 from pluresync.errors import NotChosenError, PeerGoneError, PluresyncError
 from pluresync.interfaces import IPathListener
 from pluresync.pipes.websocket import RelaySocketProtocol
-from pluresync.relay.core.wire import CLOSE_GOING_AWAY, CLOSE_NORMAL, ErrorCode, encode_accept, encode_listen
+from pluresync.relay.core.wire import CLOSE_NORMAL, encode_accept, encode_listen
 from pluresync.secure.establish import attach
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ class _PortCore:
         now = self.reactor.seconds()
         if control.answered_at is None or now - control.answered_at < self.initial_delay:
             return False
-        if control.close_code in (CLOSE_GOING_AWAY, ErrorCode.RATE_LIMITED.close_code):
+        if control.closed_on_purpose:
             return True
         return control.expires_at is not None and now >= control.expires_at
 

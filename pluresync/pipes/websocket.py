@@ -217,6 +217,15 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
             return None
         return self._upgrade_sent_at + self.session_seconds
 
+    @property
+    def closed_on_purpose(self) -> bool:
+        """
+        Whether the relay ended this socket with one of the closes it gives
+        on purpose rather than for an error: 1001 C{going away} (shutdown,
+        the Vercel function's cap) or 4029 (a cap).
+        """
+        return self.close_code in (CLOSE_GOING_AWAY, ErrorCode.RATE_LIMITED.close_code)
+
     def onConnect(self, response: ConnectionResponse) -> None:
         if response.protocol != SUBPROTOCOL:
             self._relay_error = RelayUnreachableError(
