@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.trial.unittest import TestCase
 
 from pluresync.relay.core.limits import RelayLimits
+from pluresync.relay.core.ratelimit import RateLimits
 from pluresync.relay.core.wire import CLOSE_NORMAL, ErrorCode
 
 from .localrelay import LocalRelay
@@ -38,6 +39,8 @@ HELLO_TIMEOUT = 1.0
 ACCEPT_TIMEOUT = 1.5
 MAX_MESSAGE = 135168
 MAX_PENDING = 2
+#: The Twisted relay's --session-seconds here: long enough never to end a test's pair.
+SESSION_SECONDS = 600
 
 RDV = "ab" * 32
 PEER = "cd" * 32
@@ -56,6 +59,8 @@ class ConformanceTests:
     """
 
     port: int
+    #: The C{session_seconds} the front announces in C{ready} and C{paired}.
+    session_seconds: float
 
     async def start_relay(self) -> int:
         raise NotImplementedError
@@ -93,9 +98,11 @@ class ConformanceTests:
         acceptor.send_json({"v": 1, "op": "accept", "session": incoming["session"]})
         paired = await within(acceptor.next_json())
         self.assertEqual((paired["op"], paired["peer"]), ("paired", FROM))
+        self.assertEqual(paired["limits"]["session_seconds"], self.session_seconds)
         paired = await within(connector.next_json())
         self.assertEqual((paired["op"], paired["peer"]), ("paired", PEER))
         self.assertEqual(paired["limits"]["max_message"], MAX_MESSAGE)
+        self.assertEqual(paired["limits"]["session_seconds"], self.session_seconds)
         return listener, connector, acceptor
 
     async def assertError(self, client: RelayTestClient, code: ErrorCode) -> None:
@@ -114,12 +121,16 @@ class ConformanceTests:
     # -- pairing -------------------------------------------------------------------
 
     async def test_listen_ready(self) -> None:
-        """C{listen} is answered with C{ready} and the limits in force."""
+        """
+        C{listen} is answered with C{ready} and the limits in force, the
+        front's session cap among them (C{pair} checks C{paired}'s).
+        """
         client = await self.open()
         client.send_json({"v": 1, "op": "listen", "rdv": RDV, "peer": PEER})
         ready = await within(client.next_json())
         self.assertEqual(ready["op"], "ready")
         self.assertEqual(ready["limits"]["max_message"], MAX_MESSAGE)
+        self.assertEqual(ready["limits"]["session_seconds"], self.session_seconds)
 
     async def test_pair_and_forward_both_ways(self) -> None:
         """listen, connect, incoming, accept, paired with the peers' ids; binary frames both ways, in order."""
@@ -263,6 +274,24 @@ class ConformanceTests:
         await within(listener.close_normally())
         await self.assertError(connector, ErrorCode.NO_LISTENER)
 
+    async def test_listener_gone_offered_again(self) -> None:
+        """
+        The listener leaves after the offer, before accepting, while another
+        is registered (a listener renewing its registration): the connector
+        is offered to that one in the same session, and its accept pairs it.
+        """
+        first = await self.listener()
+        connector = await self.connector(**{"from": FROM, "wait": 10})
+        offered = await within(first.next_json())
+        second = await self.listener()
+        await within(first.close_normally())
+        again = await within(second.next_json())
+        self.assertEqual((again["op"], again["session"], again["peer"]), ("incoming", offered["session"], FROM))
+        acceptor = await self.open()
+        acceptor.send_json({"v": 1, "op": "accept", "session": again["session"]})
+        self.assertEqual((await within(acceptor.next_json()))["op"], "paired")
+        self.assertEqual((await within(connector.next_json()))["op"], "paired")
+
     async def test_too_many_pending(self) -> None:
         """
         Beyond max_pending connectors waiting for one rendezvous: rate-limited
@@ -287,12 +316,17 @@ class ConformanceTests:
     #    WebSocket exists (tests/test_relay_auth*.py), there is no close code;
     #  - rate limits on bytes, durations and addresses: only the Twisted
     #    relay has them (tests/test_relay_ratelimit.py);
-    #  - 1001 before the maximum duration: only the Vercel function has one
-    #    (tests/test_vercel_relay.py); relay shutdown differs likewise.
+    #  - how the announced session_seconds is enforced: the Twisted relay
+    #    ends a pair with 4029, counted from the pairing
+    #    (tests/test_relay_ratelimit.py); the Vercel function ends every
+    #    socket with 1001, counted from its upgrade (tests/test_vercel_relay.py);
+    #    relay shutdown differs likewise.
 
 
 class TwistedRelayConformance(ConformanceTests, TestCase):
     """The Twisted relay, in-process on a loopback port."""
+
+    session_seconds = SESSION_SECONDS  # --session-seconds
 
     async def start_relay(self) -> int:
         limits = RelayLimits(
@@ -300,6 +334,7 @@ class TwistedRelayConformance(ConformanceTests, TestCase):
             accept_timeout=ACCEPT_TIMEOUT,
             max_message=MAX_MESSAGE,
             max_pending=MAX_PENDING,
+            rate=RateLimits(session_seconds=SESSION_SECONDS),
         )
         relay = LocalRelay(self, limits)
         return relay.port.getHost().port
@@ -309,6 +344,8 @@ class AsgiRelayConformance(ConformanceTests, TestCase):
     """The Vercel function under uvicorn, with a redis-server of its own."""
 
     timeout = 60
+    #: PLURESYNC_MAX_DURATION (300) − PLURESYNC_CLOSE_MARGIN (5), the defaults.
+    session_seconds = 295
 
     async def start_relay(self) -> int:
         _require_servers(self)

@@ -177,6 +177,38 @@ class RegistryTests(unittest.TestCase):
         self.assertEqual(second.codes, [ErrorCode.NO_LISTENER])
         self.assertEqual((self.registry.listener_count, self.registry.pending_count), (0, 0))
 
+    def test_listener_gone_offered_again(self) -> None:
+        """
+        A listener that goes away while another of its rdv is registered
+        (a listener renewing its registration): its offered connectors are
+        offered to the other in the same session, with a new accept timer;
+        an accept from either pairs them.
+        """
+        old, old_channel = self.listen()
+        _, first = self.connect()
+        _, second = self.connect()
+        _, new_channel = self.listen()
+        self.clock.advance(9)
+        self.registry.remove_listener(old)  # type: ignore[arg-type]
+        sessions = [session for session, _ in old_channel.calls]
+        self.assertEqual(new_channel.calls, [(session, FROM) for session in sessions])
+        self.assertEqual((first.errors, second.errors), ([], []))
+        self.assertEqual(self.registry.pending_count, 2)
+        self.clock.advance(9)  # past the first offer's accept timeout, not the second's
+        self.assertEqual((first.errors, second.errors), ([], []))
+        for session in sessions:
+            self.registry.accept(session)
+        self.assertEqual((self.registry.pending_count, self.registry.paired_count), (0, 2))
+
+    def test_listener_gone_not_offered_to_the_wrong_peer(self) -> None:
+        """A connector that asked for the listener's peer id is not offered to a listener with another one."""
+        old, _ = self.listen(peer=PEER_A)
+        _, channel = self.connect(peer=PEER_A)
+        _, other = self.listen(peer=PEER_B)
+        self.registry.remove_listener(old)  # type: ignore[arg-type]
+        self.assertEqual(other.calls, [])
+        self.assertEqual(channel.codes, [ErrorCode.NO_LISTENER])
+
     def test_listener_gone_keeps_accepted(self) -> None:
         """An accepted session survives its listener's control socket."""
         listener, _ = self.listen()

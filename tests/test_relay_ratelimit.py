@@ -20,6 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from pluresync.relay.core.limits import RelayLimits
@@ -501,6 +502,26 @@ class SessionDurationTests(_LimitsCase):
             _, code, reason = yield _within(side.closed)
             self.assertEqual(code, 4029)
             self.assertTrue(reason.startswith("rate-limited retry="), reason)
+
+    @inlineCallbacks
+    def test_counted_from_the_pairing(self) -> None:
+        """
+        --session-seconds counts from the pairing, not from a socket's
+        upgrade: a connector offered for longer than the cap still gets the
+        whole cap once accepted; a listener's control socket is never capped.
+        """
+        listener = yield self.listener()
+        connector = yield self.open()
+        connector.send_json({"v": 1, "op": "connect", "rdv": RDV})
+        yield deferLater(reactor, 0.5, lambda: None)  # offered, not accepted, longer than the cap
+        self.assertFalse(connector.closed.called)
+        yield self.accept(listener)
+        paired_at = reactor.seconds()
+        yield _within(connector.next_json())
+        _, code, _ = yield _within(connector.closed)
+        self.assertEqual(code, 4029)
+        self.assertGreaterEqual(reactor.seconds() - paired_at, 0.2)
+        self.assertFalse(listener.closed.called)
 
 
 class GlobalRateTests(_LimitsCase):

@@ -327,3 +327,18 @@ class RelayMessageTests(unittest.TestCase):
             message = dumps({"op": "error", "code": "timeout", "message": None, "retry": retry})
             self.assertEqual(parse_relay_message(message).retry, None)
         self.assertIsNone(parse_relay_message(b'{"op":"error","code":"timeout","message":"","retry":1e400}').retry)
+
+    def test_session_seconds(self) -> None:
+        """
+        ready's and paired's session_seconds: a positive number, else no cap
+        (null, absent, an older relay without limits, or malformed).
+        """
+        for message in (Ready, lambda limits: Paired(None, limits)):
+            self.assertEqual(message({"session_seconds": 295}).session_seconds, 295.0)
+            self.assertEqual(message({"session_seconds": 2.5, "max_message": 262144}).session_seconds, 2.5)
+            self.assertIsNone(message(None).session_seconds)
+            for value in (None, 0, -1, "295", True, [295]):
+                self.assertIsNone(message({"session_seconds": value}).session_seconds, value)
+            self.assertIsNone(message({"max_message": 262144}).session_seconds)
+        ready = parse_relay_message(b'{"op":"ready","limits":{"session_seconds":1e400}}')
+        self.assertIsNone(ready.session_seconds)

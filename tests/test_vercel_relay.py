@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import ConnectionDone, ProcessExitedAlready
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.protocols.basic import FileSender
 from twisted.python import log
 from twisted.trial.unittest import SkipTest, TestCase
@@ -378,6 +379,54 @@ class VercelMaxDurationTests(_VercelCase):
         self.assertLess(elapsed, 6)
         for side in (client, server):
             self.assertIn("shutting down", str(side.reason.value))
+
+    async def test_session_seconds_count_from_each_upgrade(self):
+        """
+        C{session_seconds} is announced as max duration − margin (3 − 1 = 2),
+        and is when each socket is closed with 1001, counted from its own
+        upgrade: a listener's control socket and a waiting connector as much
+        as an end of a pair.  A pair ends at the first of its two caps, so an
+        acceptor that came a second after its connector gets 1001 about a
+        second after its own upgrade.
+        """
+        (one,) = await self.start_instances(1, {"PLURESYNC_MAX_DURATION": "3", "PLURESYNC_CLOSE_MARGIN": "1"})
+        closed_at: dict[str, float] = {}
+
+        async def open_socket(name: str, hello: dict[str, Any]) -> tuple[Any, float]:
+            started = time.monotonic()
+            client = raw_connect(reactor, one.port)
+            self.addCleanup(client.abort)
+
+            def ended(result: Any) -> Any:
+                closed_at[name] = time.monotonic()
+                return result
+
+            client.closed.addCallback(ended)
+            await client.opened
+            client.send_json({"v": 1, **hello})
+            return client, started
+
+        listener, listener_start = await open_socket("listener", {"op": "listen", "rdv": "ab" * 32, "peer": "cd" * 32})
+        ready = await listener.next_json()
+        self.assertEqual(ready["limits"]["session_seconds"], 2)
+        connector, connector_start = await open_socket("connector", {"op": "connect", "rdv": "ab" * 32, "wait": 5})
+        incoming = await listener.next_json()
+        await deferLater(reactor, 1.0, lambda: None)  # the acceptor comes a second later
+        acceptor, acceptor_start = await open_socket("acceptor", {"op": "accept", "session": incoming["session"]})
+        for side in (acceptor, connector):
+            paired = await side.next_json()
+            self.assertEqual((paired["op"], paired["limits"]["session_seconds"]), ("paired", 2))
+        for side in (listener, connector, acceptor):
+            self.assertEqual((await side.closed)[1:], (1001, "going away"))
+        lived = {
+            "listener": closed_at["listener"] - listener_start,
+            "connector": closed_at["connector"] - connector_start,
+            "acceptor": closed_at["acceptor"] - acceptor_start,
+        }
+        for name in ("listener", "connector"):
+            self.assertTrue(1.9 <= lived[name] <= 3.0, lived)
+        self.assertLess(lived["acceptor"], 1.6, lived)
+        log.msg(f"seconds each socket lived: {lived}")
 
 
 class VercelThroughputTests(_VercelCase):

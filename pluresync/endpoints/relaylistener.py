@@ -4,8 +4,11 @@ relay path of C{auto:}) returns as its listening port.
 
 It holds the control WebSocket, answers every C{incoming} with a new paired
 WebSocket and a handshake, and, if the relay drops or restarts, registers
-again with exponential backoff and jitter until C{stopListening}.  Its life
-(registering, listening, waiting to retry, stopping) is an Automat machine.
+again with exponential backoff and jitter until C{stopListening}.  When the
+relay announces a cap on the socket's life (C{session_seconds}), it renews
+the registration before the cap, make-before-break: a second registration
+first, then a normal close of the first.  Its life (registering, listening,
+renewing, waiting to retry, stopping) is an Automat machine.
 """
 
 from __future__ import annotations
@@ -54,7 +57,13 @@ class _PortInputs(Protocol):
         "A registration attempt failed (or was cancelled, or timed out)."
 
     def control_lost(self, reason: Failure) -> None:
-        "The control socket of a registration ended."
+        "The control socket of the registration in use ended unexpectedly."
+
+    def control_ended(self, reason: Failure) -> None:
+        "The relay ended the control socket of a healthy registration on purpose: going away, or its cap."
+
+    def renew_due(self) -> None:
+        "The registration in use nears the relay's cap: time to open the next one."
 
     def retry_due(self) -> None:
         "The backoff timer ran out."
@@ -81,6 +90,9 @@ class _PortCore:
     registration: Deferred | None = field(default=None, repr=False)
     control: RelaySocketProtocol | None = field(default=None, repr=False)
     retry_call: Any = field(default=None, repr=False)
+    renew_call: Any = field(default=None, repr=False)
+    #: session id -> reactor seconds, of the recent offers, oldest first (a relay may offer one twice)
+    offers: dict[str, float] = field(default_factory=dict, repr=False)
     accepting: set[Deferred] = field(default_factory=set, repr=False)
     started: list[Deferred] = field(default_factory=list, repr=False)
     stopped: list[Deferred] = field(default_factory=list, repr=False)
@@ -119,18 +131,87 @@ class _PortCore:
     def register(self) -> None:
         config = self.config
         hello = encode_listen(config.rendezvous_hex, config.identity.peer_id)
+        # This registration's control socket, once the relay is ready (a
+        # socket's end is reported only after its answer).
+        control: list[RelaySocketProtocol] = []
+
+        def ready(answer: tuple[RelaySocketProtocol, Any]) -> None:
+            control.append(answer[0])
+            self.enter(self.inputs.registered, answer[0])
+
         d = config.open(
             self.reactor,
             hello,
             on_incoming=lambda session, peer: self.enter(self.inputs.incoming, session, peer),
-            on_lost=lambda reason: self.enter(self.inputs.control_lost, reason),
+            on_lost=lambda reason: self.enter(self.control_gone, control[0] if control else None, reason),
         )
         d = with_timeout(self.reactor, d, config.timeout, f"registering at {config.name}", self.host)
         self.registration = d
-        d.addCallbacks(
-            lambda answer: self.enter(self.inputs.registered, answer[0]),
-            lambda failure: self.enter(self.inputs.registration_failed, failure),
-        )
+        d.addCallbacks(ready, lambda failure: self.enter(self.inputs.registration_failed, failure))
+
+    def control_gone(self, control: RelaySocketProtocol | None, reason: Failure) -> None:
+        """
+        A registration's control socket ended.  One this port replaced (it
+        closed it itself) is no news; the one in use either was ended by the
+        relay on purpose, or was lost.
+        """
+        if control is None or control is not self.control:
+            return
+        if self.ended_on_purpose(control):
+            self.inputs.control_ended(reason)
+        else:
+            self.inputs.control_lost(reason)
+
+    def ended_on_purpose(self, control: RelaySocketProtocol) -> bool:
+        """
+        Whether the relay ended a healthy registration on purpose: going
+        away (1001), a cap (4029), or at its announced cap.  Healthy: it
+        lasted at least the backoff's first delay, so registering again at
+        once never tries faster than the backoff would.
+        """
+        now = self.reactor.seconds()
+        if control.answered_at is None or now - control.answered_at < self.initial_delay:
+            return False
+        if control.closed_on_purpose:
+            return True
+        return control.expires_at is not None and now >= control.expires_at
+
+    def schedule_renewal(self) -> None:
+        """
+        If the relay announced a cap on the control socket's life, renew the
+        registration C{renew_margin} before it (L{renew_margin}).
+        """
+        control = self.control
+        expires_at = control.expires_at if control is not None else None
+        if expires_at is None:
+            return
+        delay = max(0.0, expires_at - renew_margin(control.session_seconds) - self.reactor.seconds())
+        self.renew_call = self.reactor.callLater(delay, self.enter, self.inputs.renew_due)
+
+    def cancel_renewal(self) -> None:
+        renew, self.renew_call = self.renew_call, None
+        if renew is not None and renew.active():
+            renew.cancel()
+
+    def first_offer(self, session: str) -> bool:
+        """
+        Whether C{session} is offered for the first time.  A relay offers a
+        session again to another listener when the one it was offered to
+        goes, which may be this port's own registration it just replaced
+        (that offer's accept is then already on its way).
+        """
+        now = self.reactor.seconds()
+        offers = self.offers
+        # Forget the offers whose accept has given up by now (timeout=), oldest first.
+        while offers:
+            oldest = next(iter(offers))
+            if offers[oldest] >= now - self.config.timeout:
+                break
+            del offers[oldest]
+        if session in offers:
+            return False
+        offers[session] = now
+        return True
 
     def wait_for_start(self) -> Deferred:
         self.started.append(Deferred())
@@ -197,10 +278,24 @@ _STOPPED = _ports.state("stopped")
 _REGISTERING_ONCE = _ports.state("registering_once")
 _REGISTERING = _ports.state("registering")
 _LISTENING = _ports.state("listening")
+_RENEWING = _ports.state("renewing")
 _WAITING = _ports.state("waiting")
 _STOPPING = _ports.state("stopping")
 _transitions = Transitions(_PortInputs)
 _on = _transitions.upon
+
+
+#: The longest time before a relay's cap that a registration is renewed.
+RENEW_MARGIN = 10.0
+
+
+def renew_margin(session_seconds: float) -> float:
+    """
+    How long before a control socket's cap its registration is renewed:
+    L{RENEW_MARGIN}, or a quarter of a shorter cap (a relay's
+    C{--session-seconds 2}: after 1.5 s).
+    """
+    return min(RENEW_MARGIN, session_seconds / 4)
 
 
 @_on(_STOPPED, _PortInputs.start_once).to(_REGISTERING_ONCE)
@@ -223,6 +318,8 @@ def _already_starting(inputs: _PortInputs, core: _PortCore) -> Deferred:
 
 @_on(_LISTENING, _PortInputs.start_once).loop()
 @_on(_LISTENING, _PortInputs.start_retrying).loop()
+@_on(_RENEWING, _PortInputs.start_once).loop()
+@_on(_RENEWING, _PortInputs.start_retrying).loop()
 def _already_listening(inputs: _PortInputs, core: _PortCore) -> Deferred:
     return succeed(core.port)
 
@@ -241,6 +338,7 @@ def _registered(inputs: _PortInputs, core: _PortCore, control: RelaySocketProtoc
     core.delay = core.initial_delay
     core.connected = True
     core.log.info("listening through {relay} as peer {peer}", relay=core.where, peer=core.config.identity.peer_id[:12])
+    core.schedule_renewal()
     core.report_start(core.port)
 
 
@@ -259,9 +357,25 @@ def _registration_failed(inputs: _PortInputs, core: _PortCore, failure: Failure)
 
 @_on(_LISTENING, _PortInputs.control_lost).to(_WAITING)
 def _control_lost(inputs: _PortInputs, core: _PortCore, reason: Failure) -> None:
+    core.cancel_renewal()
     core.control = None
     core.connected = False
     core.retry_later(f"lost the listener registration at {core.where}", reason, "registering again")
+
+
+@_on(_LISTENING, _PortInputs.control_ended).to(_REGISTERING)
+def _control_ended(inputs: _PortInputs, core: _PortCore, reason: Failure) -> None:
+    # Going away or a cap is routine: register again at once (a failure
+    # then waits the backoff's first delay, and so on).
+    core.cancel_renewal()
+    core.control = None
+    core.connected = False
+    core.log.info(
+        "the relay ended the listener registration at {relay} ({why}); registering again now",
+        relay=core.where,
+        why=reason.getErrorMessage(),
+    )
+    core.register()
 
 
 @_on(_WAITING, _PortInputs.retry_due).to(_REGISTERING)
@@ -270,9 +384,57 @@ def _retry(inputs: _PortInputs, core: _PortCore) -> None:
     core.register()
 
 
+# Renewing before the relay's cap, make-before-break: the next registration
+# is made while the one in use still serves, which is closed (1000) only once
+# the next one is ready.  The relay allows several listeners per rendezvous
+# id, and offers a connector it had offered to the closed one to the other.
+
+
+@_on(_LISTENING, _PortInputs.renew_due).to(_RENEWING)
+def _renew(inputs: _PortInputs, core: _PortCore) -> None:
+    core.renew_call = None
+    core.log.debug("renewing the listener registration at {relay} before the relay's cap", relay=core.where)
+    core.register()
+
+
+@_on(_RENEWING, _PortInputs.registered).to(_LISTENING)
+def _renewed(inputs: _PortInputs, core: _PortCore, control: RelaySocketProtocol) -> None:
+    old, core.control = core.control, control
+    core.registration = None
+    core.delay = core.initial_delay
+    old.sendClose(CLOSE_NORMAL)
+    core.log.debug("renewed the listener registration at {relay}", relay=core.where)
+    core.schedule_renewal()
+
+
+@_on(_RENEWING, _PortInputs.registration_failed).to(_LISTENING)
+def _renewal_failed(inputs: _PortInputs, core: _PortCore, failure: Failure) -> None:
+    core.registration = None
+    core.log.warn(
+        "renewing the listener registration at {relay} failed ({why}); keeping the current one until the relay ends it",
+        relay=core.where,
+        why=failure.getErrorMessage(),
+    )
+
+
+@_on(_RENEWING, _PortInputs.control_lost).to(_REGISTERING)
+@_on(_RENEWING, _PortInputs.control_ended).to(_REGISTERING)
+def _lost_while_renewing(inputs: _PortInputs, core: _PortCore, reason: Failure) -> None:
+    # The next registration is already on its way.
+    core.control = None
+    core.connected = False
+    core.log.info(
+        "the listener registration at {relay} ended ({why}); the next one is on its way",
+        relay=core.where,
+        why=reason.getErrorMessage(),
+    )
+
+
 @_on(_LISTENING, _PortInputs.incoming).loop()
+@_on(_RENEWING, _PortInputs.incoming).loop()
 def _incoming(inputs: _PortInputs, core: _PortCore, session: str, peer: str | None) -> None:
-    core.accept(session)
+    if core.first_offer(session):
+        core.accept(session)
 
 
 # Stopping: established connections are not affected; connections still in
@@ -307,9 +469,14 @@ def _stop_waiting(inputs: _PortInputs, core: _PortCore) -> Deferred[None]:
 
 
 @_on(_LISTENING, _PortInputs.stop).to(_STOPPING)
+@_on(_RENEWING, _PortInputs.stop).to(_STOPPING)
 def _stop_listening(inputs: _PortInputs, core: _PortCore) -> Deferred[None]:
     stopped = core.wait_for_stop()
     core.abandon_accepts()
+    core.cancel_renewal()
+    registration, core.registration = core.registration, None
+    if registration is not None:  # the next registration, while renewing
+        registration.cancel()
     core.control.sendClose(CLOSE_NORMAL)
     return stopped
 
@@ -320,6 +487,7 @@ def _stop_again(inputs: _PortInputs, core: _PortCore) -> Deferred[None]:
 
 
 @_on(_STOPPING, _PortInputs.control_lost).to(_STOPPED)
+@_on(_STOPPING, _PortInputs.control_ended).to(_STOPPED)
 def _stopped(inputs: _PortInputs, core: _PortCore, reason: Failure) -> None:
     core.control = None
     core.connected = False
@@ -333,11 +501,11 @@ def _cancelled_by_stop(inputs: _PortInputs, core: _PortCore, failure: Failure) -
 
 # -- late inputs change nothing ------------------------------------------------
 # (an offer for a listener that is going, a timer or a socket end that lost
-# a race with stopListening)
+# a race with stopListening, a renewal cancelled by a stop)
 
 _transitions.ignore_the_rest(
-    (_STOPPED, _REGISTERING_ONCE, _REGISTERING, _LISTENING, _WAITING, _STOPPING),
-    ("registered", "registration_failed", "control_lost", "retry_due", "incoming"),
+    (_STOPPED, _REGISTERING_ONCE, _REGISTERING, _LISTENING, _RENEWING, _WAITING, _STOPPING),
+    ("registered", "registration_failed", "control_lost", "control_ended", "renew_due", "retry_due", "incoming"),
 )
 
 _PortMachine = _ports.build()
@@ -354,6 +522,12 @@ class RelayListeningPort:
     L{stopListening}. Connections already established are not affected by
     either.
 
+    When the relay announces a cap on the control socket's life
+    (C{session_seconds} in C{ready}), the registration is renewed before it,
+    make-before-break; a control socket the relay ends on purpose (going
+    away, a cap) after a healthy registration is replaced at once, without
+    the backoff.
+
     Its life is a state machine (Automat)::
 
         stopped --startListening()-----------> registering_once --failed--> stopped
@@ -363,7 +537,12 @@ class RelayListeningPort:
                                            failed v  | retry due        | control socket lost
                                                  waiting <--------------+
 
-        listening --stopListening()--> stopping --control socket closed--> stopped
+        listening --control socket ended by the relay (1001, a cap)--> registering (at once)
+        listening --renewal due--> renewing --ready (the old socket is closed)--> listening
+                                   renewing --failed--> listening
+                                   renewing --control socket lost or ended--> registering
+
+        listening, renewing --stopListening()--> stopping --control socket closed--> stopped
         registering*, waiting --stopListening()--> stopped
 
     @param log: where its log lines go (C{pluresync doctor} silences them).

@@ -12,6 +12,10 @@ also parses every answer), and reports the relay's answer:
    which it is an L{IPipe} for the end-to-end layer, one binary WebSocket
    message per write.
 
+Either answer may announce a cap on the socket's life (C{session_seconds}
+in its C{limits}): the socket keeps it, and its C{expires_at} says when,
+at the earliest, the relay will end it.
+
 Failures become L{RelayError}s that say what the relay said (its code), or
 L{RelayUnreachableError} when no WebSocket could be opened at all.
 """
@@ -156,11 +160,27 @@ class WebSocketPipe:
     def abort(self) -> None:
         self._transport.abortConnection()
 
+    @property
+    def expires_at(self) -> float | None:
+        """
+        Reactor seconds when the relay will end this pipe at its announced
+        cap, or C{None} when it announced none (L{RelaySocketProtocol.expires_at}).
+        """
+        return self._protocol.expires_at
+
 
 class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
     """One WebSocket to the relay, from the upgrade to the close."""
 
     factory: RelaySocketFactory
+    #: The C{session_seconds} the relay announced in its answer (C{None}: no cap).
+    session_seconds: float | None = None
+    #: Reactor seconds when the relay's answer (C{ready} or C{paired}) arrived.
+    answered_at: float | None = None
+    #: The close code the socket ended with (1006: without a close frame), once it has.
+    close_code: int | None = None
+    #: Reactor seconds when we sent the upgrade request.
+    _upgrade_sent_at: float | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -175,6 +195,36 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
         # failure needs the real exception to be explained.
         self._lost_reason = reason
         super().connectionLost(reason)
+
+    def startHandshake(self) -> None:
+        # No relay can count a socket's life from before it got our upgrade request.
+        self._upgrade_sent_at = self.factory.reactor.seconds()
+        super().startHandshake()
+
+    @property
+    def expires_at(self) -> float | None:
+        """
+        Reactor seconds when the relay will end this socket at its announced
+        C{session_seconds}, or C{None} when it announced no cap.
+
+        Counted, conservatively, from when we sent the upgrade request: the
+        Twisted relay counts from the pairing, the Vercel function from its
+        side of the upgrade, both later (docs/protocol.md).  On the Vercel
+        function a pair also ends when its other socket reaches its own
+        cap, which for an accepting socket can come sooner.
+        """
+        if self.session_seconds is None or self._upgrade_sent_at is None:
+            return None
+        return self._upgrade_sent_at + self.session_seconds
+
+    @property
+    def closed_on_purpose(self) -> bool:
+        """
+        Whether the relay ended this socket with one of the closes it gives
+        on purpose rather than for an error: 1001 C{going away} (shutdown,
+        the Vercel function's cap) or 4029 (a cap).
+        """
+        return self.close_code in (CLOSE_GOING_AWAY, ErrorCode.RATE_LIMITED.close_code)
 
     def onConnect(self, response: ConnectionResponse) -> None:
         if response.protocol != SUBPROTOCOL:
@@ -211,9 +261,9 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
         elif isinstance(message, Incoming) and self._answered and self.factory.on_incoming is not None:
             self.factory.on_incoming(message.session, message.peer)
         elif isinstance(message, (Ready, Paired)) and not self._answered:
-            # Their limits (docs/protocol.md) are not used yet: a client
-            # could pick another relay before reaching them.
             self._answered = True
+            self.session_seconds = message.session_seconds
+            self.answered_at = self.factory.reactor.seconds()
             self.factory.answered(self, message)
         else:
             self._protocolError(f"the relay sent an unexpected {message.op!r} message")
@@ -244,6 +294,7 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
         if self.closeHandshakeTimeoutCall is not None:
             self.closeHandshakeTimeoutCall.cancel()
             self.closeHandshakeTimeoutCall = None
+        self.close_code = code
         if self._channel is not None:
             channel, self._channel = self._channel, None
             channel.pipeLost(self._pipeEnd(wasClean, code))

@@ -19,8 +19,9 @@ and every connection ends at the function's maximum duration.  So:
  - L{pipe}: one side of a pair: data never uses pub/sub (it drops slow
    subscribers) but Redis lists with a credit window;
  - a socket is closed with 1001 C{going away} shortly before the function's
-   maximum duration (L{RelayConfig.max_duration} − L{RelayConfig.close_margin});
-   its partner gets 1001 too.
+   maximum duration (L{RelayConfig.socket_seconds}: L{RelayConfig.max_duration}
+   − L{RelayConfig.close_margin} after its upgrade, announced to clients as
+   C{session_seconds}); its partner gets 1001 too.
 
 C{deploy/vercel/api/relay.py} serves C{create_app()}.
 """

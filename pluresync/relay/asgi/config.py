@@ -114,6 +114,19 @@ class RelayConfig:
         )
 
     @property
+    def socket_seconds(self) -> float:
+        """
+        Seconds after its upgrade at which the relay closes a socket, in
+        any phase, with 1001 C{going away}: C{max_duration - close_margin},
+        at least half a second.  Announced as C{session_seconds}.
+        """
+        return max(0.5, self.max_duration - self.close_margin)
+
+    @property
     def announced_limits(self) -> dict[str, Any]:
-        """The C{limits} object of C{ready}/C{paired} (the same shape as the Twisted relay's)."""
-        return self.limits.rate.announced(self.limits.max_message)
+        """
+        The C{limits} object of C{ready}/C{paired} (the same shape as the
+        Twisted relay's): C{session_seconds} is L{socket_seconds}, counted
+        from each socket's own upgrade (docs/protocol.md).
+        """
+        return {**self.limits.rate.announced(self.limits.max_message), "session_seconds": self.socket_seconds}

@@ -172,8 +172,8 @@ class RelaySocket:
         config = self.instance.config
         session = self.session
         max_message = config.limits.max_message
-        deadline = max(0.5, config.max_duration - config.close_margin)
-        going_away = asyncio.get_running_loop().call_later(deadline, session.go_away)
+        # The cap announced as session_seconds, counted from here (just after the upgrade).
+        going_away = asyncio.get_running_loop().call_later(config.socket_seconds, session.go_away)
         session.opened(self.tenant)
         try:
             while True:

@@ -12,8 +12,9 @@ Twisted's C{reactor.callLater} fits as is.
 A connector goes through::
 
     WAITING --listener appears--> OFFERED --accept--> PAIRED --unpair--> DONE
-       |                             |
-       +--wait expires / gone------> DONE <--accept timeout / listener gone / gone
+       |                            |  ^
+       |                            +--+ its listener gone, another one registered: offered to that one
+       +--wait expires / gone------> DONE <--accept timeout / listener gone (and no other) / gone
 
 C{DONE} is absorbing: late inputs for a finished connector change nothing.
 """
@@ -193,19 +194,26 @@ class Registry:
 
     def remove_listener(self, listener: Listener) -> None:
         """
-        The listener's control socket went away: unregister it, and fail its
-        connectors not yet accepted with C{no-listener}.  Idempotent.
+        The listener's control socket went away: unregister it.  Its
+        connectors not yet accepted are offered again, in the same session,
+        to another listener that would take them (a listener renewing its
+        registration has its next one registered before it closes the
+        first); without one they fail with C{no-listener}.  Idempotent.
         """
         if not listener.registered:
             return
         self.retire_listener(listener)
         orphans = [c for c in self._offered.values() if c.listener is listener]
         for connector in orphans:
-            self._fail(
-                connector,
-                ErrorCode.NO_LISTENER,
-                "the listener went away before accepting",
-            )
+            other = self._pick_listener(connector.rdv, connector.peer)
+            if other is not None:
+                self._offer_again(connector, other)
+            else:
+                self._fail(
+                    connector,
+                    ErrorCode.NO_LISTENER,
+                    "the listener went away before accepting",
+                )
 
     def retire_listener(self, listener: Listener) -> None:
         """
@@ -350,6 +358,19 @@ class Registry:
         self._offered[session] = connector
         connector.timer = self._call_later(self._accept_timeout, lambda: self._accept_expired(connector))
         listener.channel.incoming(session, connector.from_)
+
+    def _offer_again(self, connector: Connector, listener: Listener) -> None:
+        """
+        Offer an OFFERED connector to C{listener} in the same session: an
+        accept already on its way from the listener that went still pairs
+        it, and so does one from C{listener}; the accept timer starts again.
+        """
+        assert connector.session is not None
+        connector.listener = listener
+        if connector.timer is not None:
+            connector.timer.cancel()
+        connector.timer = self._call_later(self._accept_timeout, lambda: self._accept_expired(connector))
+        listener.channel.incoming(connector.session, connector.from_)
 
     def _wait_expired(self, connector: Connector) -> None:
         if connector.state is ConnectorState.WAITING:

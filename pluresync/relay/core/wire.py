@@ -301,13 +301,18 @@ class Ready:
     The relay registered our listener.
 
     @ivar limits: the relay's announced limits as sent (C{None}: an older
-        relay, or none announced); kept as data, unread so far, so a client
-        can later pick another relay before it reaches them.
+        relay, or none announced); kept as data, so a client can act before
+        it reaches them (L{session_seconds}).
     """
 
     op: ClassVar[str] = "ready"
 
     limits: Mapping[str, Any] | None = None
+
+    @property
+    def session_seconds(self) -> float | None:
+        """The announced C{session_seconds} (L{announced_seconds})."""
+        return announced_seconds(self.limits)
 
 
 @dataclass(frozen=True)
@@ -334,6 +339,11 @@ class Paired:
 
     peer: str | None
     limits: Mapping[str, Any] | None = None
+
+    @property
+    def session_seconds(self) -> float | None:
+        """The announced C{session_seconds} (L{announced_seconds})."""
+        return announced_seconds(self.limits)
 
 
 @dataclass(frozen=True)
@@ -380,6 +390,19 @@ class RelayMessageError(ValueError):
 def _limits(obj: dict[str, Any]) -> Mapping[str, Any] | None:
     value = obj.get("limits")
     return value if isinstance(value, dict) else None
+
+
+def announced_seconds(limits: Mapping[str, Any] | None) -> float | None:
+    """
+    The C{session_seconds} of a C{limits} object: how long the relay lets a
+    socket live (docs/protocol.md says from when each front counts), or
+    C{None} when no cap was announced.  Read leniently like every
+    informative field: anything but a positive finite number counts as no cap.
+    """
+    value = limits.get("session_seconds") if limits is not None else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        return None
+    return float(value)
 
 
 def _peer(obj: dict[str, Any]) -> str | None:
