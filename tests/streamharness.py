@@ -55,16 +55,10 @@ MiB = 1 << 20
 #: C{PLURESYNC_STREAM_TEST_MIB=16} shrinks it for a quick local run.
 STREAM_BYTES = int(os.environ.get("PLURESYNC_STREAM_TEST_MIB", "256")) * MiB
 
-# ---------------------------------------------------------------------------
-# FOR THE SESSION LAYER (issue 9): the parameters it adds to relay: and auto:
-# strings are resume=SECONDS (30), window=BYTES (4194304), stall=SECONDS (2),
-# ping=SECONDS (15) and rotate=SECONDS (20). Today's parser refuses unknown
-# parameters, so this stays empty and the baseline runs on today's code. Once
-# the parser knows them, set it here (e.g. ":resume=30:stall=2") or in the
-# environment (PLURESYNC_STREAM_EXTRA=':resume=30:stall=2'); every auto:
-# string the harness builds ends with it. If it names window=, the retransmit
-# check (session_stats) uses that window.
-# ---------------------------------------------------------------------------
+#: Extra endpoint parameters every C{auto:} string the harness builds ends
+#: with, e.g. C{":stall=1:window=1048576"} (or C{PLURESYNC_STREAM_EXTRA}); the
+#: session's defaults (resume=30, window=4 MiB, stall=2, rotate=20) otherwise.
+#: If it names window=, the retransmit check uses that window.
 SESSION_EXTRA = os.environ.get("PLURESYNC_STREAM_EXTRA", "")
 
 #: The session layer's default retransmit window (window=), and how far above

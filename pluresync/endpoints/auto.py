@@ -41,6 +41,7 @@ from pluresync.address import PeerAddress
 from pluresync.endpoints import pathcache
 from pluresync.errors import ConnectionTimeoutError, PluresyncError
 from pluresync.interfaces import IPath, IPathClient, IPathListener
+from pluresync.secure.link import LinkRefused
 from pluresync.session import attach
 
 #: The default head start of each path over the next, in seconds: long enough
@@ -158,6 +159,12 @@ class _Race:
     def _lost(self, failure: Failure, path: IPath) -> None:
         self._attempts.pop(path.name, None)
         if self._done:
+            return
+        if failure.check(LinkRefused):
+            # The peer itself answered (its session is gone, or not ours):
+            # no other path would answer differently.
+            self._finish()
+            self.result.errback(failure)
             return
         self._failures[path.name] = _why(failure)
         if self._next < len(self._order):

@@ -32,6 +32,7 @@ from pluresync.errors import NotChosenError, PeerGoneError, PluresyncError
 from pluresync.interfaces import IPathListener
 from pluresync.pipes.websocket import RelaySocketProtocol
 from pluresync.relay.core.wire import CLOSE_NORMAL, encode_accept, encode_listen
+from pluresync.secure.link import LinkRefused
 from pluresync.session.attach import SessionTable
 
 if TYPE_CHECKING:
@@ -260,7 +261,11 @@ class _PortCore:
         if not isinstance(result, Failure) or result.check(CancelledError, ConnectingCancelledError):
             # A cancelled accept was abandoned by stopListening: not news.
             return None
-        if result.check(NotChosenError, PeerGoneError):
+        if result.check(LinkRefused):
+            # A peer came back for a session that ended here (or never was):
+            # it hears so and stops trying.
+            self.log.info("{relay}: {why}", relay=self.where, why=result.getErrorMessage())
+        elif result.check(NotChosenError, PeerGoneError):
             # Before the handshake ends, a connector racing several
             # paths (auto:) drops the ones it does not choose: routine.
             self.log.debug(

@@ -264,13 +264,29 @@ class Session:
         if self.phase is Phase.ENDED:
             link.abort()
             return
+        try:
+            # Before the link joins: what it confirms must not retire it.
+            self._gotAck(peer_recv_next, peer_max)
+        except RecordError as e:
+            link.abort()
+            self._log.warn("session {sid}: refused a link: {why}", sid=self.ident.hex()[:8], why=str(e))
+            return
+        if self.phase is Phase.ENDED:
+            link.close()
+            return
         now = self._clock.seconds()
         state = _LinkState(link, last_heard=now, last_data=now)
         self._links.append(state)
-        self._gotAck(peer_recv_next, peer_max)
         old = self._active
         planned = old is not None and old.link.usable and not old.retiring and old.ping_id is None
         self._activate(state, planned)
+        if old is not None or (self.phase is Phase.DETACHED and self.swaps):
+            self._log.info(
+                "session {sid}: now over {path} ({how})",
+                sid=self.ident.hex()[:8],
+                path=link.name,
+                how="moved while the old link still carried" if planned else "resumed",
+            )
         if not planned and old is not None:
             # What the peer sent on the link we left may be lost with it.
             link.sendRecord(wire.resync_record(self._recv_next))
@@ -605,6 +621,7 @@ class Session:
         for state in list(self._links):
             if state is not active and state.link.usable and not state.retiring:
                 state.retiring = True
+                self._log.debug("session {sid}: retiring a drained link", sid=self.ident.hex()[:8])
                 state.link.sendRecord(wire.detach_record(wire.DetachReason.MOVED))
                 state.link.close()
 
