@@ -26,7 +26,6 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.stdio import StandardIO
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -240,32 +239,6 @@ def _progress(reactor, options, splice: Splice) -> Progress | None:
     return progress
 
 
-#: Longest wait, after the last connection ended, for its sockets to finish closing.
-DRAIN_TIMEOUT = 5.0
-
-
-async def drain(reactor, timeout: float = DRAIN_TIMEOUT, interval: float = 0.02) -> None:
-    """
-    Wait (bounded) until no TCP connection is left in the reactor, so that
-    exiting cannot cut off bytes still in a write buffer.
-
-    Needed because an encrypted stream whose two directions were both
-    half-closed reports C{connectionLost} as soon as its CLOSE record is
-    queued, before the WebSocket to the relay has sent it; stopping the
-    reactor right then would drop the end of the stream (and the peer would
-    see it truncated).
-    """
-    from twisted.internet.tcp import Connection
-
-    def busy() -> bool:
-        selectables = list(reactor.getReaders()) + list(reactor.getWriters())
-        return any(isinstance(s, Connection) for s in selectables)
-
-    deadline = reactor.seconds() + timeout
-    while busy() and reactor.seconds() < deadline:
-        await deferLater(reactor, interval)
-
-
 async def _outcome(done: Deferred) -> CommandError | None:
     """
     Wait for a splice (or a server's last one): C{None} if it ended cleanly,
@@ -317,7 +290,9 @@ async def connect_command(reactor, options: ConnectOptions) -> int:
     error = await _outcome(splice.done)
     if progress is not None:
         progress.stop()
-    await drain(reactor)
+    # The connection's connectionLost came after its pipe had sent
+    # everything (a session's clean end waits for that), so exiting now
+    # cuts nothing off.
     if error is not None:
         raise error
     return 0
@@ -400,7 +375,6 @@ async def listen_command(reactor, options: ListenOptions) -> int:
     await server.listen()
     error = await _outcome(server.finished)
     await server.stop()
-    await drain(reactor)
     if error is not None:
         raise error
     return 0
