@@ -25,7 +25,10 @@ import os
 from collections.abc import Awaitable, Callable
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.trial import unittest
 
@@ -235,3 +238,69 @@ class StreamSurvivesPathTests(unittest.TestCase):
         return _d(run())
 
     test_reader_paused.timeout = PAUSE_SECONDS + 240
+
+
+class HonestCloseTests(unittest.TestCase):
+    """
+    Issue 15 #1 (a false clean close): a writer that called
+    C{loseConnection()} is told "closed cleanly" only once the reader has
+    everything. Before the session layer the writer got C{ConnectionDone}
+    5 s after the relay froze with most of the stream undelivered.
+    """
+
+    def setUp(self) -> None:
+        self.key = SyncKey.generate().to_text()
+        self.patch(pathcache, "shared", pathcache.PathCache())
+        self.addCleanup(lambda: _d(sockets_closed(timeout=10)))
+
+    def test_frozen_relay_is_not_a_clean_close(self) -> Deferred:
+        """
+        One relay, frozen (SIGSTOP) while 48 of 64 MiB are still to go; the
+        writer has written everything and called C{loseConnection()}. With
+        no other path and C{resume=3}, the writer's end is an
+        C{UnconfirmedCloseError} that says how much may be undelivered, the
+        reader's an error too: neither is C{ConnectionDone}.
+        """
+        from pluresync.session.session import UnconfirmedCloseError
+
+        async def run() -> None:
+            relays = await start_relays(self, self.key, vercel=None)
+            size = 64 * MiB
+            params = {"resume": "3", "stall": "1"}
+            transfer = Transfer(self, relays, size, server=dict(params))
+            await transfer.listen()
+            writer = _WriteAllThenClose(transfer.pattern, size)
+            endpoint = clientFromString(reactor, relays.endpoint(**params))
+            await endpoint.connect(Factory.forProtocol(lambda: writer))
+            self.addCleanup(lambda: writer.transport.abortConnection() if writer.reason is None else None)
+            receiving = await transfer.arrived(16 * MiB, within=60)
+            relays.azure.suspend()
+            self.addCleanup(relays.azure.resume)
+            await gatherResults([writer.ended, receiving.ended]).addTimeout(30, reactor)
+            self.assertLess(receiving.received, size)
+            self.assertTrue(writer.reason.check(UnconfirmedCloseError), writer.reason)
+            self.assertIn("may be undelivered", writer.reason.getErrorMessage())
+            self.assertIsNone(receiving.reason.check(ConnectionDone), receiving.reason)
+
+        return _d(run())
+
+    test_frozen_relay_is_not_a_clean_close.timeout = 120
+
+
+class _WriteAllThenClose(Protocol):
+    """Writes C{size} pattern bytes at once (no producer), then C{loseConnection()}: the hostile trial's writer."""
+
+    def __init__(self, pattern, size: int) -> None:
+        self._pattern = pattern
+        self._size = size
+        self.reason = None
+        self.ended: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        for offset in range(0, self._size, MiB):
+            self.transport.write(self._pattern.chunk(offset, min(MiB, self._size - offset)))
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason
+        self.ended.callback(None)
