@@ -27,9 +27,10 @@ It owns what must survive a change of link:
 The user's transport is a L{pluresync.session.stream.Stream}; the session
 routes numbered records to it by stream id (one stream, id 0, today).
 
-The lifecycle (L{Phase}) is small and kept explicit: C{ATTACHED} (a link
-carries records), C{DETACHED} (no link: a deadline of C{resume} seconds
-runs, the initiator reconnects), C{ENDED}.  Closing is orthogonal: a
+Its life is an Automat machine (L{pluresync.session.lifecycle}): attached (a
+link carries records), detached (no link: a deadline of C{resume} seconds
+runs, the initiator reconnects), flushing (a clean end waits for its pipes),
+ended; L{Phase} mirrors it for the data path.  Closing is orthogonal: a
 session may be closing while attached or detached.
 """
 
@@ -54,6 +55,7 @@ from pluresync.keys import format_peer_id
 from pluresync.secure.frames import RecordType
 from pluresync.secure.link import ILinkOwner, Link, LinkRefused
 from pluresync.session import wire
+from pluresync.session.lifecycle import LifeMachine
 from pluresync.session.params import SessionParams
 from pluresync.session.wire import Hello, Intent, ReadyAnswer, Status
 
@@ -178,6 +180,7 @@ class Session:
         self._reconnect = reconnect
         self._on_end = on_end
         self.phase = Phase.DETACHED
+        self._life = LifeMachine(self)
         self._links: list[_LinkState] = []
         self._active: _LinkState | None = None
         self.path: str | None = None
@@ -290,8 +293,7 @@ class Session:
         if not planned and old is not None:
             # What the peer sent on the link we left may be lost with it.
             link.sendRecord(wire.resync_record(self._recv_next))
-        if self.phase is Phase.DETACHED:
-            self._attached()
+        self._life.attach()
         link.adopt(self)
         self._watch(state)
         self._scheduleRotation(state)
@@ -468,7 +470,7 @@ class Session:
         if gone in self._links and gone.link.usable:
             return  # retiring, but still the only way: keep sending on it
         self._active = None
-        self._detached()
+        self._noLinks()
 
     def _stateOf(self, link: Link) -> _LinkState | None:
         for state in self._links:
@@ -476,7 +478,8 @@ class Session:
                 return state
         return None
 
-    def _attached(self) -> None:
+    def lifeAttached(self) -> None:
+        """(machine) A link carries the session again: stop the resume clock."""
         self.phase = Phase.ATTACHED
         for call in (self._resume_call, self._retry_call):
             if call is not None and call.active():
@@ -486,33 +489,31 @@ class Session:
         self._unknown = 0
         self._updateProducer()
 
-    def _detached(self) -> None:
+    def _noLinks(self) -> None:
+        """The last usable link is gone: end now if nothing can come back, else wait (and reconnect)."""
         if self.phase is Phase.ENDED:
             return
-        self.phase = Phase.DETACHED
-        self._updateProducer()
         if self._closeConfirmed():
             self._end(Failure(ConnectionDone("closed cleanly")))
-            return
-        if self._peer_closed:
+        elif self._peer_closed:
             # The peer has closed; it will not come back for what is missing.
             if self._allConfirmed():
                 self._end(Failure(ConnectionDone("the peer closed the connection")))
             else:
                 self._end(self._lostReason("the peer closed before confirming everything we sent"))
-            return
-        if self.params.resume <= 0:
+        elif self.params.resume <= 0:
             self._end(self._lostReason(None))
-            return
-        if self._resume_call is None:
-            self._resume_call = self._clock.callLater(self.params.resume, self._expired)
-        if self.initiator and self._reconnecting is None and self._retry_call is None:
-            self._startReconnect()
+        else:
+            self._life.detach()
 
-    def _expired(self) -> None:
-        self._resume_call = None
-        if self.phase is Phase.DETACHED:
-            self._end(self._lostReason(f"no path to the peer within {self.params.resume:g} s"))
+    def lifeDetached(self) -> None:
+        """(machine) No link: hold the user's producer, start the resume clock, and (initiator) reconnect."""
+        self.phase = Phase.DETACHED
+        self._updateProducer()
+        self._resume_call = self._clock.callLater(self.params.resume, self._life.expire)
+        if self.initiator and self._reconnecting is None and self._retry_call is None:
+            # Next turn: reconnecting may finish at once, and inputs never re-enter the machine.
+            self._retry_call = self._clock.callLater(0, self._startReconnect)
 
     def _lostReason(self, why: str | None) -> Failure:
         missing = self._unacked_bytes + sum(len(o.plaintext) for o in self._pending)
@@ -806,8 +807,6 @@ class Session:
             return
         self._close_seq = self._next_seq
         self.send(wire.CLOSE_RECORD)
-        if self.phase is Phase.DETACHED and self.params.resume <= 0:
-            self._end(self._lostReason(None))
 
     def _peerClose(self) -> None:
         """
@@ -829,16 +828,55 @@ class Session:
         self._end(reason or Failure(ConnectionAborted()), tell=why)
 
     def _end(self, reason: Failure, tell: wire.AbortReason | None | bool = None) -> None:
+        """
+        End the session: a clean end (C{ConnectionDone}) once its links have
+        flushed, any other at once (telling the peer with ABORT unless
+        C{tell} is C{False}: it told us).
+        """
         if self.phase is Phase.ENDED:
             return
-        clean = reason.check(ConnectionDone) is not None
-        if clean and self._recv_next > self._acked_recv:
+        if reason.check(ConnectionDone) is not None and any(s.link.usable for s in self._links):
+            self._life.finish(reason)
+        else:
+            self._life.stop(reason, tell)
+
+    def lifeFlush(self, reason: Failure) -> None:
+        """(machine) A clean end: the last ACK out, the links closed; report once their pipes have sent it all."""
+        if self._recv_next > self._acked_recv:
             self._sendAck(force=True)  # the peer's last records, before the links close
-        if not clean and tell is not False:
+        links = self._teardown()
+        self._flushing = {link for link in links if link.usable}
+        self._final = reason
+        for link in links:
+            link.close()
+        self._flush_call = self._clock.callLater(_FLUSH_TIMEOUT, self._flushed, None)
+        if not self._flushing:
+            self._flushed(None)
+
+    def lifeStop(self, reason: Failure, tell: wire.AbortReason | None | bool) -> None:
+        """(machine) An end reported at once; the peer hears an ABORT unless it is the one that told us."""
+        if reason.check(ConnectionDone) is None and tell is not False:
             record = wire.abort_record(tell or wire.AbortReason.PROTOCOL)
             for state in self._links:
                 if state.link.usable:
                     state.link.sendRecord(record)
+        for link in self._teardown():
+            link.close()
+        self._report(reason)
+
+    def lifeExpired(self) -> None:
+        """(machine) No link came back within the resume limit."""
+        self._resume_call = None
+        reason = self._lostReason(f"no path to the peer within {self.params.resume:g} s")
+        self.lifeStop(reason, None)
+
+    def lifeReport(self) -> None:
+        """(machine) The links of a clean end have flushed: report it."""
+        reason, self._final = self._final, None
+        self._report(reason)
+
+    def _teardown(self) -> list[Link]:
+        """Stop every clock and drop every queue; the links, for the caller to close."""
         self.phase = Phase.ENDED
         for call in (self._ack_call, self._resume_call, self._retry_call):
             if call is not None and call.active():
@@ -860,20 +898,10 @@ class Session:
         self._deliver.clear()
         if self._on_end is not None:
             self._on_end(self)
-        # A clean end is reported once the links' pipes have sent what was
-        # written (our last ACK, the close's), so a program that exits when
-        # told the connection closed loses nothing on the way out.
-        self._flushing = {link for link in links if link.usable} if clean else set()
-        for link in links:
-            link.close()
-        if self._flushing:
-            self._final = reason
-            self._flush_call = self._clock.callLater(_FLUSH_TIMEOUT, self._flushed, None)
-            return
-        self._report(reason)
+        return links
 
     def _flushed(self, link: Link | None) -> None:
-        if link is None:  # the pipes took too long: drop them
+        if link is None:  # the pipes took too long (or there were none): drop them
             self._flush_call = None
             for stuck in self._flushing:
                 stuck.abort()
@@ -885,9 +913,7 @@ class Session:
             self._flush_call.cancel()
         self._flush_call = None
         self._flushing = set()
-        reason, self._final = self._final, None
-        if reason is not None:
-            self._report(reason)
+        self._life.flushed()
 
     def _report(self, reason: Failure) -> None:
         if self.stream is not None:
