@@ -147,7 +147,7 @@ class LifecycleTests(SynchronousTestCase):
         (flushing), so the last bytes left the process first.
         """
         self.stream.loseConnection()  # the CLOSE is numbered record 0: nothing else was sent
-        self.session.linkRecord(self.first, RecordType.ACK, wire.ack_record(1, PARAMS.window * 2)[1:])
+        self.session.linkRecord(self.first, RecordType.ACK, wire.ack_record(1, PARAMS.window * 2))
         self.assertTrue(self.first.closed)
         self.assertIsNone(self.protocol.reason)
         self.first.lose(Failure(ConnectionDone()))
@@ -156,7 +156,7 @@ class LifecycleTests(SynchronousTestCase):
     def test_flush_gives_up(self):
         """A pipe that never closes after a clean end is dropped after the flush timeout; the end is still clean."""
         self.stream.loseConnection()  # the CLOSE is numbered record 0: nothing else was sent
-        self.session.linkRecord(self.first, RecordType.ACK, wire.ack_record(1, PARAMS.window * 2)[1:])
+        self.session.linkRecord(self.first, RecordType.ACK, wire.ack_record(1, PARAMS.window * 2))
         self.clock.advance(10)
         self.assertTrue(self.first.aborted)
         self.protocol.reason.trap(ConnectionDone)
@@ -180,7 +180,7 @@ class LifecycleTests(SynchronousTestCase):
 
     def test_peer_abort(self):
         """An ABORT from the peer ends the session at once with PeerGoneError, and sends none back."""
-        self.session.linkRecord(self.first, RecordType.ABORT, bytes([wire.AbortReason.ABORTED]))
+        self.session.linkRecord(self.first, RecordType.ABORT, wire.abort_record(wire.AbortReason.ABORTED))
         self.assertIn("the peer aborted", self.protocol.reason.getErrorMessage())
         self.assertNotIn(RecordType.ABORT, self.first.kinds())
 

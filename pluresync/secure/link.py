@@ -56,8 +56,8 @@ _CLOSE = bytes([RecordType.CLOSE])
 class ILinkOwner(Interface):
     """Where a link in use delivers: the session it carries."""
 
-    def linkRecord(link, kind, body):
-        """An authenticated record from the peer: its type and the rest of its plaintext."""
+    def linkRecord(link, kind, plaintext):
+        """An authenticated record from the peer: its type, and its whole plaintext (the type byte first)."""
 
     def linkLost(link, reason):
         """The link ended (once); C{reason} says how (a Failure)."""
@@ -318,6 +318,11 @@ class Link:
             self.pipe.abort()
 
     def _open(self, body: bytes) -> tuple[int, bytes]:
+        kind, plaintext = self._decrypt(body)
+        return kind, plaintext[1:]
+
+    def _decrypt(self, body: bytes) -> tuple[int, bytes]:
+        """Open a record: its type and its whole plaintext (sliced once, by whoever needs the rest)."""
         seq, ciphertext = split_record(body)
         if seq != self._receive.nonce:
             raise RecordError(f"record {seq} arrived where {self._receive.nonce} was due")
@@ -325,16 +330,16 @@ class Link:
             plaintext = self._receive.decrypt(b"", ciphertext)
         except NoiseError:
             raise RecordError("a record failed authentication: the stream was tampered with") from None
-        return plaintext[0], plaintext[1:]
+        return plaintext[0], plaintext
 
     def _record(self, body: bytes) -> None:
         try:
-            kind, rest = self._open(body)
+            kind, plaintext = self._decrypt(body)
         except RecordError as e:
             self.pipe.abort()
             self._end(Failure(e))
             return
-        self._owner.linkRecord(self, kind, rest)
+        self._owner.linkRecord(self, kind, plaintext)
 
     # -- the session side -----------------------------------------------
 

@@ -349,7 +349,7 @@ class Session:
             except Exception:  # a pipe already gone has nothing to undo
                 pass
 
-    def linkRecord(self, link: Link, kind: int, body: bytes) -> None:
+    def linkRecord(self, link: Link, kind: int, plaintext: bytes) -> None:
         state = self._stateOf(link)
         if state is None:
             return
@@ -358,8 +358,10 @@ class Session:
         try:
             if kind in _NUMBERED:
                 state.last_data = now
-                self._numbered(state, kind, body)
-            elif kind == _ACK:
+                self._numbered(state, kind, plaintext)
+                return
+            body = plaintext[1:]
+            if kind == _ACK:
                 recv_next, max_offset = wire.parse_ack(body)
                 if recv_next > self._acked:
                     state.last_data = now
@@ -393,34 +395,33 @@ class Session:
         except (RecordError, wire.WireError) as e:
             self._dropLink(state, Failure(RecordError(str(e))))
 
-    def _numbered(self, state: _LinkState, kind: int, body: bytes) -> None:
+    def _numbered(self, state: _LinkState, kind: int, plaintext: bytes) -> None:
         seq = state.recv_seq
         if seq is None:
             raise RecordError("the peer sent a numbered record on a link before START")
         state.recv_seq = seq + 1
         if seq < self._recv_next:
             return  # a copy of what already arrived over another link
-        size = len(body) + 1
         if seq > self._recv_next:
             if seq in self._held:
                 return
-            self._held_bytes += size
+            self._held_bytes += len(plaintext)
             if self._held_bytes + self._deliver_bytes > 2 * self.params.window:
                 raise RecordError("the peer sent more than the credit it was given")
-            self._held[seq] = (kind, body)
+            self._held[seq] = (kind, plaintext)
             return
-        self._accept(kind, body)
+        self._accept(kind, plaintext)
         while self._recv_next in self._held:
-            kind, body = self._held.pop(self._recv_next)
-            self._held_bytes -= len(body) + 1
-            self._accept(kind, body)
+            kind, plaintext = self._held.pop(self._recv_next)
+            self._held_bytes -= len(plaintext)
+            self._accept(kind, plaintext)
         self._deliverAll()
         self._scheduleAck()
 
-    def _accept(self, kind: int, body: bytes) -> None:
+    def _accept(self, kind: int, plaintext: bytes) -> None:
         self._recv_next += 1
-        self._deliver.append((kind, body))
-        self._deliver_bytes += len(body) + 1
+        self._deliver.append((kind, plaintext))
+        self._deliver_bytes += len(plaintext)
         if self._deliver_bytes > self.params.window + wire.MAX_DATA_PAYLOAD + 64:
             raise RecordError("the peer sent more than the credit it was given")
 
@@ -763,15 +764,15 @@ class Session:
         try:
             deliver = self._deliver
             while deliver and not self._delivery_paused and self.phase is not Phase.ENDED:
-                kind, body = deliver.popleft()
-                size = len(body) + 1
+                kind, plaintext = deliver.popleft()
+                size = len(plaintext)
                 self._deliver_bytes -= size
                 self._consumed += size
                 if kind == RecordType.CLOSE:
                     self._peerClose()
                     return
                 if self.stream is not None:
-                    self.stream.recordReceived(kind, body)
+                    self.stream.recordReceived(kind, plaintext)
         finally:
             self._delivering = False
 

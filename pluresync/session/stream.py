@@ -118,12 +118,12 @@ class Stream:
 
     # -- from the session ----------------------------------------------------
 
-    def recordReceived(self, kind: int, body: bytes) -> None:
+    def recordReceived(self, kind: int, plaintext: bytes) -> None:
         protocol = self._protocol
         if protocol is None:
             return
         if kind == _DATA or kind == _END:
-            stream, payload = wire.parse_stream(body)
+            stream, payload = wire.parse_stream(plaintext)
             if self._read_shut:
                 self._session.abort(Failure(RecordError("the peer sent data after ending its side")))
                 return

@@ -87,7 +87,7 @@ class Hello:
 
     @ivar recv_next: the number of the next record the initiator expects
         from the responder (0 for a new session).
-    @ivar max_offset: how far (in record bytes, see L{record_size}) the
+    @ivar max_offset: how far (in record bytes: plaintext lengths, type byte included) the
         responder may send: its credit.
     """
 
@@ -166,19 +166,11 @@ def shutdown_record(stream: int) -> bytes:
 CLOSE_RECORD = bytes((RecordType.CLOSE,))
 
 
-def parse_stream(body: bytes) -> tuple[int, bytes]:
-    """A numbered record's body: its stream id and payload."""
-    if len(body) < _STREAM.size:
+def parse_stream(plaintext: bytes) -> tuple[int, bytes]:
+    """A DATA/END/SHUTDOWN record's whole plaintext: its stream id and payload (one copy)."""
+    if len(plaintext) < 1 + _STREAM.size:
         raise WireError("a stream record is too short for its stream id")
-    return _STREAM.unpack_from(body)[0], body[_STREAM.size :]
-
-
-def record_size(plaintext_length: int) -> int:
-    """
-    What a numbered record costs against the credit window: its plaintext
-    length (so even empty records count, and a flood of them is bounded).
-    """
-    return plaintext_length
+    return _STREAM.unpack_from(plaintext, 1)[0], plaintext[1 + _STREAM.size :]
 
 
 # -- link records -----------------------------------------------------------------
