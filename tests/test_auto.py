@@ -43,6 +43,7 @@ class FakeLink:
     name = "relay:fake"
     handshake_hash = b"h" * 64
     peer_static = b"\xab" * 32
+    peer_id = "ab" * 32
     pipe = None
     usable = True
 

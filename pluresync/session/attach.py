@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from pluresync.address import PeerAddress
 from pluresync.errors import PluresyncError
 from pluresync.secure.handshake import Secured
 from pluresync.secure.link import Link
@@ -38,9 +39,13 @@ def _build(session: Session, factory, local_id: str):
     protocol = factory.buildProtocol(stream.getPeer())
     if protocol is None:
         session.abort(why=AbortReason.REFUSED)
-        raise PluresyncError("the protocol factory refused the connection (buildProtocol returned None)")
+        raise _refused()
     stream.attach(protocol)
     return protocol
+
+
+def _refused() -> PluresyncError:
+    return PluresyncError("the protocol factory refused the connection (buildProtocol returned None)")
 
 
 def connect(
@@ -62,6 +67,12 @@ def connect(
     @return: the protocol.
     @raise PluresyncError: the factory refused.
     """
+    # The protocol first: if the factory refuses, the link is dropped before
+    # USE, so the listener builds nothing for it either.
+    protocol = factory.buildProtocol(PeerAddress(link.name, link.peer_id))
+    if protocol is None:
+        link.discard()
+        raise _refused()
     link.use()
     session = Session(
         clock,
@@ -72,8 +83,10 @@ def connect(
         peer_max=link.answer.max_offset,
         reconnect=reconnect,
     )
+    stream = Stream(session, 0, local_id)
     session.addLink(link, link.answer.recv_next, link.answer.max_offset)
-    return _build(session, factory, local_id)
+    stream.attach(protocol)
+    return protocol
 
 
 def _no_resume(params: SessionParams) -> SessionParams:

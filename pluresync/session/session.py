@@ -281,6 +281,7 @@ class Session:
         state = _LinkState(link, last_heard=now, last_data=now)
         self._links.append(state)
         old = self._active
+        first = self.path is None
         planned = old is not None and old.link.usable and not old.retiring and old.ping_id is None
         self._activate(state, planned)
         if old is not None or (self.phase is Phase.DETACHED and self.swaps):
@@ -290,8 +291,8 @@ class Session:
                 path=link.name,
                 how="moved while the old link still carried" if planned else "resumed",
             )
-        if not planned and old is not None:
-            # What the peer sent on the link we left may be lost with it.
+        if not planned and not first:
+            # What the peer sent on the link we lost may be lost with it.
             link.sendRecord(wire.resync_record(self._recv_next))
         self._life.attach()
         link.adopt(self)
@@ -393,7 +394,9 @@ class Session:
             else:
                 raise RecordError(f"unexpected record type {kind}")
         except (RecordError, wire.WireError) as e:
-            self._dropLink(state, Failure(RecordError(str(e))))
+            # The record was authenticated: the peer itself broke the
+            # protocol, and another link would only bring the same again.
+            self.abort(Failure(RecordError(f"the peer broke the session protocol: {e}")), why=wire.AbortReason.PROTOCOL)
 
     def _numbered(self, state: _LinkState, kind: int, plaintext: bytes) -> None:
         seq = state.recv_seq
@@ -406,7 +409,7 @@ class Session:
             if seq in self._held:
                 return
             self._held_bytes += len(plaintext)
-            if self._held_bytes + self._deliver_bytes > 2 * self.params.window:
+            if self._held_bytes + self._deliver_bytes > self.params.window:
                 raise RecordError("the peer sent more than the credit it was given")
             self._held[seq] = (kind, plaintext)
             return
@@ -422,7 +425,7 @@ class Session:
         self._recv_next += 1
         self._deliver.append((kind, plaintext))
         self._deliver_bytes += len(plaintext)
-        if self._deliver_bytes > self.params.window + wire.MAX_DATA_PAYLOAD + 64:
+        if self._held_bytes + self._deliver_bytes > self.params.window:
             raise RecordError("the peer sent more than the credit it was given")
 
     @property
@@ -459,8 +462,10 @@ class Session:
         if state is self._active:
             self._active = None
             self._pickAnotherLink(state)
-        if self._held and self._active is not None:
-            # Records that went out on the lost link may be missing.
+        elif not state.retiring and self._active is not None:
+            # A link we had moved away from, lost before it drained: what
+            # went out on it, both ways, may be lost with it.
+            self._resendFrom(self._acked)
             self._active.link.sendRecord(wire.resync_record(self._recv_next))
 
     def _pickAnotherLink(self, gone: _LinkState) -> None:

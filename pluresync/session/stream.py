@@ -125,7 +125,9 @@ class Stream:
         if kind == _DATA or kind == _END:
             stream, payload = wire.parse_stream(plaintext)
             if self._read_shut:
-                self._session.abort(Failure(RecordError("the peer sent data after ending its side")))
+                self._session.abort(
+                    Failure(RecordError("the peer sent data after ending its side")), why=wire.AbortReason.PROTOCOL
+                )
                 return
             if self._closing:
                 return  # we are closing: late data is discarded, as after loseConnection
