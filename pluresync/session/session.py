@@ -313,7 +313,8 @@ class Session:
             self.swaps += 1
         self._active = state
         self.path = state.link.name
-        self._register(state)
+        # START (and any resend) goes out before anything can resume the
+        # user's producer, whose writes would otherwise precede it.
         if planned:
             start = self._pending[0].seq if self._pending else self._next_seq
             self._sendStart(state, start)
@@ -321,6 +322,7 @@ class Session:
             self._resendFrom(self._acked)
         self._flush()
         self._sendAck(force=True)
+        self._register(state)
 
     def _sendStart(self, state: _LinkState, seq: int) -> None:
         state.sent_start = seq
