@@ -17,7 +17,7 @@ from pluresync.interfaces import IPipe
 
 @implementer(IPipe)
 class MemoryPipe:
-    """One end of a pair; C{channel} is the SecureChannel it feeds."""
+    """One end of a pair; C{channel} is the receiver it feeds (a L{pluresync.secure.link.Link})."""
 
     def __init__(self) -> None:
         self.channel = None

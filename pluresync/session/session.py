@@ -75,6 +75,8 @@ _RETRY_MAX = 2.0
 _RETRY_JITTER = 0.25
 #: How long a clean end waits for its pipes to send what was written.
 _FLUSH_TIMEOUT = 10.0
+#: The shortest time one reconnect attempt gets before another is made.
+_ATTEMPT_MIN = 5.0
 #: How often a resume may be refused as "unknown session" before we believe it.
 _UNKNOWN_TRIES = 3
 
@@ -212,11 +214,14 @@ class Session:
         # closing and the end
         self._close_seq: int | None = None
         self._peer_closed = False
+        self._close_received = False
         self._peer_close_point = 0
         self._resume_call = None
         self._retry_call = None
         self._retry_delay = _RETRY_FIRST
         self._reconnecting: Deferred | None = None
+        self._attempt_call = None
+        self._attempt_expired = False
         self._unknown = 0
         self._last_error: Failure | None = None
         self._ping_ids = 0
@@ -424,6 +429,12 @@ class Session:
         self._scheduleAck()
 
     def _accept(self, kind: int, plaintext: bytes) -> None:
+        if kind == RecordType.CLOSE and not self._close_received:
+            # The peer's end has arrived (its protocol may read it later):
+            # from here the session needs no path for it, only for what we
+            # sent before it.
+            self._close_received = True
+            self._peer_close_point = self._next_seq
         self._recv_next += 1
         self._deliver.append((kind, plaintext))
         self._deliver_bytes += len(plaintext)
@@ -509,6 +520,10 @@ class Session:
                 self._end(Failure(ConnectionDone("the peer closed the connection")))
             else:
                 self._end(self._lostReason("the peer closed before confirming everything we sent"))
+        elif self._close_received and self._allConfirmed():
+            # Everything is here; only our protocol has yet to read it (the
+            # session ends when it does): no path is needed any more.
+            self._life.detach()
         elif self.params.resume <= 0:
             self._end(self._lostReason(None))
         else:
@@ -518,16 +533,26 @@ class Session:
         """(machine) No link: hold the user's producer, start the resume clock, and (initiator) reconnect."""
         self.phase = Phase.DETACHED
         self._updateProducer()
+        if self._close_received and self._allConfirmed():
+            return
         self._resume_call = self._clock.callLater(self.params.resume, self._life.expire)
         if self.initiator and self._reconnecting is None and self._retry_call is None:
             # Next turn: reconnecting may finish at once, and inputs never re-enter the machine.
             self._retry_call = self._clock.callLater(0, self._startReconnect)
 
     def _lostReason(self, why: str | None) -> Failure:
+        """
+        Why a session ends without its clean close, in words that say how
+        the last path ended and how much may be missing.  With C{why} (no
+        path came back in time) a L{SessionExpiredError}; without (resume=0)
+        the last path's own error class, as before sessions could move.
+        """
         missing = self._unacked_bytes + sum(len(o.plaintext) for o in self._pending)
+        last = self._last_error
         parts = []
-        if self._last_error is not None:
-            parts.append(self._last_error.getErrorMessage())
+        if last is not None:
+            closed = last.check(ConnectionDone) is not None
+            parts.append("the path to the peer was closed" if closed else last.getErrorMessage())
         if why:
             parts.append(why)
         if self._close_seq is not None:
@@ -535,16 +560,13 @@ class Session:
             return Failure(UnconfirmedCloseError("; ".join(parts)))
         if missing:
             parts.append(f"up to {missing} bytes sent were not confirmed")
-        if why and self._last_error is not None and self._last_error.check(TruncatedStreamError):
-            return Failure(SessionExpiredError("; ".join(parts)))
-        if self._last_error is not None and not why:
-            error = self._last_error.value
-            if isinstance(error, TruncatedStreamError) and missing:
-                return Failure(type(error)("; ".join(parts)))
-            if self._last_error.check(ConnectionDone):
-                return Failure(TruncatedStreamError("; ".join(parts) or "the stream ended without the peer's close"))
-            return self._last_error
-        return Failure(SessionExpiredError("; ".join(parts) or "the session ended"))
+        text = "; ".join(parts) or "the session ended"
+        if why is None and last is not None:
+            if isinstance(last.value, TruncatedStreamError):
+                return Failure(type(last.value)(text))
+            if last.check(ConnectionDone):
+                return Failure(TruncatedStreamError(f"{text}: the stream ended without the peer's authenticated close"))
+        return Failure(SessionExpiredError(text))
 
     # -- the initiator reconnects --------------------------------------------------
 
@@ -554,10 +576,31 @@ class Session:
             return
         d = self._reconnect(self.resume_hello)
         self._reconnecting = d
+        # One attempt may not use up the resume limit (a relay that accepts
+        # and then hangs): give it up after a while and make another.
+        self._attempt_call = self._clock.callLater(self._attemptTimeout(), self._attemptTimedOut, d)
         d.addCallbacks(self._reconnected, self._reconnectFailed)
 
-    def _reconnected(self, link: Link) -> None:
+    def _attemptTimeout(self) -> float:
+        return max(3 * self.params.stall, _ATTEMPT_MIN)
+
+    def _attemptTimedOut(self, d: Deferred) -> None:
+        self._attempt_call = None
+        if self._reconnecting is d:
+            self._attempt_expired = True
+            d.cancel()
+
+    def _attemptDone(self) -> bool:
+        """Stop the attempt's clock; whether it was given up by that clock."""
         self._reconnecting = None
+        if self._attempt_call is not None and self._attempt_call.active():
+            self._attempt_call.cancel()
+        self._attempt_call = None
+        expired, self._attempt_expired = self._attempt_expired, False
+        return expired
+
+    def _reconnected(self, link: Link) -> None:
+        self._attemptDone()
         if self.phase is Phase.ENDED:
             link.discard()
             return
@@ -566,9 +609,11 @@ class Session:
         self.addLink(link, link.answer.recv_next, link.answer.max_offset)
 
     def _reconnectFailed(self, failure: Failure) -> None:
-        self._reconnecting = None
-        if self.phase is Phase.ENDED or failure.check(CancelledError, ConnectingCancelledError):
+        expired = self._attemptDone()
+        if self.phase is Phase.ENDED:
             return
+        if failure.check(CancelledError, ConnectingCancelledError) and not expired:
+            return  # we gave it up ourselves
         if failure.check(LinkRefused):
             answer = failure.value.answer
             if answer.status is Status.ENDED or answer.status is Status.NOT_YOURS:
@@ -823,7 +868,6 @@ class Session:
         no reader, as after a TCP peer's close).
         """
         self._peer_closed = True
-        self._peer_close_point = self._next_seq
         self._sendAck(force=True)
         if self._allConfirmed():
             self._end(Failure(ConnectionDone("the peer closed the connection")))
@@ -890,6 +934,9 @@ class Session:
             if call is not None and call.active():
                 call.cancel()
         self._ack_call = self._resume_call = self._retry_call = None
+        if self._attempt_call is not None and self._attempt_call.active():
+            self._attempt_call.cancel()
+        self._attempt_call = None
         if self._reconnecting is not None:
             d, self._reconnecting = self._reconnecting, None
             d.cancel()
