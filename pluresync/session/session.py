@@ -514,12 +514,18 @@ class Session:
             return
         if self._closeConfirmed():
             self._end(Failure(ConnectionDone("closed cleanly")))
-        elif self._peer_closed:
-            # The peer has closed; it will not come back for what is missing.
-            if self._allConfirmed():
-                self._end(Failure(ConnectionDone("the peer closed the connection")))
+        elif self._peer_closed and not self._allConfirmed() and self._lastEndInOrder():
+            # The peer closed, then ended its side in order: it left before
+            # confirming the rest of what we sent (as a TCP peer that closes
+            # resets the connection), and will not come back for it.
+            self._end(self._lostReason("the peer closed before confirming everything we sent"))
+        elif self._peer_closed and self._allConfirmed():
+            if self.initiator and self._reconnect is not None and not self._lastEndInOrder():
+                # Our acknowledgement of the peer's close may have been lost
+                # with the link: come back once, so the peer learns it.
+                self._life.detach()
             else:
-                self._end(self._lostReason("the peer closed before confirming everything we sent"))
+                self._end(Failure(ConnectionDone("the peer closed the connection")))
         elif self._close_received and self._allConfirmed():
             # Everything is here; only our protocol has yet to read it (the
             # session ends when it does): no path is needed any more.
@@ -533,8 +539,8 @@ class Session:
         """(machine) No link: hold the user's producer, start the resume clock, and (initiator) reconnect."""
         self.phase = Phase.DETACHED
         self._updateProducer()
-        if self._close_received and self._allConfirmed():
-            return
+        if self._close_received and not self._peer_closed and self._allConfirmed():
+            return  # all is here, for a protocol that has not read it yet
         self._resume_call = self._clock.callLater(self.params.resume, self._life.expire)
         if self.initiator and self._reconnecting is None and self._retry_call is None:
             # Next turn: reconnecting may finish at once, and inputs never re-enter the machine.
@@ -618,8 +624,12 @@ class Session:
             answer = failure.value.answer
             if answer.status is Status.ENDED or answer.status is Status.NOT_YOURS:
                 self._gotAck(answer.recv_next, answer.max_offset)
+                if self.phase is Phase.ENDED:
+                    return  # what it confirmed was all we waited for
                 if self._closeConfirmed():
                     self._end(Failure(ConnectionDone("closed cleanly")))
+                elif self._peer_closed and self._allConfirmed():
+                    self._end(Failure(ConnectionDone("the peer closed the connection")))
                 else:
                     self._last_error = failure
                     self._end(self._lostReason(None))
@@ -759,8 +769,9 @@ class Session:
             self._end(Failure(ConnectionDone("closed cleanly")))
             return
         if self._peer_closed and self._allConfirmed():
-            self._end(Failure(ConnectionDone("the peer closed the connection")))
-            return
+            self._peerCloseDone()
+            if self.phase is Phase.ENDED:
+                return
         self._maybeRetire()
 
     def _closeConfirmed(self) -> bool:
@@ -870,10 +881,30 @@ class Session:
         self._peer_closed = True
         self._sendAck(force=True)
         if self._allConfirmed():
-            self._end(Failure(ConnectionDone("the peer closed the connection")))
+            self._peerCloseDone()
+
+    def _peerCloseDone(self) -> None:
+        """
+        The peer has closed and confirmed what we sent before its close.
+        The responder ends now.  The initiator waits for the peer to close
+        the link (its sign that our acknowledgement of its close arrived):
+        if the link is lost instead, the initiator comes back once to tell
+        it, since the peer cannot come to us.
+        """
+        if self.initiator and self._reconnect is not None and self._active is not None:
+            return
+        self._end(Failure(ConnectionDone("the peer closed the connection")))
 
     def _allConfirmed(self) -> bool:
-        return self._acked >= self._peer_close_point
+        """
+        (the peer has closed) Whether what we sent before its close is
+        confirmed: our own CLOSE, if it crossed the peer's, needs no
+        confirmation, since the peer is closing anyway.
+        """
+        need = self._peer_close_point
+        if self._close_seq is not None:
+            need = min(need, self._close_seq)
+        return self._acked >= need
 
     def abort(self, reason: Failure | None = None, why: wire.AbortReason = wire.AbortReason.ABORTED) -> None:
         """End now, without the clean close; the peer hears it at once (ABORT), not after its resume limit."""
@@ -919,8 +950,16 @@ class Session:
     def lifeExpired(self) -> None:
         """(machine) No link came back within the resume limit."""
         self._resume_call = None
-        reason = self._lostReason(f"no path to the peer within {self.params.resume:g} s")
+        if self._peer_closed and self._allConfirmed():
+            # We came back only to tell the peer its close arrived: our part is done.
+            reason = Failure(ConnectionDone("the peer closed the connection"))
+        else:
+            reason = self._lostReason(f"no path to the peer within {self.params.resume:g} s")
         self.lifeStop(reason, None)
+
+    def _lastEndInOrder(self) -> bool:
+        """Whether the last link ended in an orderly way (the peer closed it after reading ours)."""
+        return self._last_error is not None and self._last_error.check(ConnectionDone) is not None
 
     def lifeReport(self) -> None:
         """(machine) The links of a clean end have flushed: report it."""
