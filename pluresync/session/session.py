@@ -721,15 +721,20 @@ class Session:
 
     # -- sending -------------------------------------------------------------------
 
-    def send(self, plaintext: bytes) -> None:
-        """Number a record's plaintext and send it when the credit allows."""
+    def send(self, *plaintexts: bytes) -> None:
+        """
+        Number records' plaintexts and send them when the credit allows (the
+        records of one write together, a few per pipe write).
+        """
         if self._peer_closed or self.phase is Phase.ENDED:
             return  # nobody will read it: dropped, as writes after a TCP peer's close
-        self._offset += len(plaintext)
-        out = _Outgoing(self._next_seq, plaintext, self._offset)
-        self._next_seq += 1
-        self._pending.append(out)
-        if len(self._pending) == 1:
+        pending = self._pending
+        blocked = bool(pending)
+        for plaintext in plaintexts:
+            self._offset += len(plaintext)
+            pending.append(_Outgoing(self._next_seq, plaintext, self._offset))
+            self._next_seq += 1
+        if not blocked:
             self._flush()
         self._updateProducer()
 

@@ -184,13 +184,13 @@ class Stream:
     def write(self, data) -> None:
         if not data or self._write_shut or self._closing:
             return
-        send = self._session.send
         if len(data) <= _MAX:
-            send(wire.data_record(_DATA, self._id, data))
+            self._session.send(wire.data_record(_DATA, self._id, data))
             return
         view = memoryview(data)
-        for start in range(0, len(view), _MAX):
-            send(wire.data_record(_DATA, self._id, view[start : start + _MAX]))
+        self._session.send(
+            *(wire.data_record(_DATA, self._id, view[start : start + _MAX]) for start in range(0, len(view), _MAX))
+        )
 
     def writeSequence(self, data) -> None:
         self.write(b"".join(data))
@@ -198,13 +198,14 @@ class Stream:
     def writeMessage(self, data) -> None:
         if self._write_shut or self._closing:
             return
-        send = self._session.send
         view = memoryview(data)
+        records = []
         start = 0
         while len(view) - start > _MAX:
-            send(wire.data_record(_DATA, self._id, view[start : start + _MAX]))
+            records.append(wire.data_record(_DATA, self._id, view[start : start + _MAX]))
             start += _MAX
-        send(wire.data_record(_END, self._id, view[start:]))
+        records.append(wire.data_record(_END, self._id, view[start:]))
+        self._session.send(*records)
 
     def loseWriteConnection(self) -> None:
         """
