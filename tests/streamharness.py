@@ -20,9 +20,13 @@ that ties them together.
  - L{start_relays} and L{RelayPair}: one or two L{RelayProcess}es in the
    C{azure} (primary) and C{vercel} (backup) slots, and C{auto:} strings for
    them (with L{SESSION_EXTRA} appended).
- - L{Transfer}: an C{auto:} listener with a L{ReceiverFactory} and an
-   C{auto:} client with a L{PatternSender}, in this process; its
-   C{problems()} say what is wrong with the result, in words.
+ - L{RelayEndpoints}: C{relay:} strings instead, for relays the harness did
+   not start (the Vercel function under uvicorn): the listener through one
+   URL, the client through the same or another.
+ - L{Transfer}: a listener with a L{ReceiverFactory} and a client with a
+   L{PatternSender} (C{auto:} through a L{RelayPair}, or C{relay:} through
+   L{RelayEndpoints}), in this process; its C{problems()} say what is wrong
+   with the result, in words.
  - L{session_stats}: the session layer's C{transport.stats()}, when it has one.
 
 Nothing here sleeps: every wait is a Deferred with a deadline (the relay
@@ -470,6 +474,44 @@ class RelayPair:
         parts += [f"{name}={value}" for name, value in params.items()]
         return ":".join(parts) + SESSION_EXTRA
 
+    # What L{Transfer} asks for: both sides use the same auto: string.
+    server_endpoint = endpoint
+    client_endpoint = endpoint
+
+
+@dataclass
+class RelayEndpoints:
+    """
+    C{relay:} strings for one L{Transfer}: the listener registers through
+    C{server_url} and the client connects through C{client_url} (the same
+    relay, or another instance sharing its state, as two Vercel instances
+    sharing Redis). The URLs are escaped for an endpoint string
+    (L{tests.relayprocess.escaped_url}); L{SESSION_EXTRA} is appended.
+    """
+
+    key: str
+    server_url: str
+    client_url: str
+
+    def _endpoint(self, url: str, params: dict[str, Any]) -> str:
+        parts = [f"relay:url={url}", f"key={self.key}"]
+        parts += [f"{name}={value}" for name, value in params.items()]
+        return ":".join(parts) + SESSION_EXTRA
+
+    def server_endpoint(self, **params: Any) -> str:
+        return self._endpoint(self.server_url, params)
+
+    def client_endpoint(self, **params: Any) -> str:
+        return self._endpoint(self.client_url, params)
+
+
+def registered(port: Any) -> bool:
+    """Whether a listening port is registered: on every relay (C{auto:}), or at its relay (C{relay:})."""
+    transports = getattr(port, "transports", None)
+    if transports is not None:
+        return all(transports.values())
+    return bool(port.connected)
+
 
 async def start_relays(test, key: str, azure: Iterable[str] = (), vercel: Iterable[str] | None = ()) -> RelayPair:
     """
@@ -496,15 +538,16 @@ def session_stats(transport: Any) -> dict | None:
 @dataclass
 class Transfer:
     """
-    One stream of C{size} pattern bytes from an C{auto:} client to an
-    C{auto:} listener registered on every relay of C{relays}, both in this
+    One stream of C{size} pattern bytes from a client to a listener
+    registered on every relay of C{relays} (C{auto:} strings from a
+    L{RelayPair}, or C{relay:} strings from L{RelayEndpoints}), both in this
     process. C{test} is a TestCase (or anything with C{addCleanup}): the
     listener is stopped and any connection still open is aborted at its
     cleanup, before the relays are killed.
     """
 
     test: Any
-    relays: RelayPair
+    relays: RelayPair | RelayEndpoints
     size: int
     client: dict = field(default_factory=dict)
     server: dict = field(default_factory=dict)
@@ -527,11 +570,11 @@ class Transfer:
 
     async def listen(self, registered_within: float = 30) -> None:
         """Listen on every relay; wait until each has confirmed the registration."""
-        self.port = await serverFromString(self.clock, self.relays.endpoint(**self.server)).listen(self.factory)
+        self.port = await serverFromString(self.clock, self.relays.server_endpoint(**self.server)).listen(self.factory)
         self.test.addCleanup(self.port.stopListening)
         self.test.addCleanup(lambda: ensureDeferred(self._abort()))
         await poll(
-            lambda: all(self.port.transports.values()),
+            lambda: registered(self.port),
             timeout=registered_within,
             what="the listener registering on every relay",
         )
@@ -541,7 +584,7 @@ class Transfer:
         self.started = self.clock.seconds()
         # Known before connect() fires, so the cleanup can abort it whatever happens.
         self.sender = sender = PatternSender(self.size, self.pattern, rate=self.rate, clock=self.clock)
-        await clientFromString(self.clock, self.relays.endpoint(**self.client)).connect(
+        await clientFromString(self.clock, self.relays.client_endpoint(**self.client)).connect(
             Factory.forProtocol(lambda: sender)
         )
         return sender

@@ -79,11 +79,11 @@ class _RenewalCase(TestCase):
             protocol.transport.loseConnection()
         await protocol.lost.addTimeout(10, reactor)
 
-    async def keep_connecting(self, endpoint: str) -> tuple[int, list[str]]:
-        """Connect again and again for L{SECONDS}; how many pings went through, and every failure."""
+    async def keep_connecting(self, endpoint: str, seconds: float = SECONDS) -> tuple[int, list[str]]:
+        """Connect again and again for C{seconds}; how many pings went through, and every failure."""
         done = 0
         failures: list[str] = []
-        until = reactor.seconds() + SECONDS
+        until = reactor.seconds() + seconds
         while reactor.seconds() < until:
             try:
                 await self.ping(endpoint)
@@ -92,20 +92,23 @@ class _RenewalCase(TestCase):
                 failures.append(f"{type(error).__name__}: {error}")
         return done, failures
 
-    async def stays_registered(self, url: str, health: Any) -> int:
+    async def stays_registered(
+        self, url: str, health: Any, *, connect_url: str | None = None, seconds: float = SECONDS
+    ) -> int:
         """
-        Listen through C{url}, connect LOOPS at a time for SECONDS with
-        wait=0: every connection must go through, and the relay is left with
-        one registration (C{health}: its C{/health}); return the renewals seen.
+        Listen through C{url}, connect LOOPS at a time for C{seconds} with
+        wait=0 (through C{connect_url}, another instance of the same relay,
+        if given): every connection must go through, and the relay is left
+        with one registration (C{health}: its C{/health}); return the
+        renewals seen.
         """
         key = SyncKey.generate().to_text()
         renewals = self.count_renewals()
         endpoint = f"relay:url={url}:key={key}"
         port = await serverFromString(reactor, endpoint).listen(Factory.forProtocol(Echo))
         self.addCleanup(port.stopListening)
-        results = await gatherResults(
-            [ensureDeferred(self.keep_connecting(f"{endpoint}:wait=0")) for _ in range(LOOPS)]
-        )
+        connecting = f"relay:url={connect_url or url}:key={key}:wait=0"
+        results = await gatherResults([ensureDeferred(self.keep_connecting(connecting, seconds)) for _ in range(LOOPS)])
         pings = sum(done for done, _ in results)
         failures = [failure for _, loop_failures in results for failure in loop_failures]
         log.info(
@@ -154,3 +157,24 @@ class VercelRelayRenewalTests(_RenewalCase):
         await instance.start()
         renewals = await self.stays_registered(escaped_url(instance.port), instance.health)
         self.assertGreaterEqual(renewals, 3)
+
+    async def test_listener_stays_registered_across_instances(self):
+        """
+        Two instances sharing Redis, the listener on instance 1 and the
+        connectors on instance 2, for 12 s (about eight renewals): each
+        connector's offer crosses Redis to the listener's instance, where it
+        may reach the control socket the listener is replacing; it must
+        still be accepted (offered again to the next registration, as one
+        instance does for its own connectors), never end in no-listener.
+        """
+        _require_servers(self)
+        redis = await start_redis(self)
+        env = {"PLURESYNC_MAX_DURATION": "3", "PLURESYNC_CLOSE_MARGIN": "1"}
+        one, two = VercelInstance(redis.url, env), VercelInstance(redis.url, env)
+        for instance in (one, two):
+            self.addCleanup(lambda i=instance: ensureDeferred(i.cleanup()))
+            await instance.start()
+        renewals = await self.stays_registered(
+            escaped_url(one.port), one.health, connect_url=escaped_url(two.port), seconds=12.0
+        )
+        self.assertGreaterEqual(renewals, 6)

@@ -24,9 +24,11 @@ from .streamharness import (
     Pattern,
     PatternSender,
     ReceiverFactory,
+    RelayEndpoints,
     RelayPair,
     StreamEnded,
     describe,
+    registered,
     window,
 )
 
@@ -203,6 +205,29 @@ class StringsTests(unittest.TestCase):
         self.assertEqual(one, "auto:key=psk1-x:azure=ws\\://127.0.0.1\\:7001:relays=azure")
         self.assertIs(RelayPair("k", azure, vercel).relay("relay:vercel"), vercel)
         self.assertRaises(AssertionError, RelayPair("k", azure).relay, "relay:vercel")
+        self.assertEqual(RelayPair("k", azure).server_endpoint(), RelayPair("k", azure).client_endpoint())
+
+    def test_relay_endpoints(self) -> None:
+        """relay: strings: the listener through one URL, the client through another, then the parameters."""
+        relays = RelayEndpoints("psk1-x", "ws\\://127.0.0.1\\:7001", "ws\\://127.0.0.1\\:7002")
+        self.assertEqual(relays.server_endpoint(), "relay:url=ws\\://127.0.0.1\\:7001:key=psk1-x")
+        self.assertEqual(relays.client_endpoint(wait=0), "relay:url=ws\\://127.0.0.1\\:7002:key=psk1-x:wait=0")
+
+    def test_registered(self) -> None:
+        """An auto: port is registered when every relay is; a relay: port when it is connected."""
+
+        class Auto:
+            transports = {"relay:azure": True, "relay:vercel": False}
+
+        class Relay:
+            connected = True
+
+        self.assertFalse(registered(Auto()))
+        Auto.transports["relay:vercel"] = True
+        self.assertTrue(registered(Auto()))
+        self.assertTrue(registered(Relay()))
+        Relay.connected = False
+        self.assertFalse(registered(Relay()))
 
     def test_describe(self) -> None:
         self.assertEqual(describe(None), "still open")
