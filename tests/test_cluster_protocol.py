@@ -182,18 +182,40 @@ class NodeTests(SynchronousTestCase):
         self.assertEqual(self.published, [(f"p:i:{OTHER}", Gone(SESSION))])
 
     def test_leaving_listener(self) -> None:
-        """A listener leaving tells the owner of each remote offer it got (only its own) that it is gone."""
+        """
+        A listener leaving while another of its kind is registered (one
+        renewing its registration) hands its remote offers on to it, in the
+        same session, and nobody is told gone; the last of its kind leaving
+        tells the owner of each remote offer (only its own) that it is gone.
+        """
         self.node.listener_added(RDV, PEER, "first")
         self.node.listener_added(RDV, PEER, "second")
         other_session = "6f" * 16
         self.node.received(encode(Offer(RDV, PEER, SESSION, FROM, OTHER)))
         self.node.received(encode(Offer(RDV, PEER, other_session, FROM, THIRD)))
+        self.assertEqual([item for item, _ in self.delivered], ["first", "second"])
         self.node.listener_removed(RDV, PEER, "first")
-        self.assertEqual(self.published, [(f"p:i:{OTHER}", Gone(SESSION))])
+        self.assertEqual(self.published, [])
+        self.assertEqual(self.delivered[2:], [("second", Offer(RDV, PEER, SESSION, FROM, OTHER))])
         self.node.listener_removed(RDV, PEER, "second")
-        self.assertEqual(self.published[1:], [(f"p:i:{THIRD}", Gone(other_session))])
+        self.assertEqual(
+            sorted(self.published, key=str),
+            sorted([(f"p:i:{OTHER}", Gone(SESSION)), (f"p:i:{THIRD}", Gone(other_session))], key=str),
+        )
         self.node.listener_removed(RDV, PEER, "second")
         self.assertEqual(len(self.published), 2, "said once")
+
+    def test_leaving_listener_old_offers(self) -> None:
+        """Offers older than the accept timeout are not handed on (their connectors gave up): gone."""
+        now = [100.0]
+        self.node._clock = lambda: now[0]
+        self.node.listener_added(RDV, PEER, "first")
+        self.node.received(encode(Offer(RDV, PEER, SESSION, FROM, OTHER)))
+        self.node.listener_added(RDV, PEER, "second")
+        now[0] += self.registry.accept_timeout + 1
+        self.node.listener_removed(RDV, PEER, "first")
+        self.assertEqual(self.published, [(f"p:i:{OTHER}", Gone(SESSION))])
+        self.assertEqual([item for item, _ in self.delivered], ["first"])
 
     def test_remote_offers_bounded(self) -> None:
         """A listener remembers at most MAX_REMOTE_OFFERS offers (the oldest go first)."""

@@ -38,6 +38,9 @@ class RelayConfig:
         socket with 1001 (C{PLURESYNC_CLOSE_MARGIN}, default 5).
     @ivar window: messages one side may have unread in Redis
         (C{PLURESYNC_WINDOW}, default 16).
+    @ivar redis_max_connections: the instance's Redis connection pool
+        (C{PLURESYNC_REDIS_MAX_CONNECTIONS}, default 2000): each end of a
+        pair holds one in C{BLPOP}, its writer a second while out of credit.
     """
 
     redis_url: str
@@ -52,6 +55,7 @@ class RelayConfig:
     answer_timeout: float = 5.0
     poll: float = 1.0
     data_ttl: int = 120
+    redis_max_connections: int = 2000
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> RelayConfig:
@@ -111,6 +115,7 @@ class RelayConfig:
             close_margin=number("PLURESYNC_CLOSE_MARGIN", 5.0, 0),
             window=int(number("PLURESYNC_WINDOW", 16, 1)),
             prefix=env.get("PLURESYNC_REDIS_PREFIX", DEFAULT_PREFIX),
+            redis_max_connections=int(number("PLURESYNC_REDIS_MAX_CONNECTIONS", 2000, 1)),
         )
 
     @property

@@ -107,6 +107,10 @@ class RelayInstance:
                 socket_connect_timeout=2,
                 socket_keepalive=True,
                 health_check_interval=30,
+                # Every pipe end holds a connection in BLPOP (up to `poll` s,
+                # also a little after its pair ended): redis-py's default pool
+                # (100 in redis-py 8) fails commands beyond that at once.
+                max_connections=self.config.redis_max_connections,
             )
             registry = Registry(
                 loop.call_later,

@@ -54,6 +54,7 @@ import json
 import os
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -294,7 +295,8 @@ async def run_steps(steps: Generator[Command, Any, T], execute: Callable[..., Aw
         reply = await execute(*command)
 
 
-#: Offers from other instances one listener remembers (to answer C{gone} when it leaves).
+#: Offers from other instances one listener remembers (to offer again, or
+#: answer C{gone}, when it leaves).
 MAX_REMOTE_OFFERS = 1024
 
 
@@ -384,6 +386,7 @@ class ClusterNode(Generic[Item]):
         deliver: Callable[[Item, Offer], None],
         seen: Callable[[str], object] = lambda instance: None,
         shuffle: Callable[[list[Any]], None] = random.shuffle,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.instance = instance
         self.keys = keys
@@ -394,8 +397,9 @@ class ClusterNode(Generic[Item]):
         self._deliver = deliver
         self._seen = seen
         self._shuffle = shuffle
-        #: per local listener, the offers of other instances it got: session -> owner
-        self._remote_offers: dict[Item, dict[str, str]] = {}
+        self._clock = clock
+        #: per local listener, the offers of other instances it got: session -> (offer, when)
+        self._remote_offers: dict[Item, dict[str, tuple[Offer, float]]] = {}
 
     # -- what goes to Redis ------------------------------------------------------
 
@@ -436,14 +440,34 @@ class ClusterNode(Generic[Item]):
     def listener_removed(self, rdv: str, peer: str, item: Item) -> bool:
         """
         A local listener left; whether to withdraw it from Redis (the last of
-        its kind).  The owners of the offers it got from other instances are
-        told C{gone}, so their connectors get C{no-listener} at once instead
-        of waiting for the accept timeout (for an offer already accepted a
+        its kind).  The offers it got from other instances within the accept
+        timeout go, in the same session, to another local listener of its
+        kind if there is one, as the registry does for local connectors (a
+        listener renewing its registration has its next one registered
+        before it closes the first; an accept already on its way from the
+        one that left still pairs).  Otherwise their owners are told
+        C{gone}, so their connectors get C{no-listener} at once instead of
+        waiting for the accept timeout (for an offer already accepted a
         C{gone} changes nothing).
         """
-        for session, owner in self._remote_offers.pop(item, {}).items():
-            self.gone(session, owner)
-        return self.listeners.remove(rdv, peer, item)
+        offers = self._remote_offers.pop(item, {})
+        last = self.listeners.remove(rdv, peer, item)
+        recent = self._clock() - self.registry.accept_timeout
+        for session, (offer, when) in offers.items():
+            other = None if last or when < recent else self.listeners.pick(rdv, peer)
+            if other is None:
+                self.gone(session, offer.owner)
+            else:
+                self._delivered(other, offer, when)
+        return last
+
+    def _delivered(self, item: Item, offer: Offer, when: float) -> None:
+        offers = self._remote_offers.setdefault(item, {})
+        offers[offer.session] = (offer, when)
+        # Bounded: the oldest are long accepted or expired.
+        while len(offers) > MAX_REMOTE_OFFERS:
+            del offers[next(iter(offers))]
+        self._deliver(item, offer)
 
     # -- connectors ----------------------------------------------------------------
 
@@ -514,12 +538,7 @@ class ClusterNode(Generic[Item]):
             if item is None:
                 self._publish(self.keys.channel(message.owner), encode(Gone(message.session)))
             else:
-                offers = self._remote_offers.setdefault(item, {})
-                offers[message.session] = message.owner
-                # Bounded: the oldest are long accepted or expired.
-                while len(offers) > MAX_REMOTE_OFFERS:
-                    del offers[next(iter(offers))]
-                self._deliver(item, message)
+                self._delivered(item, message, self._clock())
         elif isinstance(message, Gone):
             self.registry.cancel_session(
                 message.session, ErrorCode.NO_LISTENER, "the listener went away before accepting"

@@ -148,6 +148,11 @@ class Registry:
     # -- counts (for /health) ------------------------------------------------
 
     @property
+    def accept_timeout(self) -> float:
+        """Seconds a listener has to accept an offered session."""
+        return self._accept_timeout
+
+    @property
     def listener_count(self) -> int:
         """Registered listeners."""
         return sum(len(ls) for ls in self._listeners.values())
