@@ -230,7 +230,9 @@ def main() -> None:
     if args.profile:
         import cProfile
 
-        profiler = cProfile.Profile()
+        # PLURESYNC_PROFILE_CLOCK=cpu (bench/profile_stream.py --cpu-clock): charge CPU time, not wall time.
+        clock = os.environ.get("PLURESYNC_PROFILE_CLOCK") == "cpu"
+        profiler = cProfile.Profile(time.process_time) if clock else cProfile.Profile()
         profiler.enable()
     reactor.run()
     if profiler is not None:

@@ -8,7 +8,9 @@ the process before cProfile can save.  Here that last step is skipped.
 """
 
 import cProfile
+import os
 import sys
+import time
 
 from twisted.application.twist import _twist
 
@@ -16,7 +18,8 @@ from twisted.application.twist import _twist
 def main() -> None:
     out, argv = sys.argv[1], sys.argv[2:]
     _twist._exitWithSignal = lambda sig: None
-    profiler = cProfile.Profile()
+    cpu = os.environ.get("PLURESYNC_PROFILE_CLOCK") == "cpu"  # see bench/profile_stream.py --cpu-clock
+    profiler = cProfile.Profile(time.process_time) if cpu else cProfile.Profile()
     profiler.enable()
     try:
         _twist.Twist.main(["twist", *argv])
