@@ -16,43 +16,21 @@ registers on the new pipe.
 from __future__ import annotations
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from pluresync.secure.frames import RecordType
 from pluresync.session import wire
 from pluresync.session.params import SessionParams
 
-from .test_session import Net, blob
+from .test_session import Net, Pusher, blob
 
 
-@implementer(IPushProducer)
-class EagerPusher:
-    """Writes one chunk at once whenever it is resumed (as a file sender or the stream harness's sender do)."""
-
-    def __init__(self, transport, data: bytes, chunk: int = 16384) -> None:
-        self.transport = transport
-        self.data = data
-        self.chunk = chunk
-        self.sent = 0
-        self.paused = False
-
-    def pauseProducing(self) -> None:
-        self.paused = True
+class EagerPusher(Pusher):
+    """A L{Pusher} that writes as soon as it is resumed (as a file sender or the stream harness's sender do)."""
 
     def resumeProducing(self) -> None:
-        self.paused = False
+        super().resumeProducing()
         self.produce()
-
-    def stopProducing(self) -> None:
-        pass
-
-    def produce(self) -> None:
-        while not self.paused and self.sent < len(self.data):
-            piece = self.data[self.sent : self.sent + self.chunk]
-            self.sent += len(piece)
-            self.transport.write(piece)
 
 
 class RotationWithAPausedWriterTests(SynchronousTestCase):

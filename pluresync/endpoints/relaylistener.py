@@ -85,7 +85,6 @@ class _PortCore:
     initial_delay: float
     max_delay: float
     delay: float = 0.0
-    connected: bool = False
     inputs: Any = field(default=None, repr=False)
     port: Any = field(default=None, repr=False)
     registration: Deferred | None = field(default=None, repr=False)
@@ -122,6 +121,11 @@ class _PortCore:
                 d.errback(outcome)
             else:
                 d.callback(outcome)
+
+    @property
+    def connected(self) -> bool:
+        """Whether a registration is up: there is a control socket."""
+        return self.control is not None
 
     @property
     def where(self) -> str:
@@ -341,7 +345,6 @@ def _registered(inputs: _PortInputs, core: _PortCore, control: RelaySocketProtoc
     core.registration = None
     core.control = control
     core.delay = core.initial_delay
-    core.connected = True
     core.log.info("listening through {relay} as peer {peer}", relay=core.where, peer=core.config.identity.peer_id[:12])
     core.schedule_renewal()
     core.report_start(core.port)
@@ -364,7 +367,6 @@ def _registration_failed(inputs: _PortInputs, core: _PortCore, failure: Failure)
 def _control_lost(inputs: _PortInputs, core: _PortCore, reason: Failure) -> None:
     core.cancel_renewal()
     core.control = None
-    core.connected = False
     core.retry_later(f"lost the listener registration at {core.where}", reason, "registering again")
 
 
@@ -374,7 +376,6 @@ def _control_ended(inputs: _PortInputs, core: _PortCore, reason: Failure) -> Non
     # then waits the backoff's first delay, and so on).
     core.cancel_renewal()
     core.control = None
-    core.connected = False
     core.log.info(
         "the relay ended the listener registration at {relay} ({why}); registering again now",
         relay=core.where,
@@ -427,7 +428,6 @@ def _renewal_failed(inputs: _PortInputs, core: _PortCore, failure: Failure) -> N
 def _lost_while_renewing(inputs: _PortInputs, core: _PortCore, reason: Failure) -> None:
     # The next registration is already on its way.
     core.control = None
-    core.connected = False
     core.log.info(
         "the listener registration at {relay} ended ({why}); the next one is on its way",
         relay=core.where,
@@ -495,7 +495,6 @@ def _stop_again(inputs: _PortInputs, core: _PortCore) -> Deferred[None]:
 @_on(_STOPPING, _PortInputs.control_ended).to(_STOPPED)
 def _stopped(inputs: _PortInputs, core: _PortCore, reason: Failure) -> None:
     core.control = None
-    core.connected = False
     core.finish_stopping()
 
 

@@ -109,10 +109,6 @@ def new_hello(params: SessionParams) -> Hello:
     return Hello(Intent.NEW, bytes(wire.SESSION_ID_SIZE), 0, params.window)
 
 
-def new_answer(params: SessionParams) -> ReadyAnswer:
-    return ReadyAnswer(Status.OK, 0, params.window)
-
-
 class Phase(Enum):
     ATTACHED = auto()  #: a link carries the session
     DETACHED = auto()  #: no link; the resume deadline runs
@@ -526,9 +522,7 @@ class Session:
                 self._life.detach()
             else:
                 self._end(Failure(ConnectionDone("the peer closed the connection")))
-        elif self._close_received and self._allConfirmed():
-            # Everything is here; only our protocol has yet to read it (the
-            # session ends when it does): no path is needed any more.
+        elif self._awaitingReader():
             self._life.detach()
         elif self.params.resume <= 0:
             self._end(self._lostReason(None))
@@ -539,8 +533,8 @@ class Session:
         """(machine) No link: hold the user's producer, start the resume clock, and (initiator) reconnect."""
         self.phase = Phase.DETACHED
         self._updateProducer()
-        if self._close_received and not self._peer_closed and self._allConfirmed():
-            return  # all is here, for a protocol that has not read it yet
+        if self._awaitingReader():
+            return
         self._resume_call = self._clock.callLater(self.params.resume, self._life.expire)
         if self.initiator and self._reconnecting is None and self._retry_call is None:
             # Next turn: reconnecting may finish at once, and inputs never re-enter the machine.
@@ -961,6 +955,14 @@ class Session:
         else:
             reason = self._lostReason(f"no path to the peer within {self.params.resume:g} s")
         self.lifeStop(reason, None)
+
+    def _awaitingReader(self) -> bool:
+        """
+        Everything is here, the peer's close included, and what we sent is
+        confirmed; only our protocol has yet to read it (the session ends
+        when it does): no path, and no resume limit, is needed any more.
+        """
+        return self._close_received and not self._peer_closed and self._allConfirmed()
 
     def _lastEndInOrder(self) -> bool:
         """Whether the last link ended in an orderly way (the peer closed it after reading ours)."""
