@@ -182,6 +182,28 @@ def open_pair(test) -> tuple[Pair, Owner, Owner]:
     return pair, left, right
 
 
+def against_raw_peer():
+    """
+    A version 2 initiator, made as every path makes it (L{secure_link}),
+    facing a responder the test drives by hand, pumped through frame 3:
+    the raw peer, the pipes and where the initiator's result lands.
+    """
+    key = SyncKey.generate()
+    a, b = connected_pipes()
+
+    def bind(link):
+        a.channel = link
+        return a
+
+    results: list = []
+    secure_link(
+        bind, initiator=True, name="test:a", identity=PeerIdentity.generate(), topic=key.topic("t"), hello=new_hello
+    ).addBoth(results.append)
+    peer = RawPeer(Handshake(False, PeerIdentity.generate(), key.topic("t")), b)
+    pump(a, b)
+    return peer, a, b, results
+
+
 class HandshakeTests(SynchronousTestCase):
     """The Noise handshake of one link, as run over a pipe."""
 
@@ -452,21 +474,7 @@ class NegotiationTests(SynchronousTestCase):
         tells the responder with an authenticated CLOSE that it will not
         use the link (so the v1 listener builds nothing).
         """
-        key = SyncKey.generate()
-        pair_a, pair_b = connected_pipes()
-        initiator_box: list[Link] = []
-        initiator = Link(
-            Handshake(True, PeerIdentity.generate(), key.topic("t"), payload=lambda: initiator_box[0].hello_payload()),
-            "test:a",
-            hello=new_hello,
-        )
-        initiator_box.append(initiator)
-        pair_a.channel = initiator
-        results = []
-        initiator.secured.addBoth(results.append)
-        old = RawPeer(Handshake(False, PeerIdentity.generate(), key.topic("t")), pair_b)
-        initiator.startPipe(pair_a)
-        pump(pair_a, pair_b)
+        old, pair_a, pair_b, results = against_raw_peer()
         self.assertIsNotNone(old.secured)
         # A version 1 listener ignores the payload and confirms with an empty READY.
         old.sendRecord(bytes([RecordType.READY]))
@@ -523,21 +531,7 @@ class NegotiationTests(SynchronousTestCase):
 
     def test_malformed_answer(self):
         """A READY whose payload is not an answer fails the initiator's handshake."""
-        key = SyncKey.generate()
-        a, b = connected_pipes()
-        box: list[Link] = []
-        initiator = Link(
-            Handshake(True, PeerIdentity.generate(), key.topic("t"), payload=lambda: box[0].hello_payload()),
-            "test:a",
-            hello=new_hello,
-        )
-        box.append(initiator)
-        a.channel = initiator
-        results = []
-        initiator.secured.addBoth(results.append)
-        peer = RawPeer(Handshake(False, PeerIdentity.generate(), key.topic("t")), b)
-        initiator.startPipe(a)
-        pump(a, b)
+        peer, a, b, results = against_raw_peer()
         peer.sendRecord(bytes([RecordType.READY]) + b"XX" + bytes(30))
         pump(a, b)
         results[0].trap(HandshakeError)
@@ -545,21 +539,7 @@ class NegotiationTests(SynchronousTestCase):
 
     def test_not_ready_first(self):
         """An initiator whose first record from the responder is not READY fails the handshake."""
-        key = SyncKey.generate()
-        a, b = connected_pipes()
-        box: list[Link] = []
-        initiator = Link(
-            Handshake(True, PeerIdentity.generate(), key.topic("t"), payload=lambda: box[0].hello_payload()),
-            "test:a",
-            hello=new_hello,
-        )
-        box.append(initiator)
-        a.channel = initiator
-        results = []
-        initiator.secured.addBoth(results.append)
-        peer = RawPeer(Handshake(False, PeerIdentity.generate(), key.topic("t")), b)
-        initiator.startPipe(a)
-        pump(a, b)
+        peer, a, b, results = against_raw_peer()
         peer.sendRecord(wire.data_record(RecordType.DATA, 0, b"early"))
         pump(a, b)
         results[0].trap(HandshakeError)
