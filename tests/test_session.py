@@ -1040,6 +1040,48 @@ class FlowTests(SynchronousTestCase):
         self.assertIn("broke the protocol", str(client.lost.value))
         self.assertEqual(net.reconnects, 0)
 
+    def test_record_too_short_for_its_stream_id(self):
+        """
+        A DATA record without its stream id, arriving in order (the path
+        that hands records straight to the stream), ends the session as a
+        protocol error that both sides are told; what came before it was
+        delivered.
+        """
+        net = Net()
+        client, server = net.start(self)
+        client.transport.write(b"before")
+        net.client_session.send(bytes((RecordType.DATA,)) + b"\x00")
+        net.run()
+        self.assertEqual(server.data, b"before")
+        server.lost.trap(RecordError)
+        self.assertIn("too short for its stream id", str(server.lost.value))
+        client.lost.trap(PeerGoneError)
+        self.assertIn("broke the protocol", str(client.lost.value))
+
+    def test_pause_inside_data_received_holds_what_follows(self):
+        """
+        A protocol that pauses its transport inside dataReceived gets
+        nothing more until it resumes, then everything in order.
+        """
+
+        class PauseOnFirst(Recorder):
+            def dataReceived(self, data):
+                super().dataReceived(data)
+                if len(self.data) == len(data):
+                    self.transport.pauseProducing()
+
+        net = Net(server_protocol=PauseOnFirst)
+        client, server = net.start(self)
+        client.transport.write(b"one")
+        net.run()
+        client.transport.write(b"two")
+        client.transport.write(b"three")
+        net.run()
+        self.assertEqual(server.data, b"one")
+        server.transport.resumeProducing()
+        net.run()
+        self.assertEqual(server.data, b"onetwothree")
+
 
 class ResumeTests(SynchronousTestCase):
     """

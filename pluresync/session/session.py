@@ -59,6 +59,7 @@ from pluresync.session.lifecycle import LifeMachine
 from pluresync.session.params import SessionParams
 from pluresync.session.wire import Hello, Intent, ReadyAnswer, Status
 
+_DATA = int(RecordType.DATA)
 _ACK = RecordType.ACK
 _PING = RecordType.PING
 _PONG = RecordType.PONG
@@ -68,6 +69,8 @@ _DETACH = RecordType.DETACH
 _ABORT = RecordType.ABORT
 _NUMBERED = wire.NUMBERED
 _SESSION_ID_PERSON = b"pluresync-sid"
+#: a receiver acknowledges at least every this many records (and every quarter window)
+_ACK_EVERY = 32
 #: Reconnect backoff (initiator): first delay, cap, and the jitter that keeps
 #: every session of a dead relay from hitting the next one at once.
 _RETRY_FIRST = 0.05
@@ -354,11 +357,40 @@ class Session:
                 pass
 
     def linkRecord(self, link: Link, kind: int, plaintext: bytes) -> None:
-        state = self._stateOf(link)
-        if state is None:
-            return
+        state = self._active
+        if state is None or state.link is not link:
+            state = self._stateOf(link)
+            if state is None:
+                return
         now = self._clock.seconds()
         state.last_heard = now
+        if (
+            kind == _DATA
+            and state.recv_seq == self._recv_next
+            and not self._deliver
+            and not self._held
+            and not self._delivery_paused
+            and not self._delivering
+            and self.stream is not None
+        ):
+            # The common case, in order and nothing queued: straight to the
+            # stream (what _numbered, _accept and _deliverAll would do).
+            if len(plaintext) > self.params.window:
+                self.abort(
+                    Failure(RecordError("the peer broke the session protocol: it sent more than its credit")),
+                    why=wire.AbortReason.PROTOCOL,
+                )
+                return
+            state.last_data = now
+            self._recv_next = state.recv_seq = state.recv_seq + 1
+            self._consumed += len(plaintext)
+            self._delivering = True
+            try:
+                self.stream.recordReceived(kind, plaintext)
+            finally:
+                self._delivering = False
+            self._scheduleAck()
+            return
         try:
             if kind in _NUMBERED:
                 state.last_data = now
@@ -723,14 +755,34 @@ class Session:
         if self._peer_closed or self.phase is Phase.ENDED:
             return  # nobody will read it: dropped, as writes after a TCP peer's close
         pending = self._pending
-        blocked = bool(pending)
+        state = self._active
+        # What the credit allows goes out now (what _flush would do, without
+        # a queue in between: this is every write's path), the rest waits.
+        direct = state is not None and not pending
+        seq = self._next_seq
+        offset = self._offset
+        limit = self._peer_max
+        batch = []
         for plaintext in plaintexts:
-            self._offset += len(plaintext)
-            pending.append(_Outgoing(self._next_seq, plaintext, self._offset))
-            self._next_seq += 1
-        if not blocked:
-            self._flush()
-        self._updateProducer()
+            offset += len(plaintext)
+            out = _Outgoing(seq, plaintext, offset)
+            seq += 1
+            if direct and offset <= limit:
+                self._unacked.append(out)
+                self._unacked_bytes += len(plaintext)
+                batch.append(plaintext)
+            else:
+                direct = False
+                pending.append(out)
+        self._next_seq = seq
+        self._offset = offset
+        if batch:
+            if self._unacked_bytes > self.retransmit_peak:
+                self.retransmit_peak = self._unacked_bytes
+            state.link.sendRecords(batch)
+        if pending or self._unacked_bytes >= self.params.window:
+            # Only these can make a producing session stop producing here.
+            self._updateProducer()
 
     def _flush(self) -> None:
         state = self._active
@@ -842,7 +894,7 @@ class Session:
         if self.phase is Phase.ENDED:
             return
         window = self.params.window
-        if self._consumed + window - self._granted >= window // 8 or self._recv_next - self._acked_recv >= 16:
+        if self._consumed + window - self._granted >= window // 4 or self._recv_next - self._acked_recv >= _ACK_EVERY:
             self._sendAck(force=True)
         elif self._ack_call is None and (self._recv_next > self._acked_recv or self._consumed + window > self._granted):
             self._ack_call = self._clock.callLater(self.params.ack_delay, self._sendAck, True)

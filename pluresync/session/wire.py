@@ -154,9 +154,18 @@ def parse_ready(payload: bytes) -> ReadyAnswer | None:
 # -- numbered records -----------------------------------------------------------
 
 
+def record_head(kind: RecordType, stream: int) -> bytes:
+    """What precedes the payload in a DATA or END record's plaintext (a stream keeps its own)."""
+    return bytes((kind,)) + _STREAM.pack(stream)
+
+
+#: bytes of a DATA/END/SHUTDOWN record's plaintext before its payload
+STREAM_HEAD_SIZE = 1 + _STREAM.size
+
+
 def data_record(kind: RecordType, stream: int, payload) -> bytes:
     """The plaintext of a DATA or END record."""
-    return b"".join((bytes((kind,)), _STREAM.pack(stream), payload))
+    return record_head(kind, stream) + payload
 
 
 def shutdown_record(stream: int) -> bytes:
@@ -164,13 +173,6 @@ def shutdown_record(stream: int) -> bytes:
 
 
 CLOSE_RECORD = bytes((RecordType.CLOSE,))
-
-
-def parse_stream(plaintext: bytes) -> tuple[int, bytes]:
-    """A DATA/END/SHUTDOWN record's whole plaintext: its stream id and payload (one copy)."""
-    if len(plaintext) < 1 + _STREAM.size:
-        raise WireError("a stream record is too short for its stream id")
-    return _STREAM.unpack_from(plaintext, 1)[0], plaintext[1 + _STREAM.size :]
 
 
 # -- link records -----------------------------------------------------------------
