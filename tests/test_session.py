@@ -730,8 +730,8 @@ class HalfCloseTests(SynchronousTestCase):
         """A peer that sends data after its SHUTDOWN breaks the protocol: RecordError, and the peer is told so."""
         net = Net(protocol=HalfCloser)
         left, right = net.start(self)
-        net.client_session.send(wire.shutdown_record(0))
-        net.client_session.send(wire.data_record(RecordType.DATA, 0, b"sneaky"))
+        net.client_session.send((wire.shutdown_record(0), b""))
+        net.client_session.send((wire.record_head(RecordType.DATA, 0), b"sneaky"))
         net.run()
         right.lost.trap(RecordError)
         self.assertEqual(right.data, b"")
@@ -1050,7 +1050,7 @@ class FlowTests(SynchronousTestCase):
         net = Net()
         client, server = net.start(self)
         client.transport.write(b"before")
-        net.client_session.send(bytes((RecordType.DATA,)) + b"\x00")
+        net.client_session.send((bytes((RecordType.DATA,)) + b"\x00", b""))
         net.run()
         self.assertEqual(server.data, b"before")
         server.lost.trap(RecordError)
@@ -1117,6 +1117,30 @@ class ResumeTests(SynchronousTestCase):
         net.run(1)
         self.assertIntact(net, up, down)
         self.assertEqual(len(net.paths), 2)
+        self.assertEqual(net.client_session.stats()["swaps"], 1)
+        self.finish(net)
+
+    def test_resent_is_what_was_written_not_what_the_buffer_became(self):
+        """
+        The resend queue keeps the user's immutable bytes, never a buffer
+        the user may change: a bytearray, a memoryview of one, and a
+        message written and then overwritten arrive as they were written.
+        """
+        net = Net()
+        client, server = net.start(self)
+        up = bytearray(blob(100000, 5))
+        view_of = bytearray(b"view" * 10)
+        message = bytearray(b"as it was")
+        client.transport.write(up)
+        client.transport.write(memoryview(view_of)[4:])
+        client.transport.writeMessage(message)
+        expected = bytes(up) + bytes(view_of[4:]) + bytes(message)
+        up[:] = b"x" * len(up)
+        view_of[:] = b"y" * len(view_of)
+        message[:] = b"z" * len(message)
+        net.paths[0].kill()  # nothing was delivered: all of it is resent
+        net.run(1)
+        self.assertEqual(server.data, expected)
         self.assertEqual(net.client_session.stats()["swaps"], 1)
         self.finish(net)
 

@@ -137,11 +137,24 @@ class _LinkState:
     rotate_call: object = field(default=None, repr=False)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Outgoing:
+    """
+    One numbered record until the peer acknowledges it.  It keeps its head
+    and the user's payload apart (the payload is the user's own immutable
+    bytes, or a view of them): the plaintext exists only while it is sealed,
+    so a full resend queue holds no second copy of what was written, and
+    memory freed after each seal is reused while still in cache.
+    """
+
     seq: int
-    plaintext: bytes
+    head: bytes
+    payload: bytes | memoryview
+    size: int  #: plaintext length: what counts against the credit and the window
     end: int  #: stream offset after it (credit accounting)
+
+    def plaintext(self) -> bytes:
+        return self.head + self.payload if self.payload else self.head
 
 
 @implementer(ILinkOwner, IPushProducer)
@@ -252,7 +265,7 @@ class Session:
             "swaps": self.swaps,
             "retransmit_bytes": self._unacked_bytes,
             "retransmit_peak": self.retransmit_peak,
-            "pending_bytes": sum(len(o.plaintext) for o in self._pending),
+            "pending_bytes": sum(o.size for o in self._pending),
             "receive_bytes": self._deliver_bytes + self._held_bytes,
             "phase": self.phase.name.lower(),
         }
@@ -337,7 +350,7 @@ class Session:
         state = self._active
         seq = max(seq, self._acked)
         self._sendStart(state, seq)
-        again = [o.plaintext for o in self._unacked if o.seq >= seq]
+        again = [o.plaintext() for o in self._unacked if o.seq >= seq]
         if again:
             state.link.sendRecords(again)
 
@@ -579,7 +592,7 @@ class Session:
         path came back in time) a L{SessionExpiredError}; without (resume=0)
         the last path's own error class, as before sessions could move.
         """
-        missing = self._unacked_bytes + sum(len(o.plaintext) for o in self._pending)
+        missing = self._unacked_bytes + sum(o.size for o in self._pending)
         last = self._last_error
         parts = []
         if last is not None:
@@ -747,10 +760,14 @@ class Session:
 
     # -- sending -------------------------------------------------------------------
 
-    def send(self, *plaintexts: bytes) -> None:
+    def send(self, *records: tuple[bytes, bytes | memoryview]) -> None:
         """
-        Number records' plaintexts and send them when the credit allows (the
-        records of one write together, a few per pipe write).
+        Number records and send them when the credit allows (the records of
+        one write together, a few per pipe write).
+
+        @param records: each a record's plaintext as its head (type byte
+            first) and a payload that must not change until the session
+            ends (C{bytes}, or a view of C{bytes}; C{b""} for none).
         """
         if self._peer_closed or self.phase is Phase.ENDED:
             return  # nobody will read it: dropped, as writes after a TCP peer's close
@@ -763,14 +780,15 @@ class Session:
         offset = self._offset
         limit = self._peer_max
         batch = []
-        for plaintext in plaintexts:
-            offset += len(plaintext)
-            out = _Outgoing(seq, plaintext, offset)
+        for head, payload in records:
+            size = len(head) + len(payload)
+            offset += size
+            out = _Outgoing(seq, head, payload, size, offset)
             seq += 1
             if direct and offset <= limit:
                 self._unacked.append(out)
-                self._unacked_bytes += len(plaintext)
-                batch.append(plaintext)
+                self._unacked_bytes += size
+                batch.append(head + payload if payload else head)
             else:
                 direct = False
                 pending.append(out)
@@ -794,8 +812,8 @@ class Session:
         while pending and pending[0].end <= limit:
             out = pending.popleft()
             self._unacked.append(out)
-            self._unacked_bytes += len(out.plaintext)
-            batch.append(out.plaintext)
+            self._unacked_bytes += out.size
+            batch.append(out.plaintext())
         if batch:
             if self._unacked_bytes > self.retransmit_peak:
                 self.retransmit_peak = self._unacked_bytes
@@ -807,7 +825,7 @@ class Session:
         unacked = self._unacked
         while unacked and unacked[0].seq < recv_next:
             out = unacked.popleft()
-            self._unacked_bytes -= len(out.plaintext)
+            self._unacked_bytes -= out.size
             self._acked_offset = out.end
         if recv_next > self._acked:
             self._acked = recv_next
@@ -921,7 +939,7 @@ class Session:
         if self._close_seq is not None or self.phase is Phase.ENDED or self._peer_closed:
             return
         self._close_seq = self._next_seq
-        self.send(wire.CLOSE_RECORD)
+        self.send((wire.CLOSE_RECORD, b""))
 
     def _peerClose(self) -> None:
         """

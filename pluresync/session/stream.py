@@ -86,6 +86,7 @@ class Stream:
         self._session = session
         self._id = stream_id
         self._data_head = wire.record_head(_DATA, stream_id)
+        self._end_head = wire.record_head(_END, stream_id)
         self._local_id = local_id
         self.peer_id = session.peer_id
         self._protocol: IProtocol | None = None
@@ -192,12 +193,14 @@ class Stream:
     def write(self, data) -> None:
         if not data or self._write_shut or self._closing:
             return
+        if type(data) is not bytes:
+            data = bytes(data)  # the resend queue keeps it: it must not change
         head = self._data_head
         if len(data) <= _MAX:
-            self._session.send(head + data)
+            self._session.send((head, data))
             return
         view = memoryview(data)
-        self._session.send(*[head + view[start : start + _MAX] for start in range(0, len(view), _MAX)])
+        self._session.send(*[(head, view[start : start + _MAX]) for start in range(0, len(view), _MAX)])
 
     def writeSequence(self, data) -> None:
         self.write(b"".join(data))
@@ -205,13 +208,15 @@ class Stream:
     def writeMessage(self, data) -> None:
         if self._write_shut or self._closing:
             return
+        if type(data) is not bytes:
+            data = bytes(data)  # the resend queue keeps it: it must not change
         view = memoryview(data)
         records = []
         start = 0
         while len(view) - start > _MAX:
-            records.append(wire.data_record(_DATA, self._id, view[start : start + _MAX]))
+            records.append((self._data_head, view[start : start + _MAX]))
             start += _MAX
-        records.append(wire.data_record(_END, self._id, view[start:]))
+        records.append((self._end_head, view[start:]))
         self._session.send(*records)
 
     def loseWriteConnection(self) -> None:
@@ -222,7 +227,7 @@ class Stream:
         if self._write_shut or self._closing:
             return
         self._write_shut = True
-        self._session.send(wire.shutdown_record(self._id))
+        self._session.send((wire.shutdown_record(self._id), b""))
         if self._read_shut:
             self.loseConnection()
             return
