@@ -1,6 +1,8 @@
 """
 STUN for the public address (issue 10): the codec against RFC 5769's test
-vectors and malformed input, and the server's answers.
+vectors and malformed input, the server's answers, the client's
+retransmission on a fake clock, NAT classification on a fake NAT, and real
+UDP sockets on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -8,12 +10,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import random
+import socket
 import struct
 import zlib
+from typing import Any
 
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import DNSLookupError
+from twisted.internet.task import Clock
 from twisted.trial import unittest
+from zope.interface.verify import verifyObject
 
 from pluresync.direct import stunserver
+from pluresync.direct.nat import NatReport, NatSample, classify, classify_nat, discover_nat
 from pluresync.direct.stun import (
     BINDING,
     ERROR_CODE,
@@ -40,10 +50,17 @@ from pluresync.direct.stun import (
     new_transaction_id,
     udp_address,
 )
+from pluresync.direct.stunclient import Retransmission, StunClient, StunProtocol
 from pluresync.direct.stunserver import MAX_REQUEST, StunServer, binding_reply
 from pluresync.errors import (
+    ConfigurationError,
+    StunError,
+    StunErrorResponse,
     StunFormatError,
+    StunTimeoutError,
+    StunUnreachableError,
 )
+from pluresync.interfaces import IDatagramHandler
 
 # -- RFC 5769 test vectors ---------------------------------------------------
 #
@@ -503,3 +520,459 @@ class FakeDatagramTransport:
         if self.fail is not None:
             raise self.fail
         self.written.append((datagram, addr))
+
+
+SERVER = ("192.0.2.10", 3478)
+
+
+class ClientTests(unittest.SynchronousTestCase):
+    """StunClient on a Clock, with a recording send."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.sent: list[tuple[float, bytes, tuple]] = []
+        self.client = StunClient(self.clock, self.send)
+
+    def send(self, datagram: bytes, addr: tuple[str, int]) -> None:
+        self.sent.append((self.clock.seconds(), datagram, addr))
+
+    def answer(self, mapped: tuple[str, int], *, source: tuple = SERVER, tid: bytes | None = None) -> bool:
+        """Deliver the server's success response to the last request."""
+        tid = decode(self.sent[-1][1]).transaction_id if tid is None else tid
+        return self.client.datagramReceived(encode_binding_success(tid, mapped), source)
+
+    def advance_to(self, until: float) -> None:
+        """Advance the clock to C{until}, stopping exactly at each timer on the way."""
+        for _ in range(1000):
+            due = [call.getTime() for call in self.clock.getDelayedCalls() if call.getTime() <= until]
+            if not due:
+                break
+            self.clock.advance(min(due) - self.clock.seconds())
+        self.clock.advance(max(0.0, until - self.clock.seconds()))
+
+    def test_interface(self) -> None:
+        verifyObject(IDatagramHandler, self.client)
+
+    def test_request(self) -> None:
+        """The request is a Binding request with FINGERPRINT, to the server; each query has its own id."""
+        queries = [self.client.query(SERVER), self.client.query(("2001:db8::10", 3478))]
+        (_, first, addr), (_, second, addr6) = self.sent
+        self.assertEqual((addr, addr6), (SERVER, ("2001:db8::10", 3478)))
+        for datagram in (first, second):
+            message = decode(datagram)
+            self.assertEqual((message.method, message.message_class), (BINDING, MessageClass.REQUEST))
+            self.assertTrue(message.fingerprint)
+        self.assertNotEqual(decode(first).transaction_id, decode(second).transaction_id)
+        self.assertEqual(self.client.pending, 2)
+        for d in queries:
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+
+    def test_answer(self) -> None:
+        """The answer fires the Deferred with the mapped address and stops retransmitting."""
+        d = self.client.query(SERVER)
+        self.clock.advance(0.6)
+        self.assertTrue(self.answer(("203.0.113.5", 61000)))
+        self.assertEqual(self.successResultOf(d), ("203.0.113.5", 61000))
+        self.assertEqual(self.client.pending, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.advance_to(40)
+        self.assertEqual(len(self.sent), 2)
+
+    def test_retransmission_schedule(self) -> None:
+        """
+        RFC 8489: sent at 0, 0.5, 1.5, 3.5, 7.5, 15.5 and 31.5 s (the same
+        request each time), failing at 39.5 s.
+        """
+        self.assertEqual(Retransmission().times(), (0, 0.5, 1.5, 3.5, 7.5, 15.5, 31.5))
+        self.assertEqual(Retransmission().timeout, 39.5)
+        d = self.client.query(SERVER)
+        self.advance_to(39.45)
+        self.assertNoResult(d)
+        self.assertEqual([round(t, 2) for t, _, _ in self.sent], [0, 0.5, 1.5, 3.5, 7.5, 15.5, 31.5])
+        self.assertEqual(len({datagram for _, datagram, _ in self.sent}), 1)
+        self.advance_to(39.5)
+        failure = self.failureResultOf(d, StunTimeoutError)
+        self.assertIsInstance(failure.value, StunUnreachableError)
+        self.assertIn("no answer from the STUN server at 192.0.2.10:3478 to 7 requests in 39.5 s", str(failure.value))
+        self.assertIn("blocked", str(failure.value))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_deadline(self) -> None:
+        """A deadline cuts the schedule short: 4 sends in 5 s, failing at 5 s."""
+        d = self.client.query(SERVER, deadline=5)
+        self.advance_to(4.95)
+        self.assertNoResult(d)
+        self.advance_to(5)
+        self.failureResultOf(d, StunTimeoutError)
+        self.assertEqual([round(t, 2) for t, _, _ in self.sent], [0, 0.5, 1.5, 3.5])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_custom_retransmission(self) -> None:
+        """The schedule is configurable; nonsense is refused."""
+        client = StunClient(
+            self.clock, self.send, retransmission=Retransmission(rto=0.1, transmissions=2, final_wait=3)
+        )
+        self.assertEqual(Retransmission(rto=0.1, transmissions=2, final_wait=3).times(), (0, 0.1))
+        d = client.query(SERVER)
+        self.advance_to(0.39)
+        self.assertNoResult(d)
+        self.advance_to(0.4)
+        self.failureResultOf(d, StunTimeoutError)
+        self.assertEqual([round(t, 2) for t, _, _ in self.sent], [0, 0.1])
+        self.assertRaises(ConfigurationError, Retransmission, rto=0)
+        self.assertRaises(ConfigurationError, Retransmission, transmissions=0)
+
+    def test_cancel(self) -> None:
+        """Cancelling stops the retransmissions and forgets the transaction."""
+        d = self.client.query(SERVER)
+        self.clock.advance(0.5)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.client.pending, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.advance_to(40)
+        self.assertEqual(len(self.sent), 2)
+        self.assertTrue(self.answer(("203.0.113.5", 1)), "a late answer is still STUN, and dropped")
+
+    def test_stranger_transaction_ignored(self) -> None:
+        """An answer with another transaction id, or from another address, changes nothing."""
+        d = self.client.query(SERVER)
+        self.assertTrue(self.answer(("203.0.113.66", 1), tid=new_transaction_id()))
+        self.assertTrue(self.answer(("203.0.113.66", 1), source=("192.0.2.11", 3478)))
+        self.assertTrue(self.answer(("203.0.113.66", 1), source=(SERVER[0], 3479)))
+        self.assertNoResult(d)
+        self.clock.advance(0.5)
+        self.assertEqual(len(self.sent), 2, "still retransmitting")
+        self.assertTrue(self.answer(("203.0.113.5", 2)))
+        self.assertEqual(self.successResultOf(d), ("203.0.113.5", 2))
+
+    def test_requests_and_garbage_ignored(self) -> None:
+        """A STUN request with a pending id, a malformed message: consumed, nothing fires."""
+        d = self.client.query(SERVER)
+        tid = decode(self.sent[-1][1]).transaction_id
+        self.assertTrue(self.client.datagramReceived(encode_binding_request(tid), SERVER))
+        self.assertTrue(self.client.datagramReceived(stun_message(0x0101, b"", length=4), SERVER))
+        self.assertNoResult(d)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+
+    def test_not_stun(self) -> None:
+        """Datagrams that are not STUN are left to the owner (False)."""
+        for datagram in (b"", b"\x80probe" + bytes(30), b"\xc3" + bytes(40), b"\x41" + bytes(40)):
+            self.assertFalse(self.client.datagramReceived(datagram, SERVER))
+
+    def test_ipv4_mapped_source(self) -> None:
+        """On a dual-stack socket, an IPv4 server's answer comes from ::ffff:a.b.c.d; it matches."""
+        d = self.client.query(SERVER)
+        self.assertTrue(self.answer(("203.0.113.5", 2), source=("::ffff:192.0.2.10", 3478)))
+        self.successResultOf(d)
+
+    def test_error_response(self) -> None:
+        """An error answer fails the query with its code; 401 says to use another server."""
+        d = self.client.query(SERVER)
+        tid = decode(self.sent[-1][1]).transaction_id
+        self.client.datagramReceived(encode_binding_error(tid, 401, "Unauthorized"), SERVER)
+        failure = self.failureResultOf(d, StunErrorResponse)
+        self.assertEqual((failure.value.code, failure.value.reason), (401, "Unauthorized"))
+        self.assertIn("answered error 401 (Unauthorized); it wants credentials", str(failure.value))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_unusable_answers(self) -> None:
+        """Answers without an address, with unknown required attributes or a broken error: StunError."""
+        for attributes, cls, reason in (
+            (lambda tid: [], MessageClass.SUCCESS, "without a usable mapped address"),
+            (lambda tid: [(XOR_MAPPED_ADDRESS, b"\x00\x01\x00\x00")], MessageClass.SUCCESS, "malformed address"),
+            (
+                lambda tid: [(XOR_MAPPED_ADDRESS, encode_address(("1.2.3.4", 0), tid))],
+                MessageClass.SUCCESS,
+                "without a usable mapped address",
+            ),
+            (lambda tid: [(0x7FFF, b"")], MessageClass.SUCCESS, "does not know (0x7fff)"),
+            (lambda tid: [], MessageClass.ERROR, "no ERROR-CODE"),
+            (lambda tid: [(ERROR_CODE, b"\x00")], MessageClass.ERROR, "malformed error"),
+        ):
+            d = self.client.query(SERVER)
+            tid = decode(self.sent[-1][1]).transaction_id
+            self.client.datagramReceived(encode(BINDING, cls, tid, attributes(tid)), SERVER)
+            failure = self.failureResultOf(d, StunError)
+            self.assertIn(reason, str(failure.value))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_mapped_address_fallback(self) -> None:
+        """A pre-RFC 5389 style answer (MAPPED-ADDRESS only) is used."""
+        d = self.client.query(SERVER)
+        tid = decode(self.sent[-1][1]).transaction_id
+        answer = encode(
+            BINDING, MessageClass.SUCCESS, tid, [(MAPPED_ADDRESS, encode_address(("203.0.113.5", 9), tid, xor=False))]
+        )
+        self.client.datagramReceived(answer, SERVER)
+        self.assertEqual(self.successResultOf(d), ("203.0.113.5", 9))
+
+    def test_send_failure(self) -> None:
+        """A send that raises fails the query at once (unreachable), with no timer left."""
+
+        def refuse(datagram: bytes, addr: tuple) -> None:
+            raise OSError(101, "Network is unreachable")
+
+        client = StunClient(self.clock, refuse)
+        failure = self.failureResultOf(client.query(SERVER), StunUnreachableError)
+        self.assertIn("could not send a STUN request to 192.0.2.10:3478", str(failure.value))
+        self.assertEqual((client.pending, self.clock.getDelayedCalls()), (0, []))
+
+    def test_answer_while_sending(self) -> None:
+        """An owner that answers synchronously inside send (a fake network) leaves no timer behind."""
+        client: StunClient
+
+        def loopback(datagram: bytes, addr: tuple) -> None:
+            client.datagramReceived(binding_reply(datagram, ("203.0.113.5", 9)), addr)
+
+        client = StunClient(self.clock, loopback)
+        self.assertEqual(self.successResultOf(client.query(SERVER)), ("203.0.113.5", 9))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_bad_arguments(self) -> None:
+        """Names, port 0 and a bad deadline fail the Deferred (never raise)."""
+        for server in (("stun.example.net", 3478), ("192.0.2.1", 0), ("192.0.2.1",), None):
+            self.failureResultOf(self.client.query(server), ConfigurationError)
+        self.failureResultOf(self.client.query(SERVER, deadline=0), ConfigurationError)
+        self.assertEqual(self.sent, [])
+
+    def test_bounded(self) -> None:
+        """At most max_pending queries in flight."""
+        client = StunClient(self.clock, self.send, max_pending=3)
+        queries = [client.query(SERVER) for _ in range(3)]
+        failure = self.failureResultOf(client.query(SERVER), StunError)
+        self.assertIn("3 STUN queries already in flight", str(failure.value))
+        for d in queries:
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+        self.assertEqual(client.pending, 0)
+
+    def test_stop(self) -> None:
+        """stop() fails every query in flight and leaves no timer."""
+        queries = [self.client.query(SERVER), self.client.query(("192.0.2.11", 3478))]
+        self.client.stop()
+        for d in queries:
+            self.assertIn("its UDP socket closed", str(self.failureResultOf(d, StunError).value))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class FakeNat:
+    """
+    A NAT between a StunClient and STUN servers, on a Clock: it maps the
+    client's socket to a public port (one for all destinations: cone; one
+    per destination: symmetric), answers through the real binding_reply
+    10 ms later, or drops everything (blocked).
+    """
+
+    def __init__(self, clock: Clock, kind: str, public_ip: str = "203.0.113.5") -> None:
+        self.clock = clock
+        self.kind = kind
+        self.public_ip = public_ip
+        self.ports: dict[tuple, int] = {}
+        self.client = StunClient(clock, self.send)
+
+    def send(self, datagram: bytes, addr: tuple[str, int]) -> None:
+        if self.kind == "blocked":
+            return
+        if self.kind == "open":
+            source = ("192.168.1.2", 5000)
+        else:
+            key = "all" if self.kind == "cone" else addr
+            source = (self.public_ip, self.ports.setdefault(key, 40000 + len(self.ports)))
+        reply = binding_reply(datagram, source)
+        if reply is not None:
+            self.clock.callLater(0.01, self.client.datagramReceived, reply, addr)
+
+
+class ClassifyTests(unittest.SynchronousTestCase):
+    """classify (pure) and classify_nat on a fake NAT."""
+
+    LOCAL = ("192.168.1.2", 5000)
+    SERVERS = [("192.0.2.10", 3478), ("192.0.2.10", 3479)]
+
+    def test_classify(self) -> None:
+        """Each class, from samples."""
+        a = UdpAddress("203.0.113.5", 40000)
+        own = UdpAddress("192.168.1.2", 5000)
+        timeout = NatSample("s2", None, "no answer", unreachable=True)
+        cases = [
+            ([NatSample("s1", own), NatSample("s2", own)], "open", "own address 192.168.1.2:5000"),
+            ([NatSample("s1", own), timeout], "open", "no NAT"),
+            ([NatSample("s1", a), NatSample("s2", a)], "cone", "every server sees 203.0.113.5:40000"),
+            (
+                [NatSample("s1", a), NatSample("s2", a._replace(port=40001))],
+                "symmetric",
+                "different public port for each destination",
+            ),
+            (
+                [NatSample("s1", a), NatSample("s2", a._replace(host="203.0.113.6"))],
+                "symmetric",
+                "different public IP addresses",
+            ),
+            ([NatSample("s1", None, "no answer", True), timeout], "blocked", "UDP is blocked"),
+            ([NatSample("s1", a), timeout], "unknown", "a second server address is needed"),
+            ([NatSample("s1", a)], "unknown", "a second server address is needed"),
+            ([NatSample("s1", None, "error 401", False), timeout], "unknown", "s1: error 401"),
+        ]
+        for samples, nat, reason in cases:
+            got, why = classify(self.LOCAL, samples, {"192.168.1.2"})
+            self.assertEqual(got, nat, samples)
+            self.assertIn(reason, why)
+        both = [NatSample("s1", own), NatSample("s2", own)]
+        self.assertEqual(classify(self.LOCAL, both, {"::ffff:192.168.1.2", "not-an-ip"})[0], "open")
+        self.assertEqual(classify(self.LOCAL, both, {"192.168.1.3"})[0], "cone", "own port, another host: a NAT")
+
+    def classified(self, kind: str, servers: list | None = None, **kwargs: Any) -> NatReport:
+        clock = Clock()
+        nat = FakeNat(clock, kind)
+        d = classify_nat(clock, nat.client, servers or self.SERVERS, self.LOCAL, **kwargs)
+        for _ in range(200):
+            if d.called:
+                break
+            clock.advance(0.05)
+        report = self.successResultOf(d)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(nat.client.pending, 0)
+        return report
+
+    def test_cone(self) -> None:
+        report = self.classified("cone")
+        self.assertEqual(report.nat, "cone")
+        self.assertEqual(report.mapped, ("203.0.113.5", 40000))
+        self.assertEqual([s.mapped for s in report.samples], [("203.0.113.5", 40000)] * 2)
+        self.assertEqual(report.local, self.LOCAL)
+
+    def test_symmetric(self) -> None:
+        report = self.classified("symmetric")
+        self.assertEqual(report.nat, "symmetric")
+        self.assertEqual([s.mapped.port for s in report.samples], [40000, 40001])
+        self.assertEqual([s.server for s in report.samples], ["192.0.2.10:3478", "192.0.2.10:3479"])
+
+    def test_open(self) -> None:
+        self.assertEqual(self.classified("open").nat, "open")
+
+    def test_blocked(self) -> None:
+        """No answer within the deadline: blocked, each server's timeout in the reason."""
+        report = self.classified("blocked", deadline=2)
+        self.assertEqual(report.nat, "blocked")
+        self.assertIsNone(report.mapped)
+        self.assertTrue(all(s.unreachable for s in report.samples))
+        self.assertIn("192.0.2.10:3479: no answer from the STUN server at 192.0.2.10:3479", report.reason)
+
+    def test_names_resolved(self) -> None:
+        """Server names go through the reactor's resolver; a failed lookup is in the report."""
+
+        class Resolving(Clock):
+            def resolve(self, name: str, timeout: Any = None) -> Deferred[str]:
+                if name == "stun.example.net":
+                    return succeed("192.0.2.10")
+                return Deferred.fromCoroutine(self.fail(name))
+
+            async def fail(self, name: str) -> str:
+                raise DNSLookupError(name)
+
+        clock = Resolving()
+        nat = FakeNat(clock, "cone")
+        d = classify_nat(clock, nat.client, [("stun.example.net", 3478), ("nowhere.invalid", 3478)], self.LOCAL)
+        clock.advance(0.05)
+        report = self.successResultOf(d)
+        self.assertEqual(report.nat, "unknown")
+        self.assertEqual(report.samples[0].mapped, ("203.0.113.5", 40000))
+        self.assertIn("nowhere.invalid", report.samples[1].error)
+        self.assertFalse(report.samples[1].unreachable)
+
+    def test_cancel(self) -> None:
+        """Cancelling stops every query: no timer, nothing pending."""
+        clock = Clock()
+        nat = FakeNat(clock, "blocked")
+        d = classify_nat(clock, nat.client, self.SERVERS, self.LOCAL)
+        clock.advance(1)
+        self.assertEqual(nat.client.pending, 2)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual((nat.client.pending, clock.getDelayedCalls()), (0, []))
+
+    def test_bad_arguments(self) -> None:
+        """No server, the same server twice, a bad local address: ConfigurationError."""
+        clock = Clock()
+        client = FakeNat(clock, "cone").client
+        for servers, local in (([], self.LOCAL), ([self.SERVERS[0]] * 2, self.LOCAL), (self.SERVERS, ("x", 1))):
+            self.failureResultOf(classify_nat(clock, client, servers, local), ConfigurationError)
+        self.assertEqual((client.pending, clock.getDelayedCalls()), (0, []))
+
+
+# -- real sockets on 127.0.0.1 -----------------------------------------------
+
+
+class LoopbackTests(unittest.TestCase):
+    """Real UDP sockets, 127.0.0.1 only."""
+
+    timeout = 30
+
+    def listen(self, protocol: Any, interface: str = "127.0.0.1") -> Any:
+        port = reactor.listenUDP(0, protocol, interface=interface)
+        self.addCleanup(port.stopListening)
+        return port
+
+    async def test_query(self) -> None:
+        """A client learns 127.0.0.1 and its own port from a server on another port."""
+        server = self.listen(StunServer())
+        owner = StunProtocol(reactor)
+        port = self.listen(owner)
+        mapped = await owner.client.query(("127.0.0.1", server.getHost().port), deadline=5)
+        self.assertEqual(mapped, ("127.0.0.1", port.getHost().port))
+
+    async def test_classify_open(self) -> None:
+        """
+        Two server ports, one client socket: "open".  On loopback there is
+        no NAT, so both servers see the socket's own address, which is the
+        definition of open (a cone NAT would show a different, public
+        address the same to both).
+        """
+        servers = [self.listen(StunServer()), self.listen(StunServer())]
+        owner = StunProtocol(reactor)
+        port = self.listen(owner)
+        host = port.getHost()
+        report = await classify_nat(
+            reactor, owner.client, [("127.0.0.1", s.getHost().port) for s in servers], (host.host, host.port)
+        )
+        self.assertEqual(report.nat, "open", report.reason)
+        self.assertEqual(report.mapped, ("127.0.0.1", host.port))
+        self.assertEqual([s.protocol.answered for s in servers], [1, 1])
+
+    async def test_discover_wildcard(self) -> None:
+        """discover_nat from a socket on every interface (0.0.0.0) still sees "open" (the route picks 127.0.0.1)."""
+        servers = [self.listen(StunServer()), self.listen(StunServer())]
+        report = await discover_nat(reactor, [("127.0.0.1", s.getHost().port) for s in servers], interface="")
+        self.assertEqual(report.nat, "open", report.reason)
+        self.assertEqual(report.local.host, "0.0.0.0")
+        self.assertEqual(report.mapped.host, "127.0.0.1")
+
+    async def test_blocked(self) -> None:
+        """Nothing listening: "blocked" at the deadline (ICMP refusals are not reported on an unconnected socket)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+            silent.bind(("127.0.0.1", 0))
+            report = await discover_nat(reactor, [silent.getsockname()], interface="127.0.0.1", deadline=0.6)
+        self.assertEqual(report.nat, "blocked", report.reason)
+
+    async def test_cancel(self) -> None:
+        """Cancelling discover_nat stops its queries and closes its socket (trial checks the reactor is clean)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+            silent.bind(("127.0.0.1", 0))
+            d = discover_nat(reactor, [silent.getsockname()], interface="127.0.0.1")
+            d.cancel()
+            with self.assertRaises(CancelledError):
+                await d
+
+    async def test_ipv6(self) -> None:
+        """The same on ::1, where the answer's address is IPv6."""
+        try:
+            server = self.listen(StunServer(), "::1")
+        except Exception as e:
+            raise unittest.SkipTest(f"no IPv6 loopback: {e}") from None
+        owner = StunProtocol(reactor)
+        port = self.listen(owner, "::1")
+        mapped = await owner.client.query(("::1", server.getHost().port), deadline=5)
+        self.assertEqual(mapped, ("::1", port.getHost().port))
