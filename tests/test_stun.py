@@ -2,7 +2,8 @@
 STUN for the public address (issue 10): the codec against RFC 5769's test
 vectors and malformed input, the server's answers, the client's
 retransmission on a fake clock, NAT classification on a fake NAT, and real
-UDP sockets on 127.0.0.1.
+UDP sockets on 127.0.0.1 (in process, through makeService, and through a
+real C{twist pluresync-relay --udp-port} process).
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import struct
 import zlib
 from typing import Any
 
+from twisted.application.service import IService
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import DNSLookupError
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -61,6 +65,9 @@ from pluresync.errors import (
     StunUnreachableError,
 )
 from pluresync.interfaces import IDatagramHandler
+from pluresync.relay.server.service import Options, RelayService, makeService, stun_interface
+
+from .relayprocess import free_port, start_relay
 
 # -- RFC 5769 test vectors ---------------------------------------------------
 #
@@ -906,6 +913,23 @@ class ClassifyTests(unittest.SynchronousTestCase):
 # -- real sockets on 127.0.0.1 -----------------------------------------------
 
 
+def free_udp_pair() -> int:
+    """A UDP port N on 127.0.0.1 such that N and N+1 were both free a moment ago."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no two consecutive free UDP ports on 127.0.0.1")
+
+
 class LoopbackTests(unittest.TestCase):
     """Real UDP sockets, 127.0.0.1 only."""
 
@@ -976,3 +1000,93 @@ class LoopbackTests(unittest.TestCase):
         port = self.listen(owner, "::1")
         mapped = await owner.client.query(("::1", server.getHost().port), deadline=5)
         self.assertEqual(mapped, ("::1", port.getHost().port))
+
+
+class RelayOptionTests(unittest.TestCase):
+    """twist pluresync-relay --udp-port."""
+
+    timeout = 60
+
+    def parse(self, *argv: str) -> Options:
+        options = Options()
+        options.parseOptions(["--auth", "open", *argv])
+        return options
+
+    def test_option(self) -> None:
+        """Off by default; a port from 1 to 65534."""
+        self.assertIsNone(self.parse()["udp-port"])
+        self.assertEqual(self.parse("--udp-port", "3478")["udp-port"], 3478)
+        for bad in ("0", "65535", "x", "-1"):
+            self.assertRaises(usage.UsageError, self.parse, "--udp-port", bad)
+
+    def test_interface(self) -> None:
+        """The STUN ports bind where --port listens."""
+        for endpoint, interface in (
+            ("tcp:8080", ""),
+            ("tcp:8080:interface=127.0.0.1", "127.0.0.1"),
+            ("tcp6:443", "::"),
+            ("tcp6:443:interface=\\:\\:1", "::1"),
+            ("ssl:443:interface=10.0.0.5:privateKey=k.pem", "10.0.0.5"),
+            ("unix:/run/relay.sock", ""),
+        ):
+            self.assertEqual(stun_interface(endpoint), interface, endpoint)
+
+    def test_make_service(self) -> None:
+        """makeService listens for STUN on N and N+1, on --port's interface; not at all without the option."""
+        memory = UdpMemoryReactor()
+        service = makeService(
+            self.parse("--port", "tcp:1234:interface=127.0.0.1", "--udp-port", "3478"), reactor=memory
+        )
+        verifyObject(IService, service)
+        service.privilegedStartService()
+        service.startService()
+        self.assertEqual([(p, i) for p, _, i in memory.udpServers], [(3478, "127.0.0.1"), (3479, "127.0.0.1")])
+        self.assertEqual([type(proto) for _, proto, _ in memory.udpServers], [StunServer, StunServer])
+        self.assertEqual(list(service.stun_servers), [proto for _, proto, _ in memory.udpServers])
+        plain = makeService(self.parse("--port", "tcp:1235:interface=127.0.0.1"), reactor=UdpMemoryReactor())
+        self.assertEqual(plain.stun_servers, ())
+        return service.stopService()
+
+    async def test_make_service_answers(self) -> None:
+        """The relay service from makeService, on the real reactor, classifies a loopback client as open."""
+        udp = free_udp_pair()
+        service = makeService(
+            self.parse(
+                "--port", f"tcp:{free_port()}:interface=127.0.0.1", "--udp-port", str(udp), "--ping-interval", "0"
+            )
+        )
+        self.assertIsInstance(service, RelayService)
+        service.privilegedStartService()
+        service.startService()
+        try:
+            report = await discover_nat(reactor, [("127.0.0.1", udp), ("127.0.0.1", udp + 1)], interface="127.0.0.1")
+        finally:
+            await service.stopService()
+        self.assertEqual(report.nat, "open", report.reason)
+        self.assertEqual([s.answered for s in service.stun_servers], [1, 1])
+
+    async def test_relay_process(self) -> None:
+        """A real `twist pluresync-relay --udp-port N` answers on N and N+1 and logs it."""
+        udp = free_udp_pair()
+        relay = await start_relay(self, extra=["--udp-port", str(udp)])
+        report = await discover_nat(reactor, [("127.0.0.1", udp), ("127.0.0.1", udp + 1)], interface="127.0.0.1")
+        self.assertEqual(report.nat, "open", report.reason)
+        self.assertEqual(report.mapped.host, "127.0.0.1")
+        self.assertIn(f"STUN on UDP ports {udp} and {udp + 1} (127.0.0.1)", relay.output)
+
+
+class UdpMemoryReactor(MemoryReactorClock):
+    """A MemoryReactorClock that records listenUDP calls too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.udpServers: list[tuple[int, Any, str]] = []
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> Any:
+        self.udpServers.append((port, protocol, interface))
+        return FakeUdpPort()
+
+
+class FakeUdpPort:
+    def stopListening(self) -> None:
+        return None
