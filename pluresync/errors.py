@@ -110,3 +110,41 @@ class RelayAuthError(RelayUnreachableError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, "unauthorized")
+
+
+class StunError(PluresyncError):
+    """A STUN query for our public address failed: no answer, an error answer, or an unusable one."""
+
+
+class StunFormatError(StunError, ValueError):
+    """
+    A datagram is not a well-formed STUN message (or not STUN at all).
+
+    @ivar reason: what is wrong with it, for a debug log line.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StunUnreachableError(StunError):
+    """No answer can come back from a STUN server: the request could not be sent, or nothing answered."""
+
+
+class StunTimeoutError(StunUnreachableError):
+    """A STUN server did not answer in time: UDP to it is blocked, or it is down."""
+
+
+class StunErrorResponse(StunError):
+    """
+    A STUN server answered with an error response.
+
+    @ivar code: the STUN error code (e.g. 420, 401).
+    @ivar reason: the server's reason phrase (sanitised, shortened).
+    """
+
+    def __init__(self, message: str, code: int, reason: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
