@@ -28,7 +28,15 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from pluresync.errors import DirectPipeLostError, LanConnectError, PluresyncError, TruncatedStreamError
+from pluresync.direct.race import connect_first, connect_lan_pipe
+from pluresync.errors import (
+    ConnectionTimeoutError,
+    DirectPipeLostError,
+    LanConnectError,
+    LanConnectTimeoutError,
+    PluresyncError,
+    TruncatedStreamError,
+)
 from pluresync.interfaces import IPipe, IPipeReceiver
 from pluresync.pipes.tcp import (
     DEFAULT_NAME,
@@ -455,3 +463,148 @@ class ConnectCancelTests(SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d, ConnectingCancelledError)
         self.assertTrue(memory.connectors[0].stoppedConnecting)
+
+
+class Attempts:
+    """Fake connection attempts, each a Deferred the test fires; records cancellations."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, Deferred] = {}
+        self.cancelled: list[str] = []
+
+    def __call__(self, candidate: str) -> Deferred:
+        d: Deferred = Deferred(lambda _: self.cancelled.append(candidate))
+        self.started[candidate] = d
+        return d
+
+
+class RaceTests(SynchronousTestCase):
+    """connect_first: candidates in order with a head start each; the first success wins."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.attempts = Attempts()
+
+    def race(self, candidates=("a", "b", "c"), **kwargs) -> Deferred:
+        kwargs.setdefault("stagger", 0.25)
+        kwargs.setdefault("timeout", 10.0)
+        return connect_first(self.clock, list(candidates), self.attempts, **kwargs)
+
+    def test_head_start(self) -> None:
+        """The next candidate starts only when the previous one had its head start."""
+        self.race()
+        self.assertEqual(list(self.attempts.started), ["a"])
+        self.clock.advance(0.2)
+        self.assertEqual(list(self.attempts.started), ["a"])
+        self.clock.advance(0.05)
+        self.assertEqual(list(self.attempts.started), ["a", "b"])
+
+    def test_failure_hands_over_at_once(self) -> None:
+        """A refused candidate hands its turn to the next immediately."""
+        self.race()
+        self.attempts.started["a"].errback(Failure(LanConnectError([("a", "refused")])))
+        self.assertEqual(list(self.attempts.started), ["a", "b"])
+
+    def test_first_success_wins(self) -> None:
+        """The first success is the result; every attempt still running is cancelled; no timer is left."""
+        d = self.race()
+        self.clock.advance(0.25)
+        self.clock.advance(0.25)
+        self.assertEqual(list(self.attempts.started), ["a", "b", "c"])
+        self.attempts.started["b"].callback("pipe b")
+        self.assertEqual(self.successResultOf(d), "pipe b")
+        self.assertEqual(sorted(self.attempts.cancelled), ["a", "c"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_all_fail(self) -> None:
+        """When every candidate failed, the error names each and why."""
+        d = self.race(candidates=("a", "b"))
+        self.attempts.started["a"].errback(Failure(LanConnectError([("a", "Connection refused")])))
+        self.attempts.started["b"].errback(Failure(ValueError("no route")))
+        error = self.failureResultOf(d, LanConnectError).value
+        self.assertEqual(error.attempts, [("a", "Connection refused"), ("b", "no route")])
+        self.assertIn("a: Connection refused; b: no route", str(error))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_timeout(self) -> None:
+        """At the deadline, the running attempts are cancelled and the error says so."""
+        d = self.race(candidates=("a", "b"), timeout=3.0)
+        self.clock.advance(3.0)
+        error = self.failureResultOf(d, LanConnectTimeoutError).value
+        self.assertIsInstance(error, ConnectionTimeoutError)
+        self.assertEqual(error.attempts, [("a", "no connection within 3 s"), ("b", "no connection within 3 s")])
+        self.assertEqual(sorted(self.attempts.cancelled), ["a", "b"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_cancel(self) -> None:
+        """Cancelling the race cancels every attempt and starts no more."""
+        d = self.race()
+        d.cancel()
+        self.failureResultOf(d, ConnectingCancelledError)
+        self.assertEqual(self.attempts.cancelled, ["a"])
+        self.clock.advance(10)
+        self.assertEqual(list(self.attempts.started), ["a"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_candidates(self) -> None:
+        """Nothing to try is an error at once, not a wait."""
+        self.failureResultOf(self.race(candidates=()), LanConnectError)
+
+    def test_late_success_discarded(self) -> None:
+        """An attempt that succeeds while being cancelled is handed to discard(), not leaked."""
+        discarded = []
+
+        def stubborn(candidate: str) -> Deferred:
+            d: Deferred = Deferred(lambda d: d.callback(f"late {candidate}"))
+            return d
+
+        d = connect_first(self.clock, ["a", "b"], stubborn, stagger=0.25, timeout=10, discard=discarded.append)
+        self.clock.advance(0.25)
+        d.cancel()
+        self.failureResultOf(d, ConnectingCancelledError)
+        self.assertEqual(sorted(discarded), ["late a", "late b"])
+
+    def test_attempt_raises(self) -> None:
+        """An attempt that raises instead of failing its Deferred counts as a failed candidate."""
+
+        def broken(candidate: str) -> Deferred:
+            raise ZeroDivisionError("boom")
+
+        d = connect_first(self.clock, ["a"], broken, stagger=0.25, timeout=10)
+        error = self.failureResultOf(d, LanConnectError).value
+        self.assertEqual(error.attempts, [("a", "boom")])
+
+
+class ConnectLanPipeTests(TestCase):
+    """connect_lan_pipe over real TCP."""
+
+    timeout = 30
+
+    async def test_dead_address_then_live_one(self) -> None:
+        """A refused candidate costs nothing: the next one's pipe wins."""
+        accepted: Deferred[TCPPipe] = Deferred()
+        port = await listen_tcp_pipes(reactor, accepted.callback, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+        probe.close()
+        candidates = [IPv4Address("TCP", "127.0.0.1", dead), IPv4Address("TCP", "127.0.0.1", port.getHost().port)]
+        pipe = await connect_lan_pipe(reactor, candidates, stagger=5.0, timeout=10.0)
+        self.addCleanup(pipe.abort)
+        server = await accepted
+        self.addCleanup(server.abort)
+        self.assertEqual(pipe.peer.port, port.getHost().port)
+        self.assertTrue(verifyObject(IPipe, pipe))
+
+    async def test_nobody(self) -> None:
+        """Only dead candidates: one error listing them."""
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+        probe.close()
+        with self.assertRaises(LanConnectError) as caught:
+            await connect_lan_pipe(reactor, [IPv4Address("TCP", "127.0.0.1", dead)])
+        [(where, why)] = caught.exception.attempts
+        self.assertEqual(where, f"127.0.0.1:{dead}")
+        self.assertIn("refused", why)
