@@ -28,6 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from pluresync.direct.lanadvert import check_key, lan_key, make_advert, recognise, verify
 from pluresync.direct.race import connect_first, connect_lan_pipe
 from pluresync.errors import (
     ConnectionTimeoutError,
@@ -38,6 +39,7 @@ from pluresync.errors import (
     TruncatedStreamError,
 )
 from pluresync.interfaces import IPipe, IPipeReceiver
+from pluresync.keys import SyncKey
 from pluresync.pipes.tcp import (
     DEFAULT_NAME,
     MAX_UNATTACHED_BYTES,
@@ -608,3 +610,137 @@ class ConnectLanPipeTests(TestCase):
         [(where, why)] = caught.exception.attempts
         self.assertEqual(where, f"127.0.0.1:{dead}")
         self.assertIn("refused", why)
+
+
+#: The example of docs/protocol.md ("LAN discovery"): this key, salt, port and addresses...
+EXAMPLE_KEY = bytes(range(32))
+EXAMPLE_SALT = bytes(range(0x40, 0x50))
+EXAMPLE_ADDRESSES = ("192.168.1.20", "10.0.0.7")
+#: ...give exactly this advertisement.
+EXAMPLE_LABEL = "404142434445464748494a4b4c4d4e4f9106df4c9e2de926"
+EXAMPLE_TXT = {b"v": b"1", b"a": b"192.168.1.20,10.0.0.7", b"t": b"02605aba9775c97ede30527d1b83681f"}
+
+
+class AdvertTests(SynchronousTestCase):
+    """What a listener advertises, and who recognises it."""
+
+    def setUp(self) -> None:
+        self.key = os.urandom(32)
+
+    def test_example(self) -> None:
+        """The example in docs/protocol.md, byte for byte, recomputed from the formulas written there."""
+        advert = make_advert(EXAMPLE_KEY, 40123, EXAMPLE_ADDRESSES, salt=EXAMPLE_SALT)
+        self.assertEqual(advert.label, EXAMPLE_LABEL)
+        self.assertEqual(advert.properties, EXAMPLE_TXT)
+        self.assertEqual(list(advert.properties), [b"v", b"a", b"t"])
+        self.assertEqual(advert.instance_name, EXAMPLE_LABEL + "._pluresync._tcp.local.")
+        self.assertEqual(advert.host_name, EXAMPLE_LABEL + ".local.")
+        name_tag = hashlib.blake2b(EXAMPLE_SALT, digest_size=8, key=EXAMPLE_KEY, person=b"pluresync-lan-n").digest()
+        self.assertEqual(EXAMPLE_LABEL, (EXAMPLE_SALT + name_tag).hex())
+        signed = EXAMPLE_SALT + (40123).to_bytes(2, "big") + b"192.168.1.20,10.0.0.7"
+        tag = hashlib.blake2b(signed, digest_size=16, key=EXAMPLE_KEY, person=b"pluresync-lan-a").digest()
+        self.assertEqual(EXAMPLE_TXT[b"t"], tag.hex().encode())
+        self.assertEqual(verify(EXAMPLE_KEY, EXAMPLE_LABEL, 40123, EXAMPLE_TXT), EXAMPLE_ADDRESSES)
+
+    def test_lan_key(self) -> None:
+        """The LAN key is the topic's, with its own personalisation: none of the other names derived from it."""
+        topic = SyncKey.generate().topic()
+        key = lan_key(topic)
+        self.assertEqual(len(key), 32)
+        self.assertEqual(key, hashlib.blake2b(topic.secret, digest_size=32, person=b"pluresync-lan").digest())
+        self.assertNotIn(key, (topic.secret, topic.psk, topic.rendezvous_id))
+        self.assertNotEqual(key, lan_key(SyncKey.generate().topic()))
+        self.assertNotEqual(key, lan_key(SyncKey(topic.secret).topic("other")))
+
+    def test_recognised(self) -> None:
+        """A holder of the key recognises the label, then the whole advertisement."""
+        advert = make_advert(self.key, 5000, ["10.1.2.3"])
+        self.assertTrue(recognise(self.key, advert.label))
+        self.assertTrue(recognise(self.key, advert.label.upper()))  # DNS names are case-insensitive
+        self.assertEqual(verify(self.key, advert.label, 5000, advert.properties), ("10.1.2.3",))
+
+    def test_stranger(self) -> None:
+        """Another topic's advertisement is not recognised, from its name alone."""
+        advert = make_advert(os.urandom(32), 5000, ["10.1.2.3"])
+        self.assertFalse(recognise(self.key, advert.label))
+        self.assertIsNone(verify(self.key, advert.label, 5000, advert.properties))
+
+    def test_unlinkable(self) -> None:
+        """
+        Two advertisements of the same listener (same key, port and
+        addresses) share nothing but what they must: the port and the
+        addresses; their labels and tags have no byte in common by design
+        (and none of the key's).
+        """
+        first = make_advert(self.key, 5000, ["10.1.2.3"])
+        second = make_advert(self.key, 5000, ["10.1.2.3"])
+        self.assertNotEqual(first.label, second.label)
+        self.assertNotEqual(first.properties[b"t"], second.properties[b"t"])
+        self.assertEqual({k: v for k, v in first.properties.items() if k != b"t"}, {b"v": b"1", b"a": b"10.1.2.3"})
+        for advert in (first, second):
+            everything = advert.label.encode() + b"".join(advert.properties.values())
+            self.assertNotIn(self.key.hex().encode()[:16], everything)
+        self.assertEqual(len({first.label[:32], second.label[:32]}), 2)  # fresh salts
+
+    def test_copied_to_another_address(self) -> None:
+        """
+        An observer that re-advertises someone's label and tag with its own
+        address or port is ignored: the tag binds both.
+        """
+        advert = make_advert(self.key, 5000, ["10.1.2.3"])
+        moved = {**advert.properties, b"a": b"10.6.6.6"}
+        self.assertIsNone(verify(self.key, advert.label, 5000, moved))
+        added = {**advert.properties, b"a": b"10.1.2.3,10.6.6.6"}
+        self.assertIsNone(verify(self.key, advert.label, 5000, added))
+        self.assertIsNone(verify(self.key, advert.label, 5001, advert.properties))
+        other_salt = make_advert(self.key, 5000, ["10.1.2.3"]).label
+        self.assertIsNone(verify(self.key, other_salt, 5000, advert.properties))
+
+    def test_malformed(self) -> None:
+        """Anything malformed is ignored, never an exception."""
+        advert = make_advert(self.key, 5000, ["10.1.2.3"])
+        label, properties = advert.label, advert.properties
+        for bad_label in ("", label[:-1], label + "0", "z" + label[1:], "My Printer"):
+            self.assertFalse(recognise(self.key, bad_label), bad_label)
+        for change in (
+            {b"v": b"2"},
+            {b"v": None},
+            {b"t": b"zz" * 16},
+            {b"t": properties[b"t"][:-2]},
+            {b"t": None},
+            {b"a": None},
+            {b"a": b""},
+            {b"a": b"\xff"},
+        ):
+            self.assertIsNone(verify(self.key, label, 5000, {**properties, **change}), change)
+        self.assertIsNone(verify(self.key, label, 0, properties))
+
+    def test_key_holder_lying(self) -> None:
+        """Even a correctly tagged advertisement is refused if it points at loopback, multicast or too many places."""
+        for addresses in (b"127.0.0.1", b"224.0.0.251", b"0.0.0.0", b"255.255.255.255", b"10.0.0.1,010.0.0.2"):
+            listed = addresses
+            salt = os.urandom(16)
+            name_tag = hashlib.blake2b(salt, digest_size=8, key=self.key, person=b"pluresync-lan-n").digest()
+            signed = salt + (5000).to_bytes(2, "big") + listed
+            tag = hashlib.blake2b(signed, digest_size=16, key=self.key, person=b"pluresync-lan-a").digest()
+            properties = {b"v": b"1", b"a": listed, b"t": tag.hex().encode()}
+            self.assertIsNone(verify(self.key, (salt + name_tag).hex(), 5000, properties), addresses)
+
+    def test_what_may_be_advertised(self) -> None:
+        """make_advert refuses what no peer could use, and keeps at most 8 addresses."""
+        self.assertRaises(ValueError, make_advert, self.key, 5000, ["127.0.0.1"])
+        self.assertRaises(ValueError, make_advert, self.key, 5000, [])
+        self.assertRaises(ValueError, make_advert, self.key, 0, ["10.0.0.1"])
+        self.assertRaises(ValueError, make_advert, self.key[:16], 5000, ["10.0.0.1"])
+        many = [f"10.0.0.{n}" for n in range(1, 12)]
+        advert = make_advert(self.key, 5000, many + ["10.0.0.1"])
+        self.assertEqual(advert.addresses, tuple(many[:8]))
+        self.assertEqual(verify(self.key, advert.label, 5000, advert.properties), tuple(many[:8]))
+
+    def test_key_errors_do_not_quote_the_key(self) -> None:
+        """A wrong-sized key is refused without showing it."""
+        short = os.urandom(16)
+        with self.assertRaises(ValueError) as caught:
+            check_key(short)
+        self.assertNotIn(short.hex(), str(caught.exception))
+        self.assertNotIn(repr(short), str(caught.exception))
