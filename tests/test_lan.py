@@ -11,23 +11,33 @@ namespaces (tests/lanlab.py), because multicast does not work on lo.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import ipaddress
+import json
 import os
+import queue
 import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
 
+import zeroconf.asyncio
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.test import iosim
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from pluresync.direct.lan import LanAdvertisement, LanDiscovery, LoopBridge, advertise, discover, rank
 from pluresync.direct.lanadvert import check_key, lan_key, make_advert, recognise, verify
 from pluresync.direct.race import connect_first, connect_lan_pipe
 from pluresync.errors import (
@@ -35,6 +45,7 @@ from pluresync.errors import (
     DirectPipeLostError,
     LanConnectError,
     LanConnectTimeoutError,
+    LanDiscoveryError,
     PluresyncError,
     TruncatedStreamError,
 )
@@ -48,6 +59,8 @@ from pluresync.pipes.tcp import (
     connect_tcp_pipe,
     listen_tcp_pipes,
 )
+
+from . import lanlab
 
 
 @implementer(IPipeReceiver)
@@ -744,3 +757,653 @@ class AdvertTests(SynchronousTestCase):
             check_key(short)
         self.assertNotIn(short.hex(), str(caught.exception))
         self.assertNotIn(repr(short), str(caught.exception))
+
+
+class ThreadReactor:
+    """
+    The part of a reactor that zeroconf's thread may touch: callFromThread,
+    which only queues; the test runs the queue in its own thread.
+    """
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+
+    def callFromThread(self, function, *args, **kwargs) -> None:
+        self.queue.put((function, args, kwargs))
+
+    def runNext(self) -> None:
+        """Run the next handed-over call here, waiting (boundedly) for it to arrive."""
+        function, args, kwargs = self.queue.get(timeout=10)
+        function(*args, **kwargs)
+
+
+class LoopBridgeTests(SynchronousTestCase):
+    """
+    The hand-off between zeroconf's thread (here: an asyncio loop in a
+    thread, as zeroconf runs it) and the reactor.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = ThreadReactor()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-loop")
+        self.thread.start()
+        self.addCleanup(self.stopLoop)
+        self.bridge = LoopBridge(self.reactor, self.loop)
+
+    def stopLoop(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def test_result(self) -> None:
+        """
+        The coroutine runs in the loop's thread; its result reaches the
+        Deferred only through callFromThread, in the caller's thread.
+        """
+        ran_in = []
+
+        async def work(x: int) -> int:
+            ran_in.append(threading.get_ident())
+            return x * 2
+
+        d = self.bridge.run(work, 21)
+        self.assertNoResult(d)
+        self.reactor.runNext()
+        self.assertEqual(self.successResultOf(d), 42)
+        self.assertEqual(ran_in, [self.thread.ident])
+
+    def test_error(self) -> None:
+        """The coroutine's exception fails the Deferred."""
+
+        async def broken() -> None:
+            raise ValueError("bad record")
+
+        d = self.bridge.run(broken)
+        self.reactor.runNext()
+        self.assertEqual(str(self.failureResultOf(d, ValueError).value), "bad record")
+
+    def test_cancel(self) -> None:
+        """Cancelling the Deferred cancels the coroutine; what its thread then reports is ignored."""
+        started, stopped = threading.Event(), threading.Event()
+
+        async def forever() -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                stopped.set()
+
+        d = self.bridge.run(forever)
+        self.assertTrue(started.wait(10))
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(stopped.wait(10))
+        self.reactor.runNext()  # the loop's report of the cancellation: no second result
+
+    def test_forward(self) -> None:
+        """A forwarded callable, called in the loop's thread, runs in the reactor's with the same arguments."""
+        calls = []
+        handler = self.bridge.forward(lambda *args, **kwargs: calls.append((threading.get_ident(), args, kwargs)))
+        self.loop.call_soon_threadsafe(lambda: handler("name", state="Added"))
+        self.reactor.runNext()
+        self.assertEqual(calls, [(threading.get_ident(), ("name",), {"state": "Added"})])
+
+    def test_closed_loop(self) -> None:
+        """Work for a loop that has ended fails at once with a LanDiscoveryError."""
+        self.stopLoop()
+        d = self.bridge.run(asyncio.sleep, 0)
+        self.failureResultOf(d, LanDiscoveryError)
+
+
+class FakeBridge:
+    """Records what would run on zeroconf's loop; the test fires each run's Deferred."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, Callable, Deferred]] = []
+        self.handler: Callable | None = None
+        self.cancelled: list[str] = []
+
+    def run(self, function: Callable, *args) -> Deferred:
+        d: Deferred = Deferred(lambda _: self.cancelled.append(function.__name__))
+        self.runs.append((function.__name__, function, d))
+        return d
+
+    def forward(self, function: Callable) -> Callable:
+        self.handler = function
+        return function
+
+    def named(self, name: str) -> list[Deferred]:
+        return [d for run_name, _, d in self.runs if run_name == name]
+
+
+class FakeTask:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeZeroconf:
+    """What an advertisement asks of Zeroconf on its loop."""
+
+    def __init__(self) -> None:
+        self.registered: list = []
+        self.announcing = FakeTask()
+
+    async def async_register_service(self, info, cooperating_responders: bool = False) -> FakeTask:
+        self.registered.append((info, cooperating_responders))
+        return self.announcing
+
+
+class FakeMdns:
+    """An L{Mdns} without zeroconf: nothing leaves the process; closing ends when the test says."""
+
+    def __init__(self) -> None:
+        self.bridge = FakeBridge()
+        self.zeroconf = FakeZeroconf()
+        self.wind_downs: list = []
+        self.waiting: list[Deferred] = []
+
+    def start(self, reactor, interfaces) -> FakeMdns:
+        return self
+
+    def close(self, wind_down=None) -> Deferred:
+        self.wind_downs.append(wind_down)
+        d: Deferred = Deferred()
+        self.waiting.append(d)
+        return d
+
+    def finishClosing(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for d in waiting:
+            d.callback(None)
+
+
+class FakeBrowser:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    async def async_cancel(self) -> None:
+        self.cancelled = True
+
+
+def advertised(key: bytes, port: int = 5000, addresses=("10.0.0.2",)) -> tuple[str, tuple[int, dict]]:
+    """The instance name and the resolved (port, TXT) of an advertisement made with C{key}."""
+    advert = make_advert(key, port, list(addresses))
+    return advert.instance_name, (port, dict(advert.properties))
+
+
+class DiscoveryTests(SynchronousTestCase):
+    """LanDiscovery's decisions, on a Clock, with zeroconf replaced by a fake."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.mdns = FakeMdns()
+        self.key = os.urandom(32)
+
+    def discovery(self, timeout: float = 3.0, **kwargs) -> LanDiscovery:
+        discovery = LanDiscovery(self.clock, self.key, timeout, start_mdns=self.mdns.start, **kwargs)
+        discovery.start()
+        [(_, browse, started)] = [run for run in self.mdns.bridge.runs if run[0] == "browse"]
+        self.browser = FakeBrowser()
+        self.patch(zeroconf.asyncio, "AsyncServiceBrowser", lambda *args, **kwargs: self.browser)
+        asyncio.run(browse())
+        started.callback(None)
+        return discovery
+
+    def seen(self, name: str, state: str = "Added") -> None:
+        """zeroconf's thread reports C{name} (the hand-off itself is LoopBridgeTests')."""
+        self.mdns.bridge.handler(name, state)
+
+    def resolves(self) -> list[Deferred]:
+        return self.mdns.bridge.named("resolve")
+
+    def test_found_at_the_deadline(self) -> None:
+        """
+        Advertisements of our topic are resolved and checked; at the deadline
+        mDNS is stopped, and then the candidates are reported.
+        """
+        discovery = self.discovery()
+        name, resolved = advertised(self.key, 5000, ("10.0.0.2", "192.168.7.2"))
+        self.seen(name)
+        [resolve] = self.resolves()
+        resolve.callback(resolved)
+        self.assertNoResult(discovery.result)
+        self.clock.advance(3)
+        self.assertEqual(len(self.mdns.wind_downs), 1)
+        self.assertNoResult(discovery.result)
+        self.mdns.finishClosing()
+        found = self.successResultOf(discovery.result)
+        self.assertEqual(
+            sorted(found), sorted([IPv4Address("TCP", "10.0.0.2", 5000), IPv4Address("TCP", "192.168.7.2", 5000)])
+        )
+        self.successResultOf(discovery.closed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_wind_down_cancels_the_browser(self) -> None:
+        """Closing stops the browser on zeroconf's loop (the first step of closing)."""
+        discovery = self.discovery(timeout=1)
+        self.clock.advance(1)
+        [wind_down] = self.mdns.wind_downs
+        asyncio.run(wind_down())
+        self.assertTrue(self.browser.cancelled)
+        self.mdns.finishClosing()
+        self.assertEqual(self.successResultOf(discovery.result), [])
+
+    def test_first(self) -> None:
+        """With first=True the search ends at the first listener found."""
+        discovery = self.discovery(first=True)
+        name, resolved = advertised(self.key)
+        self.seen(name)
+        self.resolves()[0].callback(resolved)
+        self.assertEqual(len(self.mdns.wind_downs), 1)
+        self.mdns.finishClosing()
+        self.assertEqual(self.successResultOf(discovery.result), [IPv4Address("TCP", "10.0.0.2", 5000)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_on_found(self) -> None:
+        """on_found hears each listener as soon as it is checked, before the search ends."""
+        heard = []
+        self.discovery(on_found=heard.append)
+        for port in (5000, 5001):
+            name, resolved = advertised(self.key, port)
+            self.seen(name)
+            self.resolves()[-1].callback(resolved)
+        self.assertEqual(heard, [[IPv4Address("TCP", "10.0.0.2", 5000)], [IPv4Address("TCP", "10.0.0.2", 5001)]])
+
+    def test_stranger_never_resolved(self) -> None:
+        """Another topic's advertisement (or another service's) is dropped from its name alone."""
+        discovery = self.discovery()
+        self.seen(advertised(os.urandom(32))[0])
+        self.seen("Office Printer._pluresync._tcp.local.")
+        self.seen(advertised(self.key)[0].replace("_pluresync._tcp", "_http._tcp"))
+        self.assertEqual(self.resolves(), [])
+        self.clock.advance(3)
+        self.mdns.finishClosing()
+        self.assertEqual(self.successResultOf(discovery.result), [])
+
+    def test_copy_pointing_elsewhere(self) -> None:
+        """Our label with TXT that does not match it (a copy with another address) is ignored."""
+        discovery = self.discovery()
+        name, (port, properties) = advertised(self.key)
+        self.seen(name)
+        self.resolves()[0].callback((port, {**properties, b"a": b"10.6.6.6"}))
+        self.clock.advance(3)
+        self.mdns.finishClosing()
+        self.assertEqual(self.successResultOf(discovery.result), [])
+
+    def test_each_advertisement_once(self) -> None:
+        """Updates of an advertisement already being resolved start nothing new; removals nothing at all."""
+        self.discovery()
+        name, _ = advertised(self.key)
+        self.seen(name, "Removed")
+        self.seen(name)
+        self.seen(name, "Updated")
+        self.seen(name.upper())
+        self.assertEqual(len(self.resolves()), 1)
+
+    def test_bounded(self) -> None:
+        """However many of our labels appear (forgeries included), at most max_services are resolved."""
+        self.discovery(max_services=4)
+        for port in range(5000, 5010):
+            self.seen(advertised(self.key, port)[0])
+        self.assertEqual(len(self.resolves()), 4)
+
+    def test_unresolved(self) -> None:
+        """An advertisement that does not resolve in time, or whose resolution fails, is skipped."""
+        discovery = self.discovery()
+        for port in (5000, 5001):
+            self.seen(advertised(self.key, port)[0])
+        first, second = self.resolves()
+        first.callback(None)
+        second.errback(Failure(RuntimeError("zeroconf trouble")))
+        self.clock.advance(3)
+        self.mdns.finishClosing()
+        self.assertEqual(self.successResultOf(discovery.result), [])
+
+    def test_cancel(self) -> None:
+        """
+        Cancelling ends the search at once: the caller gets CancelledError,
+        resolutions in flight are cancelled, mDNS is stopped (closed fires
+        when it has), and no timer is left.
+        """
+        discovery = self.discovery()
+        self.seen(advertised(self.key)[0])
+        [resolve] = self.resolves()
+        discovery.result.cancel()
+        self.failureResultOf(discovery.result, CancelledError)
+        self.assertEqual(self.mdns.bridge.cancelled, ["resolve"])
+        self.assertEqual(len(self.mdns.wind_downs), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertNoResult(discovery.closed)
+        self.mdns.finishClosing()
+        self.successResultOf(discovery.closed)
+
+    def test_resolution_after_the_end(self) -> None:
+        """What zeroconf's thread reports after the search ended changes nothing."""
+        discovery = self.discovery(timeout=1)
+        name, resolved = advertised(self.key)
+        self.clock.advance(1)
+        self.seen(name)
+        self.assertEqual(self.resolves(), [])
+        self.mdns.finishClosing()
+        self.assertEqual(self.successResultOf(discovery.result), [])
+
+    def test_browse_fails(self) -> None:
+        """If browsing cannot start, the search fails with LanDiscoveryError once mDNS is stopped."""
+        discovery = LanDiscovery(self.clock, self.key, 3, start_mdns=self.mdns.start)
+        discovery.start()
+        [browse] = self.mdns.bridge.named("browse")
+        browse.errback(Failure(OSError("no multicast route")))
+        self.mdns.finishClosing()
+        error = self.failureResultOf(discovery.result, LanDiscoveryError).value
+        self.assertIn("no multicast route", str(error))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_mdns_cannot_start(self) -> None:
+        """If mDNS cannot start, the search fails at once (no thread, nothing to close)."""
+
+        def refuse(reactor, interfaces):
+            raise LanDiscoveryError("could not start mDNS on this host's network interfaces: denied")
+
+        discovery = LanDiscovery(self.clock, self.key, 3, start_mdns=refuse)
+        self.failureResultOf(discovery.start(), LanDiscoveryError)
+        self.successResultOf(discovery.closed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_bad_key(self) -> None:
+        """discover() with something that is not a LAN key fails without quoting it."""
+        d = discover(self.clock, b"short key")
+        error = self.failureResultOf(d, LanDiscoveryError).value
+        self.assertNotIn("short key", str(error))
+
+
+class RankTests(SynchronousTestCase):
+    def test_our_networks_first(self) -> None:
+        """Addresses on one of our networks come first; the others keep their advertised order."""
+        networks = [ipaddress.IPv4Network("192.168.1.0/24")]
+        self.assertEqual(
+            rank(["172.17.0.1", "10.8.0.3", "192.168.1.20"], networks), ["192.168.1.20", "172.17.0.1", "10.8.0.3"]
+        )
+        self.assertEqual(rank(["172.17.0.1", "10.8.0.3"], []), ["172.17.0.1", "10.8.0.3"])
+
+
+class AdvertisementTests(SynchronousTestCase):
+    """LanAdvertisement's life, with zeroconf replaced by a fake."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.mdns = FakeMdns()
+        self.key = os.urandom(32)
+
+    def advertisement(self, addresses=("10.0.0.2",)) -> LanAdvertisement:
+        return LanAdvertisement(self.clock, self.key, 5000, addresses, None, start_mdns=self.mdns.start).start()
+
+    def test_ready_and_stop(self) -> None:
+        """ready fires once registered; stop() withdraws it and fires once mDNS has stopped."""
+        advertisement = self.advertisement()
+        [register] = self.mdns.bridge.named("register")
+        self.assertNoResult(advertisement.ready)
+        register.callback(None)
+        self.assertIs(self.successResultOf(advertisement.ready), advertisement)
+        self.assertEqual(advertisement.port, 5000)
+        self.assertEqual(advertisement.advert.addresses, ("10.0.0.2",))
+        self.assertEqual(
+            verify(self.key, advertisement.advert.label, 5000, advertisement.advert.properties), ("10.0.0.2",)
+        )
+        stopped = advertisement.stop()
+        self.assertEqual(len(self.mdns.wind_downs), 1)
+        self.assertNoResult(stopped)
+        self.mdns.finishClosing()
+        self.successResultOf(stopped)
+
+    def test_records(self) -> None:
+        """
+        What is registered is the advertisement: its name, a host name as
+        random as the name, the port, the TXT, the addresses, short TTLs, no
+        probing; stopping cancels the announcement's repeats on the loop.
+        """
+        advertisement = self.advertisement(addresses=("10.0.0.2", "192.168.5.5"))
+        [(_, register, registering)] = self.mdns.bridge.runs
+        asyncio.run(register())
+        [(info, cooperating)] = self.mdns.zeroconf.registered
+        advert = advertisement.advert
+        self.assertTrue(cooperating)
+        self.assertEqual(info.name, advert.instance_name)
+        self.assertEqual(info.type, "_pluresync._tcp.local.")
+        self.assertEqual(info.server, advert.label + ".local.")
+        self.assertEqual(info.port, 5000)
+        self.assertEqual(info.properties, advert.properties)
+        self.assertEqual(info.parsed_addresses(), ["10.0.0.2", "192.168.5.5"])
+        self.assertEqual((info.host_ttl, info.other_ttl), (120, 120))
+        registering.callback(None)
+        advertisement.stop()
+        [wind_down] = self.mdns.wind_downs
+        asyncio.run(wind_down())
+        self.assertTrue(self.mdns.zeroconf.announcing.cancelled)
+
+    def test_fresh_each_time(self) -> None:
+        """Each advertisement of the same port gets its own label."""
+        first = self.advertisement()
+        second = self.advertisement()
+        self.assertNotEqual(first.advert.label, second.advert.label)
+
+    def test_registration_fails(self) -> None:
+        """A registration zeroconf refuses fails ready with LanDiscoveryError, and mDNS is stopped."""
+        advertisement = self.advertisement()
+        [register] = self.mdns.bridge.named("register")
+        register.errback(Failure(OSError("no buffer space")))
+        error = self.failureResultOf(advertisement.ready, LanDiscoveryError).value
+        self.assertIn("no buffer space", str(error))
+        self.assertEqual(len(self.mdns.wind_downs), 1)
+
+    def test_stop_before_ready(self) -> None:
+        """
+        Stopping before the announcement cancels the registration; whoever
+        waits on ready hears why (nobody else gets an unhandled error).
+        """
+        advertisement = self.advertisement()
+        waiting = []
+        advertisement.ready.addErrback(waiting.append)
+        stopped = advertisement.stop()
+        self.assertEqual(self.mdns.bridge.cancelled, ["register"])
+        [failure] = waiting
+        self.assertTrue(failure.check(LanDiscoveryError))
+        self.assertIn("stopped before it was announced", failure.getErrorMessage())
+        self.mdns.finishClosing()
+        self.successResultOf(stopped)
+
+    def test_no_address(self) -> None:
+        """A host with nothing but loopback cannot advertise: ready says so, and no mDNS is started."""
+        advertisement = self.advertisement(addresses=[])
+        error = self.failureResultOf(advertisement.ready, LanDiscoveryError).value
+        self.assertIn("no IPv4 address", str(error))
+        self.assertEqual(self.mdns.bridge.runs, [])
+        self.successResultOf(advertisement.stop())
+
+    def test_bad_arguments(self) -> None:
+        """A wrong key or port is the caller's mistake: a ValueError at once."""
+        self.assertRaises(ValueError, advertise, self.clock, 5000, b"short")
+        self.assertRaises(ValueError, advertise, self.clock, 70000, self.key)
+
+
+class MissingZeroconfTests(SynchronousTestCase):
+    """zeroconf is optional (the pluresync[direct] extra): without it, a clear error."""
+
+    def setUp(self) -> None:
+        for name in ("zeroconf", "zeroconf.asyncio"):
+            saved = sys.modules.get(name)
+            sys.modules[name] = None  # type: ignore[assignment]  # makes `import zeroconf` fail
+            self.addCleanup(sys.modules.__setitem__, name, saved) if saved else self.addCleanup(sys.modules.pop, name)
+
+    def test_discover(self) -> None:
+        error = self.failureResultOf(discover(Clock(), os.urandom(32)), LanDiscoveryError).value
+        self.assertIn("pip install 'pluresync[direct]'", str(error))
+
+    def test_advertise(self) -> None:
+        advertisement = advertise(Clock(), 5000, os.urandom(32), addresses=["10.0.0.2"])
+        error = self.failureResultOf(advertisement.ready, LanDiscoveryError).value
+        self.assertIn("pip install 'pluresync[direct]'", str(error))
+
+
+class LazyImportTests(SynchronousTestCase):
+    def test_zeroconf_loaded_only_when_used(self) -> None:
+        """Importing the LAN modules loads no zeroconf (LGPL, optional): only starting discovery does."""
+        code = (
+            "import sys\n"
+            "import pluresync.direct.lan, pluresync.direct.lanadvert, pluresync.direct.race, pluresync.pipes.tcp\n"
+            "print(sorted(m for m in ('zeroconf', 'ifaddr') if m in sys.modules))\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, "[]"), result.stderr[-2000:])
+
+
+class RealZeroconfTests(TestCase):
+    """
+    The real zeroconf, started and closed from the reactor on lo: no
+    multicast reaches anyone there, but the thread's life is real.
+    """
+
+    timeout = 30
+
+    async def test_one_thread_started_and_joined(self) -> None:
+        """
+        Advertising starts exactly one thread (zeroconf's); a discovery one
+        more; each is joined by the time its stop()/result fires.
+        """
+        before = set(threading.enumerate())
+        advertisement = advertise(reactor, 5000, os.urandom(32), addresses=["192.0.2.1"], interfaces=["127.0.0.1"])
+        self.addCleanup(advertisement.stop)
+        await advertisement.ready
+        self.assertEqual(len(set(threading.enumerate()) - before), 1)
+        found = await discover(reactor, os.urandom(32), 0.2, interfaces=["127.0.0.1"])
+        self.assertEqual(found, [])
+        self.assertEqual(len(set(threading.enumerate()) - before), 1)
+        await advertisement.stop()
+        self.assertEqual([t for t in set(threading.enumerate()) - before if t.is_alive()], [])
+
+
+def events(child) -> list[dict]:
+    """A lanpeer child's JSON events."""
+    return [json.loads(line) for line in child.out.decode().splitlines() if line.startswith("{")]
+
+
+class NamespaceTests(TestCase):
+    """
+    Real discovery between hosts on a LAN made of network namespaces
+    (tests/lanlab.py), each peer a real process (tests/lanpeer.py).
+    """
+
+    timeout = 90
+
+    def setUp(self) -> None:
+        reason = lanlab.unavailable()
+        if reason is not None:
+            raise SkipTest(reason)
+        self.key = os.urandom(32)
+
+    def env(self, **extra) -> dict:
+        return {"LANPEER_KEY": self.key.hex(), "LANPEER_LIMIT": "60", **{k: str(v) for k, v in extra.items()}}
+
+    def assertEnded(self, child, code: int, ended: int) -> None:
+        self.assertEqual(ended, code, child.out.decode()[-2000:] + child.err.decode()[-3000:])
+
+    async def test_discover_and_connect(self) -> None:
+        """
+        A listener advertises in one namespace; a seeker in another finds
+        it with no relay, opens a TCP pipe and moves 4 MiB whose sha256 the
+        listener confirms; both ends see an orderly close; the listener then
+        withdraws its advertisement within a second.
+        """
+        lab = lanlab.LanLab(self)
+        env = self.env(LANPEER_BYTES=4 << 20)
+        listener = lab.spawn("a", ["-m", "tests.lanpeer", "listen"], b'"ready"', env)
+        await listener.ready
+        seeker = lab.spawn("b", ["-m", "tests.lanpeer", "seek"], env=env)
+        self.assertEnded(seeker, 0, await seeker.ended)
+        self.assertEnded(listener, 0, await listener.ended)
+        ready = next(e for e in events(listener) if e["event"] == "ready")
+        self.assertEqual(ready["addresses"], [lab.addresses["a"]])
+        found = next(e for e in events(seeker) if e["event"] == "found")
+        self.assertEqual(found["candidates"], [f"{lab.addresses['a']}:{ready['port']}"])
+        self.assertLess(found["seconds"], 5)
+        done = next(e for e in events(seeker) if e["event"] == "done")
+        self.assertEqual((done["ok"], done["clean"]), (True, True))
+        served = next(e for e in events(listener) if e["event"] == "served")
+        self.assertEqual((served["bytes"], served["clean"]), (4 << 20, True))
+        stopped = next(e for e in events(listener) if e["event"] == "stopped")
+        self.assertLess(stopped["seconds"], 1.0)
+        # Closing zeroconf from the reactor blocked it for milliseconds at most.
+        for child in (listener, seeker):
+            closes = [e["text"] for e in events(child) if e["event"] == "log" and "mDNS closed in" in e["text"]]
+            self.assertTrue(closes)
+            for line in closes:
+                self.assertLess(float(line.split()[-2]), 100.0, line)
+
+    async def test_stranger_finds_nothing(self) -> None:
+        """A seeker of another topic finds nothing, though a listener advertises right beside it."""
+        lab = lanlab.LanLab(self)
+        listener = lab.spawn("a", ["-m", "tests.lanpeer", "listen"], b'"ready"', self.env())
+        await listener.ready
+        stranger = {**self.env(LANPEER_TIMEOUT=1.5), "LANPEER_KEY": os.urandom(32).hex()}
+        seeker = lab.spawn("b", ["-m", "tests.lanpeer", "seek"], env=stranger)
+        self.assertEnded(seeker, 3, await seeker.ended)
+        found = next(e for e in events(seeker) if e["event"] == "found")
+        self.assertEqual(found["candidates"], [])
+
+    async def test_what_an_observer_sees(self) -> None:
+        """
+        A third host takes every mDNS packet off the LAN while a listener
+        advertises twice (a restart): it sees two advertisements with
+        nothing in common but the address, no host name of the machine, and
+        not a byte of the topic or of any key derived from it.
+        """
+        topic = SyncKey.generate().topic()
+        self.key = lan_key(topic)
+        lab = lanlab.LanLab(self, hosts=3)
+        observer_env = self.env(LANPEER_ADDRESS=lab.addresses["c"], LANPEER_ADVERTS=2, LANPEER_TIMEOUT=20)
+        observer = lab.spawn("c", ["-m", "tests.lanpeer", "observe"], b'"observing"', observer_env)
+        await observer.ready
+        listener = lab.spawn("a", ["-m", "tests.lanpeer", "restart"], env=self.env(LANPEER_ADVERTS=2))
+        self.assertEnded(listener, 0, await listener.ended)
+        self.assertEnded(observer, 0, await observer.ended)
+        seen = events(observer)
+        records = [e for e in seen if e["event"] == "record" and e["ttl"] > 0]
+        advertised = [e for e in events(listener) if e["event"] == "ready"]
+        labels = [e["label"] for e in advertised]
+        self.assertEqual(len(set(labels)), 2)
+        self.assertNotEqual(labels[0][:32], labels[1][:32])  # fresh salts
+        self.assertNotEqual(advertised[0]["port"], advertised[1]["port"])
+        self.assertEqual(
+            {e["alias"] for e in records if e["kind"] == "DNSPointer"},
+            {f"{label}._pluresync._tcp.local." for label in labels},
+        )
+        for e in records:
+            if e["kind"] == "DNSService":
+                self.assertEqual(e["server"], e["name"].split(".")[0] + ".local.")
+            if e["kind"] == "DNSAddress":
+                self.assertEqual(e["address"], lab.addresses["a"])
+                self.assertIn(e["name"].split(".")[0], labels)
+            if e["kind"] == "DNSText":
+                keys = {item.split(b"=")[0] for item in txt_items(bytes.fromhex(e["text"]))}
+                self.assertEqual(keys, {b"v", b"a", b"t"})
+        packets = b"".join(bytes.fromhex(e["hex"]) for e in seen if e["event"] == "packet")
+        self.assertTrue(packets)
+        hostname = socket.gethostname().encode().lower()
+        for secret in (topic.secret, topic.psk, topic.rendezvous_id, self.key, hostname):
+            for form in (secret, secret.hex().encode()):
+                self.assertNotIn(form[:8], packets.lower())
+
+
+def txt_items(text: bytes) -> list[bytes]:
+    """The strings of a TXT record's wire form (each one length byte, then the string)."""
+    items, offset = [], 0
+    while offset < len(text):
+        length = text[offset]
+        items.append(text[offset + 1 : offset + 1 + length])
+        offset += 1 + length
+    return items
