@@ -48,9 +48,10 @@ from pluresync.errors import (
     LanDiscoveryError,
     PluresyncError,
     TruncatedStreamError,
+    WrongKeyError,
 )
 from pluresync.interfaces import IPipe, IPipeReceiver
-from pluresync.keys import SyncKey
+from pluresync.keys import PeerIdentity, SyncKey
 from pluresync.pipes.tcp import (
     DEFAULT_NAME,
     MAX_UNATTACHED_BYTES,
@@ -59,6 +60,9 @@ from pluresync.pipes.tcp import (
     connect_tcp_pipe,
     listen_tcp_pipes,
 )
+from pluresync.secure.establish import secure_link
+from pluresync.session import wire
+from pluresync.session.wire import Hello, Intent, ReadyAnswer, Status
 
 from . import lanlab
 
@@ -1407,3 +1411,66 @@ def txt_items(text: bytes) -> list[bytes]:
         items.append(text[offset + 1 : offset + 1 + length])
         offset += 1 + length
     return items
+
+
+class HandshakeOverTCPTests(TestCase):
+    """
+    The end-to-end layer runs over a TCP pipe unchanged: L{secure_link}
+    takes the pipe's C{attach} as its C{bind_pipe}.  (How the direct path
+    uses it is the direct: endpoint's business; this checks the fit.)
+    """
+
+    timeout = 30
+
+    async def handshake(self, listener_key: SyncKey, seeker_key: SyncKey) -> tuple[Deferred, Deferred]:
+        """Both sides' secure_link results over a real TCP pipe."""
+        hello = lambda: Hello(Intent.NEW, bytes(wire.SESSION_ID_SIZE), 0, 1 << 20)
+        accept = lambda hello, secured: ReadyAnswer(Status.OK, 0, 1 << 20)
+        responded: Deferred = Deferred()
+
+        def on_pipe(pipe: TCPPipe) -> None:
+            self.addCleanup(pipe.abort)
+            link = secure_link(
+                pipe.attach,
+                initiator=False,
+                name=pipe.name,
+                identity=PeerIdentity.generate(),
+                topic=listener_key.topic(),
+                resolver=accept,
+            )
+            link.chainDeferred(responded)
+
+        port = await listen_tcp_pipes(reactor, on_pipe, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        pipe = await connect_tcp_pipe(reactor, IPv4Address("TCP", "127.0.0.1", port.getHost().port))
+        self.addCleanup(pipe.abort)
+        initiated = secure_link(
+            pipe.attach,
+            initiator=True,
+            name=pipe.name,
+            identity=PeerIdentity.generate(),
+            topic=seeker_key.topic(),
+            hello=hello,
+        )
+        return initiated, responded
+
+    async def test_secured(self) -> None:
+        """Peers with one key complete the handshake over TCP, and both links report the LAN path's name."""
+        key = SyncKey.generate()
+        initiated, responded = await self.handshake(key, key)
+        link = await initiated
+        link.use()
+        other = await responded
+        self.assertEqual((link.name, other.name), ("direct:lan", "direct:lan"))
+        self.assertEqual(link.handshake_hash, other.handshake_hash)
+        link.close()
+
+    async def test_wrong_key(self) -> None:
+        """
+        A peer without the key (a stranger that copied an advertisement, or
+        answered on its address) gets a failed handshake and nothing else.
+        """
+        initiated, responded = await self.handshake(SyncKey.generate(), SyncKey.generate())
+        for d in (initiated, responded):
+            with self.assertRaises(WrongKeyError):
+                await d
