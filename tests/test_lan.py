@@ -37,7 +37,16 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from pluresync.direct.lan import LanAdvertisement, LanDiscovery, LoopBridge, advertise, discover, rank
+from pluresync.direct.lan import (
+    WIND_DOWN_TIMEOUT,
+    LanAdvertisement,
+    LanDiscovery,
+    LoopBridge,
+    Mdns,
+    advertise,
+    discover,
+    rank,
+)
 from pluresync.direct.lanadvert import check_key, lan_key, make_advert, recognise, verify
 from pluresync.direct.race import connect_first, connect_lan_pipe
 from pluresync.errors import (
@@ -1474,3 +1483,53 @@ class HandshakeOverTCPTests(TestCase):
         for d in (initiated, responded):
             with self.assertRaises(WrongKeyError):
                 await d
+
+
+class ClosingZeroconf:
+    """What Mdns needs of a Zeroconf: its loop, and close()."""
+
+    loop = None
+
+    def __init__(self) -> None:
+        self.closes = 0
+
+    def close(self) -> None:
+        self.closes += 1
+
+
+class MdnsCloseTests(SynchronousTestCase):
+    """Closing in two steps: wind down on zeroconf's loop, then close (and join) from the reactor."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.zeroconf = ClosingZeroconf()
+        self.mdns = Mdns(self.clock, self.zeroconf)
+        self.mdns.bridge = FakeBridge()
+
+    def test_two_steps(self) -> None:
+        """Zeroconf is closed only once the wind-down on its loop has finished."""
+        closed = self.mdns.close()
+        [(name, _, step)] = self.mdns.bridge.runs
+        self.assertEqual(self.zeroconf.closes, 0)
+        step.callback(None)
+        self.assertEqual(self.zeroconf.closes, 1)
+        self.successResultOf(closed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_wind_down_stuck(self) -> None:
+        """A wind-down that does not finish is given up after a bound, and Zeroconf closed anyway."""
+        closed = self.mdns.close()
+        self.clock.advance(WIND_DOWN_TIMEOUT)
+        self.assertEqual(self.mdns.bridge.cancelled, ["windDown"])
+        self.assertEqual(self.zeroconf.closes, 1)
+        self.successResultOf(closed)
+
+    def test_close_again(self) -> None:
+        """Closing twice closes once; every caller hears when it is done, also after."""
+        first, second = self.mdns.close(), self.mdns.close()
+        self.assertEqual(len(self.mdns.bridge.runs), 1)
+        self.mdns.bridge.runs[0][2].callback(None)
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.successResultOf(self.mdns.close())
+        self.assertEqual(self.zeroconf.closes, 1)

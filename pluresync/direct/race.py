@@ -169,11 +169,18 @@ class _FirstConnection:
             self._finish()
             self.result.errback(Failure(LanConnectError(self._report())))
 
-    def _report(self, pending: str = "not tried") -> list[tuple[str, str]]:
-        return [
-            (self._describe(candidate), self._failures.get(index, pending if index in self._running else "not tried"))
-            for index, candidate in enumerate(self._candidates)
-        ]
+    def _report(self, pending: str = "still connecting") -> list[tuple[str, str]]:
+        """Each candidate and what became of it: why it failed, C{pending} if still running, or not tried."""
+        report = []
+        for index, candidate in enumerate(self._candidates):
+            if index in self._failures:
+                why = self._failures[index]
+            elif index in self._running:
+                why = pending
+            else:
+                why = "not tried"
+            report.append((self._describe(candidate), why))
+        return report
 
     def _timedOut(self) -> None:
         self._deadline = None
