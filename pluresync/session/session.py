@@ -849,8 +849,13 @@ class Session:
     # -- the membrane: the pipe pauses us, we pause the user's producer ------------
 
     def pauseProducing(self) -> None:
+        # The pipe's buffer is full (after nearly every large write): pausing
+        # needs none of _updateProducer's other conditions.
         self._pipe_paused = True
-        self._updateProducer()
+        if self._producing:
+            self._producing = False
+            if self.stream is not None:
+                self.stream.sessionWritable(False)
 
     def resumeProducing(self) -> None:
         self._pipe_paused = False
