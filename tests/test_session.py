@@ -1083,6 +1083,58 @@ class FlowTests(SynchronousTestCase):
         self.assertEqual(server.data, b"onetwothree")
 
 
+@implementer(session_module.IControlReceiver)
+class Signals:
+    def __init__(self) -> None:
+        self.received: list[tuple[int, bytes]] = []
+
+    def controlReceived(self, kind, body):
+        self.received.append((kind, body))
+
+
+class ControlTests(SynchronousTestCase):
+    """CONTROL records: path signaling beside the stream, for whoever manages the paths."""
+
+    def test_signals_reach_the_receiver(self):
+        """A CONTROL record reaches the peer's receiver, kind and body apart; the stream sees nothing."""
+        net = Net()
+        client, server = net.start(self)
+        signals = Signals()
+        verifyObject(session_module.IControlReceiver, signals)
+        net.server_session.signals = signals
+        self.assertTrue(net.client_session.sendControl(wire.ControlKind.DIRECT_OFFER, b"candidates"))
+        client.transport.write(b"data")
+        net.run()
+        self.assertEqual(signals.received, [(wire.ControlKind.DIRECT_OFFER, b"candidates")])
+        self.assertEqual(server.data, b"data")
+
+    def test_unknown_or_unheard_signals_are_ignored(self):
+        """A kind nobody knows, or no receiver at all: ignored, and the session carries on."""
+        net = Net()
+        client, server = net.start(self)
+        net.client_session.sendControl(0xEE, b"from a later version")
+        net.server_session.sendControl(wire.ControlKind.DIRECT_FAILED, b"\x00\x00\x00\x01\x01")
+        client.transport.write(b"still here")
+        net.run()
+        self.assertEqual(server.data, b"still here")
+        self.assertIsNone(server.lost)
+        self.assertIsNone(client.lost)
+
+    def test_no_signal_without_a_link(self):
+        """With no link (detached), a signal is not sent, and the caller is told."""
+        net = Net()
+        net.start(self)
+        net.paths[0].kill()
+        self.assertFalse(net.client_session.sendControl(wire.ControlKind.DIRECT_OFFER, b"x"))
+
+    def test_peer_caps(self):
+        """Each side knows the capability bits the other sent in its hello or READY."""
+        net = Net()
+        net.start(self)
+        self.assertEqual(net.client_session.peer_caps, wire.Caps.RESUME)
+        self.assertEqual(net.server_session.peer_caps, wire.Caps.RESUME)
+
+
 class ResumeTests(SynchronousTestCase):
     """
     A link lost at every interesting moment: every byte arrives once and in

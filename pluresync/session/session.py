@@ -48,7 +48,7 @@ from twisted.internet.error import ConnectingCancelledError, ConnectionAborted, 
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from pluresync.errors import PeerGoneError, RecordError, TruncatedStreamError
 from pluresync.keys import format_peer_id
@@ -67,6 +67,7 @@ _START = RecordType.START
 _RESYNC = RecordType.RESYNC
 _DETACH = RecordType.DETACH
 _ABORT = RecordType.ABORT
+_CONTROL = RecordType.CONTROL
 _NUMBERED = wire.NUMBERED
 _SESSION_ID_PERSON = b"pluresync-sid"
 #: a receiver acknowledges at least every this many records (and every quarter window)
@@ -157,6 +158,13 @@ class _Outgoing:
         return self.head + self.payload if self.payload else self.head
 
 
+class IControlReceiver(Interface):
+    """Whoever manages a session's paths beyond its own reconnects (the direct path's upgrade)."""
+
+    def controlReceived(kind, body):
+        """A CONTROL record from the peer: its kind byte and the rest."""
+
+
 @implementer(ILinkOwner, IPushProducer)
 class Session:
     """
@@ -238,6 +246,10 @@ class Session:
         self._last_error: Failure | None = None
         self._ping_ids = 0
         self.stream = None  # the user's Stream (id 0), set by attach
+        #: the peer's capability bits (L{wire.Caps}), from its hello or READY
+        self.peer_caps = 0
+        #: who hears CONTROL records (an L{IControlReceiver}), e.g. the direct path's upgrade
+        self.signals = None
         self._flushing: set[Link] = set()
         self._flush_call = None
         self._final: Failure | None = None
@@ -437,6 +449,11 @@ class Session:
                 state.retiring = True
                 if state is self._active:
                     self._pickAnotherLink(state)
+            elif kind == _CONTROL:
+                # Path signaling (the direct path) for whoever manages it;
+                # nobody, or a kind nobody knows: ignored, as the spec says.
+                if body and self.signals is not None:
+                    self.signals.controlReceived(body[0], body[1:])
             elif kind == _ABORT:
                 self._end(Failure(PeerGoneError(_ABORT_WORDS.get(body[:1], "the peer aborted the connection"))), False)
             else:
@@ -757,6 +774,21 @@ class Session:
         else:
             wait = quiet - silence
         state.watch = self._clock.callLater(wait, self._watch, state)
+
+    # -- path signaling ----------------------------------------------------------------
+
+    def sendControl(self, kind: wire.ControlKind, body: bytes) -> bool:
+        """
+        Send a CONTROL record on the link we send on (signals are not
+        numbered: one lost with its link is asked again by whoever sent it).
+
+        @return: whether it was sent (C{False}: no usable link now).
+        """
+        state = self._active
+        if state is None or self.phase is not Phase.ATTACHED or not state.link.usable:
+            return False
+        state.link.sendRecord(wire.control_record(kind, body))
+        return True
 
     # -- sending -------------------------------------------------------------------
 

@@ -78,6 +78,18 @@ class Caps(IntEnum):
     """Capability bits in hello and READY; unknown bits are ignored."""
 
     RESUME = 1 << 0
+    DIRECT = 1 << 1  #: understands CONTROL's direct-path signals (and may be offered one)
+
+
+class ControlKind(IntEnum):
+    """
+    What a CONTROL record carries: its first byte.  A receiver ignores kinds
+    it does not know, so later features add kinds, not a wire version.
+    """
+
+    DIRECT_OFFER = 0x01  #: the initiator's direct-path candidates (pluresync.direct.signal)
+    DIRECT_ANSWER = 0x02  #: the responder's, in reply to an offer
+    DIRECT_FAILED = 0x03  #: a direct attempt is over on the sender's side (why: one byte)
 
 
 @dataclass(frozen=True)
@@ -176,6 +188,10 @@ CLOSE_RECORD = bytes((RecordType.CLOSE,))
 
 
 # -- link records -----------------------------------------------------------------
+
+
+def control_record(kind: ControlKind, body: bytes) -> bytes:
+    return bytes((RecordType.CONTROL, kind)) + body
 
 
 def ack_record(recv_next: int, max_offset: int) -> bytes:
