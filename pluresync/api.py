@@ -342,7 +342,7 @@ def create_transport(
         ends (30 by default; 0: it ends with its first path, as before
         sessions could move).
     @param window: bytes the peer may send ahead of what this side has
-        read (the session's credit, 4 MiB by default).
+        read (the session's credit, 16 MiB by default).
     @param reactor: the reactor to use; the global one if omitted (the one
         place pluresync reaches for it, so scripts stay short).
     """

@@ -61,13 +61,13 @@ STREAM_BYTES = int(os.environ.get("PLURESYNC_STREAM_TEST_MIB", "256")) * MiB
 
 #: Extra endpoint parameters every C{auto:} string the harness builds ends
 #: with, e.g. C{":stall=1:window=1048576"} (or C{PLURESYNC_STREAM_EXTRA}); the
-#: session's defaults (resume=30, window=4 MiB, stall=2, rotate=20) otherwise.
+#: session's defaults (resume=30, window=16 MiB, stall=2, rotate=20) otherwise.
 #: If it names window=, the retransmit check uses that window.
 SESSION_EXTRA = os.environ.get("PLURESYNC_STREAM_EXTRA", "")
 
 #: The session layer's default retransmit window (window=), and how far above
 #: it the retransmit buffer's peak may go (one write's worth of records).
-DEFAULT_WINDOW = 4 * MiB
+DEFAULT_WINDOW = 16 * MiB
 WINDOW_SLACK = 256 * 1024
 
 #: What C{transport.stats()} must hold, once the session layer gives it.

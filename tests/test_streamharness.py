@@ -235,4 +235,4 @@ class StringsTests(unittest.TestCase):
             describe(Failure(ConnectionLost("cut"))),
             "ConnectionLost: Connection to the other side was lost in a non-clean fashion: cut.",
         )
-        self.assertEqual(window(), 4 * MiB)
+        self.assertEqual(window(), 16 * MiB)  # the session's default (no window= in the extras)
