@@ -51,6 +51,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pluresync.session.params import SessionParams
+
 from .relayprocess import RelayProcess, poll, start_relay
 
 MiB = 1 << 20
@@ -67,7 +69,7 @@ SESSION_EXTRA = os.environ.get("PLURESYNC_STREAM_EXTRA", "")
 
 #: The session layer's default retransmit window (window=), and how far above
 #: it the retransmit buffer's peak may go (one write's worth of records).
-DEFAULT_WINDOW = 16 * MiB
+DEFAULT_WINDOW = SessionParams().window
 WINDOW_SLACK = 256 * 1024
 
 #: What C{transport.stats()} must hold, once the session layer gives it.
