@@ -418,7 +418,7 @@ class _PunchCore:
                 self.inputs.proven(via, address, probe.counter)
             elif took is Kind.CHOSEN:
                 self.inputs.confirmed(via, address)
-        elif kind is Kind.CHOSEN:
+        elif kind is Kind.CHOSEN and not self.initiator:
             if self.took(probe.echo, via, address) is Kind.ANSWER and self.may_answer(via, address):
                 self.send(via, address, Kind.ANSWER, probe.counter)
                 self.inputs.nominated(via, address)
@@ -601,8 +601,8 @@ class _PunchCore:
     def unreachable(self) -> DirectPathError:
         errors = ", ".join(sorted(self.errors)) or "no datagram sent"
         return DirectPathError(
-            f"no direct path: could not send to any of the peer's addresses ({errors}): "
-            f"this host has no UDP route to them{_RELAY}",
+            f"no direct path: every one of the peer's {len(self.plan.targets)} address(es) failed, "
+            f"no datagram could be sent ({errors}): this host has no UDP route to them{_RELAY}",
             "unreachable",
         )
 
