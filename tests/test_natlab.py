@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.logger import Logger
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from .natlab import CONE, INTERNET, SYMMETRIC, NatLab, unavailable
 
@@ -242,6 +242,14 @@ class SkipReasonTests(SynchronousTestCase):
         )
         self.assertIn("apt-get install iproute2", unavailable(euid=0, which=lambda tool: None))
         self.assertIsNone(unavailable(euid=0, which=lambda tool: f"/usr/sbin/{tool}"))
+
+    def test_lab_skips(self) -> None:
+        """Building a lab as another user skips the test, with the reason, and builds nothing."""
+        cleanups = _Cleanups()
+        self.patch(os, "geteuid", lambda: 1000)
+        with self.assertRaisesRegex(SkipTest, "needs root"):
+            NatLab(cleanups)
+        self.assertEqual(cleanups.calls, [])
 
 
 class _Cleanups:

@@ -10,13 +10,17 @@ random public port for every destination).  The lab tests
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import CancelledError
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pluresync.direct.probes import KEY_SIZE, PROBE_SIZE, Kind, ProbeCodec, ReplayWindow, Role, is_probe
 from pluresync.direct.punch import (
@@ -34,6 +38,7 @@ from pluresync.direct.punch import (
     Candidate,
     HolePunch,
     PunchedPath,
+    UdpSockets,
 )
 from pluresync.errors import DirectPathError, PluresyncError
 
@@ -780,3 +785,130 @@ class AgreementTests(PunchTestCase):
         self.b.punch.stop()
         self.clock.advance(60.0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ReactorSocketTests(TestCase):
+    """The real socket path on the real reactor, over loopback (no root needed; the lab does the rest)."""
+
+    timeout = 20
+
+    def owned_socket(self, receive: Callable[[bytes, Address], None]) -> socket.socket:
+        """A non-blocking UDP socket on 127.0.0.1 read by the reactor, as the direct path's owner holds one."""
+
+        class Owner(DatagramProtocol):
+            noisy = False
+
+            def datagramReceived(self, datagram: bytes, address: Address) -> None:
+                receive(datagram, address)
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.bind(("127.0.0.1", 0))
+        port = reactor.adoptDatagramPort(sock.fileno(), socket.AF_INET, Owner())
+        self.addCleanup(sock.close)
+        self.addCleanup(port.stopListening)
+        return sock
+
+    async def test_udp_sockets(self) -> None:
+        """Birthday sockets are read by the reactor until closed, or released still open."""
+        got: list[tuple[Any, bytes]] = []
+        arrived: Deferred[None] = Deferred()
+
+        def receive(sock: Any, datagram: bytes, address: Address) -> None:
+            got.append((sock, datagram))
+            if len(got) == 2:
+                arrived.callback(None)
+
+        sockets = [UdpSockets(reactor).open(receive) for _ in range(2)]
+        sender = self.owned_socket(lambda datagram, address: None)
+        for index, opened in enumerate(sockets):
+            sender.sendto(bytes([index]), ("127.0.0.1", opened.getsockname()[1]))
+        await arrived
+        self.assertEqual(sorted(d for _, d in got), [b"\x00", b"\x01"])
+        sockets[0].close()
+        released = sockets[1].release()
+        self.addCleanup(released.close)
+        self.assertEqual(_birthday_readers(), [])
+        self.assertEqual(released.getsockname()[0], "0.0.0.0")
+        self.assertEqual(released.gettimeout(), 0.0)  # still non-blocking, ready to adopt
+
+    async def test_punch_over_loopback(self) -> None:
+        """Two punches on real sockets agree on each other's address; keepalives run until stopped."""
+        punches: dict[str, HolePunch] = {}
+        a = self.owned_socket(lambda datagram, address: punches["a"].datagramReceived(datagram, address))
+        b = self.owned_socket(lambda datagram, address: punches["b"].datagramReceived(datagram, address))
+        key = os.urandom(KEY_SIZE)
+        for name, sock, other, initiator in (("a", a, b, True), ("b", b, a, False)):
+            punches[name] = HolePunch(
+                reactor,
+                sock,
+                key,
+                initiator=initiator,
+                local_nat=OPEN,
+                peer_nat=OPEN,
+                candidates=[Candidate(HOST, *other.getsockname())],
+                timeout=5.0,
+                keepalive=0.05,
+            )
+        results = await gatherResults([punches["a"].start(), punches["b"].start()])
+        self.assertEqual([r.peer for r in results], [b.getsockname(), a.getsockname()])
+        self.assertEqual([r.socket for r in results], [a, b])
+        sent = punches["a"].stats.sent
+        await deferLater(reactor, 0.2)
+        self.assertGreater(punches["a"].stats.sent, sent)  # keepalives
+        for punch in punches.values():
+            punch.stop()
+
+    async def test_birthday_over_loopback(self) -> None:
+        """
+        A symmetric side opens its sockets on the reactor; one wins (its
+        given socket's datagrams are lost here, as a symmetric NAT's mapping
+        toward the STUN server is useless to the peer), is handed over still
+        open, and the rest are closed.
+        """
+        punches: dict[str, HolePunch] = {}
+        a = self.owned_socket(lambda datagram, address: punches["a"].datagramReceived(datagram, address))
+        b = self.owned_socket(lambda datagram, address: punches["b"].datagramReceived(datagram, address))
+
+        class Lost:
+            def sendto(self, datagram: bytes, address: Address) -> int:
+                return len(datagram)
+
+        key = os.urandom(KEY_SIZE)
+        punches["a"] = HolePunch(
+            reactor,
+            Lost(),
+            key,
+            initiator=True,
+            local_nat=SYMMETRIC,
+            peer_nat=OPEN,
+            candidates=[Candidate(MAPPED, *b.getsockname())],
+            birthday_sockets=16,
+            keepalive=None,
+        )
+        punches["b"] = HolePunch(
+            reactor,
+            b,
+            key,
+            initiator=False,
+            local_nat=OPEN,
+            peer_nat=SYMMETRIC,
+            candidates=[Candidate(HOST, *a.getsockname())],
+            spray_limit=0,  # no spray at this machine's other loopback ports
+            keepalive=None,
+        )
+        won, seen = await gatherResults([punches["a"].start(), punches["b"].start()])
+        self.addCleanup(won.socket.close)
+        self.assertEqual(punches["a"].stats.sockets_opened, 16)
+        self.assertTrue(won.new_socket)
+        self.assertIsInstance(won.socket, socket.socket)
+        self.assertEqual(won.socket.gettimeout(), 0.0)  # non-blocking, ready to adopt
+        self.assertEqual(seen.peer, ("127.0.0.1", won.socket.getsockname()[1]))
+        self.assertEqual(_birthday_readers(), [])  # the winner handed over, the other 15 closed
+        for punch in punches.values():
+            punch.stop()
+
+
+def _birthday_readers() -> list:
+    """The birthday sockets the reactor still reads."""
+    return [reader for reader in reactor.getReaders() if getattr(reader, "logPrefix", lambda: "")() == "HolePunch"]

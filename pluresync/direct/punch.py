@@ -879,6 +879,9 @@ class _ReadingSocket:
     def sendto(self, data: bytes, address: Address) -> int:
         return self._sock.sendto(data, address)
 
+    def getsockname(self) -> Address:
+        return self._sock.getsockname()
+
     def close(self) -> None:
         self._stop_reading()
         self._sock.close()
