@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 from dataclasses import dataclass
 from typing import Any
@@ -190,8 +191,13 @@ class LabTests(TestCase):
         self.assertLessEqual(set(lab.namespaces), self.namespaces())
         sleeper = lab.spawn(cleanups, "hosta", ["-c", "import time; print('up', flush=True); time.sleep(60)"])
         self.assertEqual(await sleeper.line(), "up")
-        stray = subprocess.Popen(["ip", "netns", "exec", lab.ns("hostb"), "sleep", "60"])
+        stray = subprocess.Popen(
+            ["ip", "netns", "exec", lab.ns("hostb"), "sh", "-c", "echo in; exec sleep 60"], stdout=subprocess.PIPE
+        )
+        self.addCleanup(stray.stdout.close)
         self.addCleanup(stray.kill)
+        ready, _, _ = select.select([stray.stdout], [], [], 10)  # it is inside the namespace once it prints
+        self.assertEqual(stray.stdout.readline() if ready else b"", b"in\n")
         await cleanups.run()
         self.assertEqual(sleeper.code, -15)  # TERM, from its own cleanup
         self.assertEqual(stray.wait(timeout=10), -9)  # KILL, by pid, from the lab's
