@@ -9,7 +9,7 @@ A probe is 34 bytes (docs/protocol.md, "Hole punching probes")::
     1      role      0x01 the session's initiator, 0x02 its responder
     2..9   counter   big-endian; 1 for the sender's first message of a punch, +1 each
     10..17 echo      the counter of the message this one answers (0 if none)
-    18..33 MAC       BLAKE2b-128 keyed with the punch key over bytes 0..17
+    18..33 MAC       BLAKE2b-128 keyed with the punch key, person "pluresync-probe", over bytes 0..17
 
 The first byte is in 0x80-0xBF so one UDP socket can carry STUN (first
 byte 0x00-0x3F), QUIC (0x40-0x7F short headers, 0xC0-0xFF long headers)
@@ -34,7 +34,7 @@ PROBE_SIZE = 34
 KEY_SIZE = 32
 _MAC_SIZE = 16
 _HEADER = struct.Struct(">BBQQ")
-_PERSON = b"pluresync-punch"
+_PERSON = b"pluresync-probe"
 
 
 class Kind(IntEnum):
