@@ -70,8 +70,12 @@ class Sink(Protocol):
         self.got += len(data)
         if self.got >= self.size:
             end = time.monotonic()
-            finish(received=self.got, first_byte=self.first, last_byte=end,
-                   transfer_cpu_s=time.process_time() - self.cpu_first)
+            finish(
+                received=self.got,
+                first_byte=self.first,
+                last_byte=end,
+                transfer_cpu_s=time.process_time() - self.cpu_first,
+            )
             self.transport.loseConnection()
 
     def connectionLost(self, reason) -> None:
@@ -115,8 +119,12 @@ class Source(Protocol):
         self.paused = True
 
     def connectionLost(self, reason) -> None:
-        finish(sent=self.sent, start=self.start, closed=time.monotonic(),
-               transfer_cpu_s=time.process_time() - self.cpu_start)
+        finish(
+            sent=self.sent,
+            start=self.start,
+            closed=time.monotonic(),
+            transfer_cpu_s=time.process_time() - self.cpu_start,
+        )
 
 
 class Echo(Protocol):
@@ -170,7 +178,9 @@ class Ping(Protocol):
 
 
 def relay_endpoint(args) -> str:
-    return f"relay:url=ws\\://127.0.0.1\\:{args.port}:keyfile={args.keyfile}"
+    # PLURESYNC_BENCH_EXTRA appends endpoint parameters (e.g. ":window=1048576") for what-if runs.
+    extra = os.environ.get("PLURESYNC_BENCH_EXTRA", "")
+    return f"relay:url=ws\\://127.0.0.1\\:{args.port}:keyfile={args.keyfile}{extra}"
 
 
 def main() -> None:
@@ -240,6 +250,7 @@ def main() -> None:
         profiler.dump_stats(args.profile)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     RESULT["cpu_s"] = usage.ru_utime + usage.ru_stime
+    RESULT["user_s"], RESULT["sys_s"], RESULT["minor_faults"] = usage.ru_utime, usage.ru_stime, usage.ru_minflt
     RESULT["max_rss_kib"] = usage.ru_maxrss
     print("RESULT " + json.dumps(RESULT), flush=True)
     sys.stdout.flush()

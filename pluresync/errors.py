@@ -6,6 +6,8 @@ wrong and what to do, and it never carries a key, topic, psk or full
 rendezvous id (a short prefix at most).
 """
 
+from collections.abc import Sequence
+
 from twisted.internet.error import ConnectionLost
 
 
@@ -124,3 +126,78 @@ class RelayAuthError(RelayUnreachableError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, "unauthorized")
+
+
+class StunError(PluresyncError):
+    """A STUN query for our public address failed: no answer, an error answer, or an unusable one."""
+
+
+class StunFormatError(StunError, ValueError):
+    """
+    A datagram is not a well-formed STUN message (or not STUN at all).
+
+    @ivar reason: what is wrong with it, for a debug log line.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StunUnreachableError(StunError):
+    """No answer can come back from a STUN server: the request could not be sent, or nothing answered."""
+
+
+class StunTimeoutError(StunUnreachableError):
+    """A STUN server did not answer in time: UDP to it is blocked, or it is down."""
+
+
+class StunErrorResponse(StunError):
+    """
+    A STUN server answered with an error response.
+
+    @ivar code: the STUN error code (e.g. 420, 401).
+    @ivar reason: the server's reason phrase (sanitised, shortened).
+    """
+
+    def __init__(self, message: str, code: int, reason: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+class DirectPipeLostError(TruncatedStreamError):
+    """
+    A direct connection to the peer (no relay) ended without an orderly
+    close: reset, timed out, or cut off by a network change.
+    """
+
+
+class LanError(PluresyncError):
+    """Finding or reaching a peer on the local network failed."""
+
+
+class LanDiscoveryError(LanError):
+    """
+    LAN discovery (mDNS/DNS-SD) cannot run here: the optional zeroconf
+    package is missing, or no multicast socket could be opened.
+    """
+
+
+class LanConnectError(LanError):
+    """
+    No TCP connection could be opened to any address a LAN peer advertised.
+
+    @ivar attempts: C{(address, what went wrong)} for each address tried, in order.
+    """
+
+    def __init__(
+        self, attempts: Sequence[tuple[str, str]], prefix: str = "could not reach the peer on the LAN"
+    ) -> None:
+        self.attempts = list(attempts)
+        detail = "; ".join(f"{address}: {why}" for address, why in self.attempts) or "no address to try"
+        super().__init__(f"{prefix}: {detail}")
+
+
+class LanConnectTimeoutError(LanConnectError, ConnectionTimeoutError):
+    """The deadline passed before a TCP connection to any advertised address opened."""

@@ -10,7 +10,9 @@ one per boundary a new kind of path (C{direct:}) or pipe plugs into:
     its C{client()} is an L{IPathClient}, its C{listener()} an L{IPathListener};
   - L{IPipe}: what carries the end-to-end layer's bytes (a relay WebSocket
     today), and L{IPipeReceiver}: the end-to-end layer as the pipe sees it;
-  - L{IPairEnd}: one side of a pair inside the relay.
+  - L{IPairEnd}: one side of a pair inside the relay;
+  - L{IDatagramHandler}: one protocol among several on a shared UDP socket
+    (the direct path's STUN, probes and QUIC).
 """
 
 from twisted.internet.interfaces import IListeningPort, IPushProducer
@@ -241,4 +243,25 @@ class IPairEnd(IPushProducer):
         The other end is gone: close this end with WebSocket close code C{code}
         (1000 when the other end closed normally, 4010 C{peer-gone}, 1001
         going away, 4029 rate-limited).  Idempotent; no more L{writeData}.
+        """
+
+
+class IDatagramHandler(Interface):
+    """
+    One protocol among several that share a UDP socket (the direct path's
+    socket carries STUN, its punch probes and QUIC).
+
+    The socket's C{DatagramProtocol} owns the handlers and offers each
+    datagram to them in turn; a handler writes through a callable the owner
+    gives it, never through a transport of its own.  Which datagram is
+    whose is decided by its first byte (see L{pluresync.direct.stun}).
+    """
+
+    def datagramReceived(datagram, addr):
+        """
+        Offer C{datagram} from C{addr} (C{(host, port)}).
+
+        @return: C{True} if it belongs to this handler's protocol (handled,
+            or dropped as malformed or unexpected), C{False} to offer it to
+            the next handler.  Never raises.
         """

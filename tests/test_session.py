@@ -730,8 +730,8 @@ class HalfCloseTests(SynchronousTestCase):
         """A peer that sends data after its SHUTDOWN breaks the protocol: RecordError, and the peer is told so."""
         net = Net(protocol=HalfCloser)
         left, right = net.start(self)
-        net.client_session.send(wire.shutdown_record(0))
-        net.client_session.send(wire.data_record(RecordType.DATA, 0, b"sneaky"))
+        net.client_session.send((wire.shutdown_record(0), b""))
+        net.client_session.send((wire.record_head(RecordType.DATA, 0), b"sneaky"))
         net.run()
         right.lost.trap(RecordError)
         self.assertEqual(right.data, b"")
@@ -1040,6 +1040,100 @@ class FlowTests(SynchronousTestCase):
         self.assertIn("broke the protocol", str(client.lost.value))
         self.assertEqual(net.reconnects, 0)
 
+    def test_record_too_short_for_its_stream_id(self):
+        """
+        A DATA record without its stream id, arriving in order (the path
+        that hands records straight to the stream), ends the session as a
+        protocol error that both sides are told; what came before it was
+        delivered.
+        """
+        net = Net()
+        client, server = net.start(self)
+        client.transport.write(b"before")
+        net.client_session.send((bytes((RecordType.DATA,)) + b"\x00", b""))
+        net.run()
+        self.assertEqual(server.data, b"before")
+        server.lost.trap(RecordError)
+        self.assertIn("too short for its stream id", str(server.lost.value))
+        client.lost.trap(PeerGoneError)
+        self.assertIn("broke the protocol", str(client.lost.value))
+
+    def test_pause_inside_data_received_holds_what_follows(self):
+        """
+        A protocol that pauses its transport inside dataReceived gets
+        nothing more until it resumes, then everything in order.
+        """
+
+        class PauseOnFirst(Recorder):
+            def dataReceived(self, data):
+                super().dataReceived(data)
+                if len(self.data) == len(data):
+                    self.transport.pauseProducing()
+
+        net = Net(server_protocol=PauseOnFirst)
+        client, server = net.start(self)
+        client.transport.write(b"one")
+        net.run()
+        client.transport.write(b"two")
+        client.transport.write(b"three")
+        net.run()
+        self.assertEqual(server.data, b"one")
+        server.transport.resumeProducing()
+        net.run()
+        self.assertEqual(server.data, b"onetwothree")
+
+
+@implementer(session_module.IControlReceiver)
+class Signals:
+    def __init__(self) -> None:
+        self.received: list[tuple[int, bytes]] = []
+
+    def controlReceived(self, kind, body):
+        self.received.append((kind, body))
+
+
+class ControlTests(SynchronousTestCase):
+    """CONTROL records: path signaling beside the stream, for whoever manages the paths."""
+
+    def test_signals_reach_the_receiver(self):
+        """A CONTROL record reaches the peer's receiver, kind and body apart; the stream sees nothing."""
+        net = Net()
+        client, server = net.start(self)
+        signals = Signals()
+        verifyObject(session_module.IControlReceiver, signals)
+        net.server_session.signals = signals
+        self.assertTrue(net.client_session.sendControl(wire.ControlKind.DIRECT_OFFER, b"candidates"))
+        client.transport.write(b"data")
+        net.run()
+        self.assertEqual(signals.received, [(wire.ControlKind.DIRECT_OFFER, b"candidates")])
+        self.assertEqual(server.data, b"data")
+
+    def test_unknown_or_unheard_signals_are_ignored(self):
+        """A kind nobody knows, or no receiver at all: ignored, and the session carries on."""
+        net = Net()
+        client, server = net.start(self)
+        net.client_session.sendControl(0xEE, b"from a later version")
+        net.server_session.sendControl(wire.ControlKind.DIRECT_FAILED, b"\x00\x00\x00\x01\x01")
+        client.transport.write(b"still here")
+        net.run()
+        self.assertEqual(server.data, b"still here")
+        self.assertIsNone(server.lost)
+        self.assertIsNone(client.lost)
+
+    def test_no_signal_without_a_link(self):
+        """With no link (detached), a signal is not sent, and the caller is told."""
+        net = Net()
+        net.start(self)
+        net.paths[0].kill()
+        self.assertFalse(net.client_session.sendControl(wire.ControlKind.DIRECT_OFFER, b"x"))
+
+    def test_peer_caps(self):
+        """Each side knows the capability bits the other sent in its hello or READY."""
+        net = Net()
+        net.start(self)
+        self.assertEqual(net.client_session.peer_caps, wire.Caps.RESUME)
+        self.assertEqual(net.server_session.peer_caps, wire.Caps.RESUME)
+
 
 class ResumeTests(SynchronousTestCase):
     """
@@ -1075,6 +1169,30 @@ class ResumeTests(SynchronousTestCase):
         net.run(1)
         self.assertIntact(net, up, down)
         self.assertEqual(len(net.paths), 2)
+        self.assertEqual(net.client_session.stats()["swaps"], 1)
+        self.finish(net)
+
+    def test_resent_is_what_was_written_not_what_the_buffer_became(self):
+        """
+        The resend queue keeps the user's immutable bytes, never a buffer
+        the user may change: a bytearray, a memoryview of one, and a
+        message written and then overwritten arrive as they were written.
+        """
+        net = Net()
+        client, server = net.start(self)
+        up = bytearray(blob(100000, 5))
+        view_of = bytearray(b"view" * 10)
+        message = bytearray(b"as it was")
+        client.transport.write(up)
+        client.transport.write(memoryview(view_of)[4:])
+        client.transport.writeMessage(message)
+        expected = bytes(up) + bytes(view_of[4:]) + bytes(message)
+        up[:] = b"x" * len(up)
+        view_of[:] = b"y" * len(view_of)
+        message[:] = b"z" * len(message)
+        net.paths[0].kill()  # nothing was delivered: all of it is resent
+        net.run(1)
+        self.assertEqual(server.data, expected)
         self.assertEqual(net.client_session.stats()["swaps"], 1)
         self.finish(net)
 

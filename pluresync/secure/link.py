@@ -378,12 +378,21 @@ class Link:
         self.pipe.write(self._seal(plaintext))
 
     def sendRecords(self, plaintexts) -> None:
-        """Seal several records, a few per pipe write (one WebSocket message each)."""
+        """
+        Seal several records, a few per pipe write (one WebSocket message
+        each), each write joined once from its records' parts.
+        """
         if len(plaintexts) == 1:
             self.pipe.write(self._seal(plaintexts[0]))
             return
+        cipher = self._send
         for start in range(0, len(plaintexts), RECORDS_PER_WRITE):
-            self.pipe.write(b"".join(self._seal(p) for p in plaintexts[start : start + RECORDS_PER_WRITE]))
+            parts = []
+            for plaintext in plaintexts[start : start + RECORDS_PER_WRITE]:
+                seq = cipher.nonce
+                ciphertext = cipher.encrypt(b"", plaintext)
+                parts += (LENGTH.pack(SEQ.size + len(ciphertext)), SEQ.pack(seq), ciphertext)
+            self.pipe.write(b"".join(parts))
 
     def _seal(self, plaintext) -> bytes:
         seq = self._send.nonce

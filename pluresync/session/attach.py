@@ -83,6 +83,7 @@ def connect(
         peer_max=link.answer.max_offset,
         reconnect=reconnect,
     )
+    session.peer_caps = link.answer.caps
     stream = Stream(session, 0, local_id)
     session.addLink(link, link.answer.recv_next, link.answer.max_offset)
     stream.attach(protocol)
@@ -164,6 +165,7 @@ class SessionTable:
             peer_max=hello.max_offset,
             on_end=self._forget,
         )
+        session.peer_caps = hello.caps
         self._sessions[ident] = session
         session.addLink(link, 0, hello.max_offset)
         return _build(session, self._factory, self._local_id)

@@ -48,7 +48,7 @@ from twisted.internet.error import ConnectingCancelledError, ConnectionAborted, 
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from pluresync.errors import PeerGoneError, RecordError, TruncatedStreamError
 from pluresync.keys import format_peer_id
@@ -59,6 +59,7 @@ from pluresync.session.lifecycle import LifeMachine
 from pluresync.session.params import SessionParams
 from pluresync.session.wire import Hello, Intent, ReadyAnswer, Status
 
+_DATA = int(RecordType.DATA)
 _ACK = RecordType.ACK
 _PING = RecordType.PING
 _PONG = RecordType.PONG
@@ -66,8 +67,11 @@ _START = RecordType.START
 _RESYNC = RecordType.RESYNC
 _DETACH = RecordType.DETACH
 _ABORT = RecordType.ABORT
+_CONTROL = RecordType.CONTROL
 _NUMBERED = wire.NUMBERED
 _SESSION_ID_PERSON = b"pluresync-sid"
+#: a receiver acknowledges at least every this many records (and every quarter window)
+_ACK_EVERY = 32
 #: Reconnect backoff (initiator): first delay, cap, and the jitter that keeps
 #: every session of a dead relay from hitting the next one at once.
 _RETRY_FIRST = 0.05
@@ -134,11 +138,31 @@ class _LinkState:
     rotate_call: object = field(default=None, repr=False)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Outgoing:
+    """
+    One numbered record until the peer acknowledges it.  It keeps its head
+    and the user's payload apart (the payload is the user's own immutable
+    bytes, or a view of them): the plaintext exists only while it is sealed,
+    so a full resend queue holds no second copy of what was written, and
+    memory freed after each seal is reused while still in cache.
+    """
+
     seq: int
-    plaintext: bytes
+    head: bytes
+    payload: bytes | memoryview
+    size: int  #: plaintext length: what counts against the credit and the window
     end: int  #: stream offset after it (credit accounting)
+
+    def plaintext(self) -> bytes:
+        return self.head + self.payload if self.payload else self.head
+
+
+class IControlReceiver(Interface):
+    """Whoever manages a session's paths beyond its own reconnects (the direct path's upgrade)."""
+
+    def controlReceived(kind, body):
+        """A CONTROL record from the peer: its kind byte and the rest."""
 
 
 @implementer(ILinkOwner, IPushProducer)
@@ -222,6 +246,10 @@ class Session:
         self._last_error: Failure | None = None
         self._ping_ids = 0
         self.stream = None  # the user's Stream (id 0), set by attach
+        #: the peer's capability bits (L{wire.Caps}), from its hello or READY
+        self.peer_caps = 0
+        #: who hears CONTROL records (an L{IControlReceiver}), e.g. the direct path's upgrade
+        self.signals = None
         self._flushing: set[Link] = set()
         self._flush_call = None
         self._final: Failure | None = None
@@ -249,7 +277,7 @@ class Session:
             "swaps": self.swaps,
             "retransmit_bytes": self._unacked_bytes,
             "retransmit_peak": self.retransmit_peak,
-            "pending_bytes": sum(len(o.plaintext) for o in self._pending),
+            "pending_bytes": sum(o.size for o in self._pending),
             "receive_bytes": self._deliver_bytes + self._held_bytes,
             "phase": self.phase.name.lower(),
         }
@@ -334,7 +362,7 @@ class Session:
         state = self._active
         seq = max(seq, self._acked)
         self._sendStart(state, seq)
-        again = [o.plaintext for o in self._unacked if o.seq >= seq]
+        again = [o.plaintext() for o in self._unacked if o.seq >= seq]
         if again:
             state.link.sendRecords(again)
 
@@ -354,11 +382,40 @@ class Session:
                 pass
 
     def linkRecord(self, link: Link, kind: int, plaintext: bytes) -> None:
-        state = self._stateOf(link)
-        if state is None:
-            return
+        state = self._active
+        if state is None or state.link is not link:
+            state = self._stateOf(link)
+            if state is None:
+                return
         now = self._clock.seconds()
         state.last_heard = now
+        if (
+            kind == _DATA
+            and state.recv_seq == self._recv_next
+            and not self._deliver
+            and not self._held
+            and not self._delivery_paused
+            and not self._delivering
+            and self.stream is not None
+        ):
+            # The common case, in order and nothing queued: straight to the
+            # stream (what _numbered, _accept and _deliverAll would do).
+            if len(plaintext) > self.params.window:
+                self.abort(
+                    Failure(RecordError("the peer broke the session protocol: it sent more than its credit")),
+                    why=wire.AbortReason.PROTOCOL,
+                )
+                return
+            state.last_data = now
+            self._recv_next = state.recv_seq = state.recv_seq + 1
+            self._consumed += len(plaintext)
+            self._delivering = True
+            try:
+                self.stream.recordReceived(kind, plaintext)
+            finally:
+                self._delivering = False
+            self._scheduleAck()
+            return
         try:
             if kind in _NUMBERED:
                 state.last_data = now
@@ -392,6 +449,11 @@ class Session:
                 state.retiring = True
                 if state is self._active:
                     self._pickAnotherLink(state)
+            elif kind == _CONTROL:
+                # Path signaling (the direct path) for whoever manages it;
+                # nobody, or a kind nobody knows: ignored, as the spec says.
+                if body and self.signals is not None:
+                    self.signals.controlReceived(body[0], body[1:])
             elif kind == _ABORT:
                 self._end(Failure(PeerGoneError(_ABORT_WORDS.get(body[:1], "the peer aborted the connection"))), False)
             else:
@@ -547,7 +609,7 @@ class Session:
         path came back in time) a L{SessionExpiredError}; without (resume=0)
         the last path's own error class, as before sessions could move.
         """
-        missing = self._unacked_bytes + sum(len(o.plaintext) for o in self._pending)
+        missing = self._unacked_bytes + sum(o.size for o in self._pending)
         last = self._last_error
         parts = []
         if last is not None:
@@ -713,24 +775,64 @@ class Session:
             wait = quiet - silence
         state.watch = self._clock.callLater(wait, self._watch, state)
 
+    # -- path signaling ----------------------------------------------------------------
+
+    def sendControl(self, kind: wire.ControlKind, body: bytes) -> bool:
+        """
+        Send a CONTROL record on the link we send on (signals are not
+        numbered: one lost with its link is asked again by whoever sent it).
+
+        @return: whether it was sent (C{False}: no usable link now).
+        """
+        state = self._active
+        if state is None or self.phase is not Phase.ATTACHED or not state.link.usable:
+            return False
+        state.link.sendRecord(wire.control_record(kind, body))
+        return True
+
     # -- sending -------------------------------------------------------------------
 
-    def send(self, *plaintexts: bytes) -> None:
+    def send(self, *records: tuple[bytes, bytes | memoryview]) -> None:
         """
-        Number records' plaintexts and send them when the credit allows (the
-        records of one write together, a few per pipe write).
+        Number records and send them when the credit allows (the records of
+        one write together, a few per pipe write).
+
+        @param records: each a record's plaintext as its head (type byte
+            first) and a payload that must not change until the session
+            ends (C{bytes}, or a view of C{bytes}; C{b""} for none).
         """
         if self._peer_closed or self.phase is Phase.ENDED:
             return  # nobody will read it: dropped, as writes after a TCP peer's close
         pending = self._pending
-        blocked = bool(pending)
-        for plaintext in plaintexts:
-            self._offset += len(plaintext)
-            pending.append(_Outgoing(self._next_seq, plaintext, self._offset))
-            self._next_seq += 1
-        if not blocked:
-            self._flush()
-        self._updateProducer()
+        state = self._active
+        # What the credit allows goes out now (what _flush would do, without
+        # a queue in between: this is every write's path), the rest waits.
+        direct = state is not None and not pending
+        seq = self._next_seq
+        offset = self._offset
+        limit = self._peer_max
+        batch = []
+        for head, payload in records:
+            size = len(head) + len(payload)
+            offset += size
+            out = _Outgoing(seq, head, payload, size, offset)
+            seq += 1
+            if direct and offset <= limit:
+                self._unacked.append(out)
+                self._unacked_bytes += size
+                batch.append(head + payload if payload else head)
+            else:
+                direct = False
+                pending.append(out)
+        self._next_seq = seq
+        self._offset = offset
+        if batch:
+            if self._unacked_bytes > self.retransmit_peak:
+                self.retransmit_peak = self._unacked_bytes
+            state.link.sendRecords(batch)
+        if pending or self._unacked_bytes >= self.params.window:
+            # Only these can make a producing session stop producing here.
+            self._updateProducer()
 
     def _flush(self) -> None:
         state = self._active
@@ -742,8 +844,8 @@ class Session:
         while pending and pending[0].end <= limit:
             out = pending.popleft()
             self._unacked.append(out)
-            self._unacked_bytes += len(out.plaintext)
-            batch.append(out.plaintext)
+            self._unacked_bytes += out.size
+            batch.append(out.plaintext())
         if batch:
             if self._unacked_bytes > self.retransmit_peak:
                 self.retransmit_peak = self._unacked_bytes
@@ -755,7 +857,7 @@ class Session:
         unacked = self._unacked
         while unacked and unacked[0].seq < recv_next:
             out = unacked.popleft()
-            self._unacked_bytes -= len(out.plaintext)
+            self._unacked_bytes -= out.size
             self._acked_offset = out.end
         if recv_next > self._acked:
             self._acked = recv_next
@@ -779,8 +881,13 @@ class Session:
     # -- the membrane: the pipe pauses us, we pause the user's producer ------------
 
     def pauseProducing(self) -> None:
+        # The pipe's buffer is full (after nearly every large write): pausing
+        # needs none of _updateProducer's other conditions.
         self._pipe_paused = True
-        self._updateProducer()
+        if self._producing:
+            self._producing = False
+            if self.stream is not None:
+                self.stream.sessionWritable(False)
 
     def resumeProducing(self) -> None:
         self._pipe_paused = False
@@ -842,7 +949,7 @@ class Session:
         if self.phase is Phase.ENDED:
             return
         window = self.params.window
-        if self._consumed + window - self._granted >= window // 8 or self._recv_next - self._acked_recv >= 16:
+        if self._consumed + window - self._granted >= window // 4 or self._recv_next - self._acked_recv >= _ACK_EVERY:
             self._sendAck(force=True)
         elif self._ack_call is None and (self._recv_next > self._acked_recv or self._consumed + window > self._granted):
             self._ack_call = self._clock.callLater(self.params.ack_delay, self._sendAck, True)
@@ -869,7 +976,7 @@ class Session:
         if self._close_seq is not None or self.phase is Phase.ENDED or self._peer_closed:
             return
         self._close_seq = self._next_seq
-        self.send(wire.CLOSE_RECORD)
+        self.send((wire.CLOSE_RECORD, b""))
 
     def _peerClose(self) -> None:
         """

@@ -52,6 +52,7 @@ _DATA = RecordType.DATA
 _END = RecordType.END
 _SHUTDOWN = RecordType.SHUTDOWN
 _MAX = wire.MAX_DATA_PAYLOAD
+_HEAD = wire.STREAM_HEAD_SIZE
 
 
 class IRecordReceiver(Interface):
@@ -84,6 +85,8 @@ class Stream:
     def __init__(self, session, stream_id: int, local_id: str) -> None:
         self._session = session
         self._id = stream_id
+        self._data_head = wire.record_head(_DATA, stream_id)
+        self._end_head = wire.record_head(_END, stream_id)
         self._local_id = local_id
         self.peer_id = session.peer_id
         self._protocol: IProtocol | None = None
@@ -123,7 +126,13 @@ class Stream:
         if protocol is None:
             return
         if kind == _DATA or kind == _END:
-            stream, payload = wire.parse_stream(plaintext)
+            if len(plaintext) < _HEAD:
+                self._session.abort(
+                    Failure(RecordError("the peer broke the session protocol: a record too short for its stream id")),
+                    why=wire.AbortReason.PROTOCOL,
+                )
+                return
+            payload = plaintext[_HEAD:]  # its stream id is ours: one stream per session until multiplexing
             if self._read_shut:
                 self._session.abort(
                     Failure(RecordError("the peer sent data after ending its side")), why=wire.AbortReason.PROTOCOL
@@ -184,13 +193,14 @@ class Stream:
     def write(self, data) -> None:
         if not data or self._write_shut or self._closing:
             return
+        if type(data) is not bytes:
+            data = bytes(data)  # the resend queue keeps it: it must not change
+        head = self._data_head
         if len(data) <= _MAX:
-            self._session.send(wire.data_record(_DATA, self._id, data))
+            self._session.send((head, data))
             return
         view = memoryview(data)
-        self._session.send(
-            *(wire.data_record(_DATA, self._id, view[start : start + _MAX]) for start in range(0, len(view), _MAX))
-        )
+        self._session.send(*[(head, view[start : start + _MAX]) for start in range(0, len(view), _MAX)])
 
     def writeSequence(self, data) -> None:
         self.write(b"".join(data))
@@ -198,13 +208,15 @@ class Stream:
     def writeMessage(self, data) -> None:
         if self._write_shut or self._closing:
             return
+        if type(data) is not bytes:
+            data = bytes(data)  # the resend queue keeps it: it must not change
         view = memoryview(data)
         records = []
         start = 0
         while len(view) - start > _MAX:
-            records.append(wire.data_record(_DATA, self._id, view[start : start + _MAX]))
+            records.append((self._data_head, view[start : start + _MAX]))
             start += _MAX
-        records.append(wire.data_record(_END, self._id, view[start:]))
+        records.append((self._end_head, view[start:]))
         self._session.send(*records)
 
     def loseWriteConnection(self) -> None:
@@ -215,7 +227,7 @@ class Stream:
         if self._write_shut or self._closing:
             return
         self._write_shut = True
-        self._session.send(wire.shutdown_record(self._id))
+        self._session.send((wire.shutdown_record(self._id), b""))
         if self._read_shut:
             self.loseConnection()
             return

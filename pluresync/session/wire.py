@@ -78,6 +78,18 @@ class Caps(IntEnum):
     """Capability bits in hello and READY; unknown bits are ignored."""
 
     RESUME = 1 << 0
+    DIRECT = 1 << 1  #: understands CONTROL's direct-path signals (and may be offered one)
+
+
+class ControlKind(IntEnum):
+    """
+    What a CONTROL record carries: its first byte.  A receiver ignores kinds
+    it does not know, so later features add kinds, not a wire version.
+    """
+
+    DIRECT_OFFER = 0x01  #: the initiator's direct-path candidates (pluresync.direct.signal)
+    DIRECT_ANSWER = 0x02  #: the responder's, in reply to an offer
+    DIRECT_FAILED = 0x03  #: a direct attempt is over on the sender's side (why: one byte)
 
 
 @dataclass(frozen=True)
@@ -154,9 +166,18 @@ def parse_ready(payload: bytes) -> ReadyAnswer | None:
 # -- numbered records -----------------------------------------------------------
 
 
+def record_head(kind: RecordType, stream: int) -> bytes:
+    """What precedes the payload in a DATA or END record's plaintext (a stream keeps its own)."""
+    return bytes((kind,)) + _STREAM.pack(stream)
+
+
+#: bytes of a DATA/END/SHUTDOWN record's plaintext before its payload
+STREAM_HEAD_SIZE = 1 + _STREAM.size
+
+
 def data_record(kind: RecordType, stream: int, payload) -> bytes:
     """The plaintext of a DATA or END record."""
-    return b"".join((bytes((kind,)), _STREAM.pack(stream), payload))
+    return record_head(kind, stream) + payload
 
 
 def shutdown_record(stream: int) -> bytes:
@@ -166,14 +187,11 @@ def shutdown_record(stream: int) -> bytes:
 CLOSE_RECORD = bytes((RecordType.CLOSE,))
 
 
-def parse_stream(plaintext: bytes) -> tuple[int, bytes]:
-    """A DATA/END/SHUTDOWN record's whole plaintext: its stream id and payload (one copy)."""
-    if len(plaintext) < 1 + _STREAM.size:
-        raise WireError("a stream record is too short for its stream id")
-    return _STREAM.unpack_from(plaintext, 1)[0], plaintext[1 + _STREAM.size :]
-
-
 # -- link records -----------------------------------------------------------------
+
+
+def control_record(kind: ControlKind, body: bytes) -> bytes:
+    return bytes((RecordType.CONTROL, kind)) + body
 
 
 def ack_record(recv_next: int, max_offset: int) -> bytes:

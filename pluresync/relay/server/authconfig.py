@@ -34,6 +34,24 @@ def _split_endpoint(description: str) -> list[str]:
     return parts
 
 
+def endpoint_interface(description: str) -> tuple[str, str | None]:
+    """
+    The type of the server endpoint C{description} (lower case: C{tcp},
+    C{tcp6}, C{ssl}, C{unix}, ...) and, for C{tcp:}, C{tcp6:} and C{ssl:},
+    the address its C{interface=} names (C{None}: every interface, or not
+    an IP endpoint).
+    """
+    parts = _split_endpoint(description.strip())
+    kind = parts[0].lower()
+    interface = None
+    if kind in _INET_TYPES:
+        for part in parts[1:]:
+            name, sep, value = part.partition("=")
+            if sep and name == "interface":
+                interface = value or None
+    return kind, interface
+
+
 def is_loopback_endpoint(description: str) -> bool:
     """
     Whether the server endpoint C{description} listens only on a loopback
@@ -42,14 +60,7 @@ def is_loopback_endpoint(description: str) -> bool:
     C{interface=}: every interface; C{unix:}, C{systemd:}, other types)
     counts as reachable from elsewhere.
     """
-    parts = _split_endpoint(description.strip())
-    if parts[0].lower() not in _INET_TYPES:
-        return False
-    interface = None
-    for part in parts[1:]:
-        name, sep, value = part.partition("=")
-        if sep and name == "interface":
-            interface = value
+    _, interface = endpoint_interface(description)
     if not interface:
         return False
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, UDPServer
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
@@ -38,8 +38,31 @@ def _seconds(value: str) -> float:
     return number
 
 
+def _udp_port(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 65534:
+        raise ValueError(f"{value!r} must be a UDP port from 1 to 65534 (N+1 is used too)")
+    return number
+
+
 _positive_int.coerceDoc = "An integer >= 0."  # type: ignore[attr-defined]
 _seconds.coerceDoc = "Seconds (a number >= 0)."  # type: ignore[attr-defined]
+_udp_port.coerceDoc = "A UDP port from 1 to 65534."  # type: ignore[attr-defined]
+
+
+def stun_interface(endpoint: str) -> str:
+    """
+    The address C{--udp-port} binds: the C{interface=} of the C{--port}
+    endpoint, so the STUN ports are exactly as reachable as the relay;
+    without one, every interface of the endpoint's family (C{::} for
+    C{tcp6:}, otherwise every IPv4 address).
+    """
+    from pluresync.relay.server.authconfig import endpoint_interface
+
+    kind, interface = endpoint_interface(endpoint)
+    if interface is not None:
+        return interface.strip("[]")
+    return "::" if kind == "tcp6" else ""
 
 
 def port_endpoint(port: str, tls_cert: str | None = None, tls_key: str | None = None) -> str:
@@ -97,6 +120,14 @@ class Options(usage.Options):
         ["tls-cert", None, None, "PEM certificate (chain): turns a bare/tcp port into ssl:."],
         ["tls-key", None, None, "PEM private key for --tls-cert (default: the --tls-cert file)."],
         ["metrics-port", None, None, "Serve GET /metrics on this endpoint instead of on --port (e.g. a private one)."],
+        [
+            "udp-port",
+            None,
+            None,
+            "Also answer STUN Binding requests on UDP ports N and N+1 (clients learn their public address and "
+            "NAT type); on the --port endpoint's interface. Off by default.",
+            _udp_port,
+        ],
         [
             "max-message",
             None,
@@ -279,7 +310,8 @@ def _rate_limits(options: Any) -> Any:
 
 class RelayService(MultiService):
     """
-    The relay: one listening port serving the relay site.
+    The relay: one listening port serving the relay site (and, with
+    C{udp_port}, a STUN server on UDP ports N and N+1).
 
     C{stopService} (SIGTERM under C{twist}) stops listening and closes every
     WebSocket with 1001 "going away"; its Deferred fires once they are all
@@ -289,7 +321,17 @@ class RelayService(MultiService):
     #: Authentication warnings logged at start (set by L{makeService}).
     auth_warnings: tuple[str, ...] = ()
 
-    def __init__(self, reactor: Any, endpoint: str, limits: RelayLimits, metrics_endpoint: str | None = None) -> None:
+    #: The STUN servers of C{--udp-port} (on N, then N+1); empty without it.
+    stun_servers: tuple[Any, ...] = ()
+
+    def __init__(
+        self,
+        reactor: Any,
+        endpoint: str,
+        limits: RelayLimits,
+        metrics_endpoint: str | None = None,
+        udp_port: int | None = None,
+    ) -> None:
         super().__init__()
         from pluresync.relay.server.site import build_metrics_site, build_site
 
@@ -300,6 +342,18 @@ class RelayService(MultiService):
             metrics_site = build_metrics_site(reactor, self.factory.metrics)
             metrics_port = serverFromString(reactor, metrics_endpoint)
             StreamServerEndpointService(metrics_port, metrics_site).setServiceParent(self)
+        self.udp_port = udp_port
+        self.udp_interface = stun_interface(endpoint)
+        if udp_port is not None:
+            # Two ports, because a client compares the address each one saw
+            # to tell a cone NAT from a symmetric one (docs/relay.md, STUN).
+            from pluresync.direct.stunserver import StunServer
+
+            self.stun_servers = (StunServer(), StunServer())
+            for offset, server in enumerate(self.stun_servers):
+                UDPServer(udp_port + offset, server, interface=self.udp_interface, reactor=reactor).setServiceParent(
+                    self
+                )
 
     def startService(self) -> None:
         try:
@@ -313,6 +367,13 @@ class RelayService(MultiService):
             nvx=nvx,
         )
         _log_authentication(self.factory.authenticator, self.auth_warnings)
+        if self.udp_port is not None:
+            log.info(
+                "STUN on UDP ports {first} and {second} ({interface})",
+                first=self.udp_port,
+                second=self.udp_port + 1,
+                interface=self.udp_interface or "every IPv4 interface",
+            )
         super().startService()
 
     def stopService(self) -> Deferred[Any]:
@@ -360,7 +421,11 @@ def makeService(config: Options, reactor: Any = None) -> RelayService:
         # configuration problem deserves one clear line (exit status 1).
         raise SystemExit(f"twist pluresync-relay: error: {e}") from None
     service = RelayService(
-        reactor, config["endpoint"], config["limits"], metrics_endpoint=config.get("metrics-endpoint")
+        reactor,
+        config["endpoint"],
+        config["limits"],
+        metrics_endpoint=config.get("metrics-endpoint"),
+        udp_port=config.get("udp-port"),
     )
     service.factory.authenticator = authenticator
     service.auth_warnings = tuple(warnings)
