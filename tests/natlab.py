@@ -42,10 +42,12 @@ C{PYTHONPATH}; the process is killed when its time bound runs out and at
 the test's cleanup (by pid: C{ip netns del} does not end the processes in
 a namespace, it only hides it).  The lab's own cleanup, registered first so
 it runs last, also kills by pid anything else left in its namespaces, then
-deletes them, also when the test failed.  Names carry a random prefix
-(C{nl} and six hex digits), so labs of parallel trial workers (C{-j2})
-never collide; interface names repeat (C{wan}, C{lan}), but only inside
-each lab's own namespaces.  Every command runs with a time bound.
+deletes them, also when the test failed.  Names carry a prefix of C{nl},
+the creating process's pid and four random hex digits (C{nl4242-1a2b-hosta}),
+so labs of parallel trial workers (C{-j2}) never collide, and a lab whose
+creator was killed before its cleanup ran is removed by the next lab built
+(L{sweep}); interface names repeat (C{wan}, C{lan}), but only inside each
+lab's own namespaces.  Every command runs with a time bound.
 
 It needs root, iproute2 (C{ip}) and nftables (C{nft}); without them
 L{NatLab} raises C{SkipTest} saying which.  C{.ci/run} installs both.
@@ -66,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -97,6 +100,8 @@ COMMAND_TIMEOUT = 15.0
 OUTPUT_LIMIT = 1 << 20
 
 _NAMESPACES = ("inet", "nata", "natb", "hosta", "hostc", "hostb")
+#: A lab namespace's name: its creator's pid, a random tag, its role.
+_NAME = re.compile(r"^nl(\d+)-[0-9a-f]{4}-[a-z]+$")
 
 
 def unavailable(euid: int | None = None, which: Callable[[str], str | None] = shutil.which) -> str | None:
@@ -151,7 +156,8 @@ class NatLab:
             raise SkipTest(reason)
         if {nat_a, nat_b} - {CONE, SYMMETRIC}:
             raise ValueError(f"a lab NAT is {CONE!r} or {SYMMETRIC!r}")
-        self.prefix = f"nl{secrets.token_hex(3)}"
+        sweep()
+        self.prefix = f"nl{os.getpid()}-{secrets.token_hex(2)}"
         self.created: list[str] = []
         test.addCleanup(self.remove)
         try:
@@ -238,26 +244,47 @@ class NatLab:
 
     def remove(self) -> None:
         """Kill what is left in the lab's namespaces (by pid), then delete them."""
-        problems = []
-        for namespace in reversed(self.created):
+        created, self.created = self.created, []
+        _remove(list(reversed(created)))
+
+
+def _remove(namespaces: list[str]) -> None:
+    """Kill every process left in C{namespaces} (by pid: deleting them would not), then delete them."""
+    problems = []
+    for namespace in namespaces:
+        try:
+            pids = _command(["ip", "netns", "pids", namespace]).split()
+        except LabError as e:
+            problems.append(str(e))
+            continue
+        for pid in pids:
             try:
-                pids = _command(["ip", "netns", "pids", namespace]).split()
-            except LabError as e:
-                problems.append(str(e))
-                continue
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for namespace in reversed(self.created):
-            try:
-                _command(["ip", "netns", "del", namespace])
-            except LabError as e:
-                problems.append(str(e))
-        self.created = []
-        if problems:
-            raise LabError("removing the NAT lab: " + "; ".join(problems))
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for namespace in namespaces:
+        try:
+            _command(["ip", "netns", "del", namespace])
+        except LabError as e:
+            problems.append(str(e))
+    if problems:
+        raise LabError("removing the NAT lab: " + "; ".join(problems))
+
+
+def sweep() -> list[str]:
+    """
+    Remove the namespaces of labs whose creating process is gone (killed
+    before its cleanup could run); the names removed.
+    """
+    orphans = []
+    for line in _command(["ip", "netns", "list"]).splitlines():
+        name = line.split()[0] if line.strip() else ""
+        found = _NAME.match(name)
+        if found and not os.path.exists(f"/proc/{found.group(1)}"):
+            orphans.append(name)
+    if orphans:
+        _remove(orphans)
+    return orphans
 
 
 class LabProcess(ProcessProtocol):

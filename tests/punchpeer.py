@@ -37,7 +37,8 @@ from twisted.internet import stdio, task
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.protocol import DatagramProtocol, Protocol
 
-from pluresync.direct.punch import BLOCKED, CONE, HOST, MAPPED, OPEN, SYMMETRIC, Candidate, HolePunch, is_probe
+from pluresync.direct.punch import BLOCKED, CONE, OPEN, SYMMETRIC, HolePunch
+from pluresync.direct.signal import Candidate, CandidateKind
 from pluresync.errors import DirectPathError
 
 from .natlab import REFLECT_REQUEST, REFLECTOR_PORTS, parse_reflection
@@ -64,10 +65,9 @@ class Demux(DatagramProtocol):
         self.peer = peer
 
     def datagramReceived(self, datagram: bytes, address: Address) -> None:
-        if is_probe(datagram):
-            if self.peer.punch is not None:
-                self.peer.punch.datagramReceived(datagram, address)
-        elif datagram and 0x50 <= datagram[0] <= 0x53:
+        if self.peer.punch is not None and self.peer.punch.datagramReceived(datagram, address):
+            return
+        if datagram and 0x50 <= datagram[0] <= 0x53:
             if self.peer.transfer is not None:
                 self.peer.transfer(datagram, address)
         else:
@@ -127,10 +127,10 @@ class Peer:
         probe.close()
         first = await self.reflected((self.args.reflector, REFLECTOR_PORTS[0]))
         second = await self.reflected((self.args.reflector, REFLECTOR_PORTS[1])) if first else None
-        candidates = [Candidate(HOST, *local)]
+        candidates = [Candidate(CandidateKind.HOST, *local)]
         if first is None:
             return BLOCKED, candidates
-        candidates.append(Candidate(MAPPED, *first))
+        candidates.append(Candidate(CandidateKind.REFLEXIVE, *first))
         if first == local:
             return OPEN, candidates
         return (CONE if second is None or second[1] == first[1] else SYMMETRIC), candidates
@@ -139,7 +139,7 @@ class Peer:
 async def run(reactor, args: argparse.Namespace) -> None:
     peer = Peer(reactor, args)
     nat, candidates = await peer.classify()
-    emit({"nat": nat, "candidates": [[c.kind, c.host, c.port] for c in candidates]})
+    emit({"nat": nat, "candidates": [[int(c.kind), c.host, c.port] for c in candidates]})
 
     stdin = StdinLine()
     stdio.StandardIO(stdin, reactor=reactor)
@@ -153,7 +153,7 @@ async def run(reactor, args: argparse.Namespace) -> None:
         initiator=initiator,
         local_nat=nat,
         peer_nat=told["peer_nat"],
-        candidates=[Candidate(kind, host, port) for kind, host, port in told["candidates"]],
+        candidates=[Candidate(CandidateKind(kind), host, port) for kind, host, port in told["candidates"]],
         timeout=told.get("timeout", 10.0),
         lan_timeout=told.get("lan_timeout", 1.0),
     )

@@ -231,6 +231,16 @@ class LabTests(TestCase):
         self.assertEqual(ports["hosta"][0], ports["hosta"][1])  # NAT A: cone
         self.assertNotEqual(ports["hostb"][0], ports["hostb"][1])  # NAT B: symmetric
 
+    def test_sweep(self) -> None:
+        """A lab whose creator died before its cleanup is removed by the next lab built."""
+        child = subprocess.Popen(["true"])
+        child.wait(timeout=10)  # gone: its lab is an orphan
+        orphan = f"nl{child.pid}-0a0b-hosta"
+        subprocess.run(["ip", "netns", "add", orphan], check=True, timeout=10)
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", orphan], capture_output=True, timeout=10)
+        NatLab(self)
+        self.assertNotIn(orphan, self.namespaces())
+
     def test_parallel_labs(self) -> None:
         """Two labs at once (as trial -j2 builds them) do not collide."""
         first, second = NatLab(self), NatLab(self)

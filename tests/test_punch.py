@@ -21,26 +21,30 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
 
 from pluresync.direct.probes import KEY_SIZE, PROBE_SIZE, Kind, ProbeCodec, ReplayWindow, Role, is_probe
 from pluresync.direct.punch import (
     BIRTHDAY,
     BLOCKED,
     CONE,
-    HOST,
     LAN,
-    MAPPED,
     MAX_CANDIDATES,
     OPEN,
     SIMULTANEOUS,
     SPRAY,
     SYMMETRIC,
-    Candidate,
+    UNKNOWN,
     HolePunch,
     PunchedPath,
     UdpSockets,
 )
+from pluresync.direct.signal import Candidate, CandidateKind, NatClass
+from pluresync.direct.stun import encode_binding_request, is_stun
 from pluresync.errors import DirectPathError, PluresyncError
+from pluresync.interfaces import IDatagramHandler
+
+HOST, MAPPED = CandidateKind.HOST, CandidateKind.REFLEXIVE
 
 Address = tuple[str, int]
 KEY = bytes(range(KEY_SIZE))
@@ -193,9 +197,8 @@ class Side:
         self.other: list[tuple[bytes, Address]] = []  # what the owner keeps (STUN, QUIC)
 
     def owner_received(self, datagram: bytes, source: Address) -> None:
-        if is_probe(datagram) and self.punch is not None:
-            self.punch.datagramReceived(datagram, source)
-        else:
+        """The owner offers each datagram to its handlers: the punch, then (here) a list of the rest."""
+        if self.punch is None or not self.punch.datagramReceived(datagram, source):
             self.other.append((datagram, source))
 
     def candidates(self) -> list[Candidate]:
@@ -323,6 +326,10 @@ class ProbeTests(SynchronousTestCase):
         self.assertEqual([b for b in range(256) if is_probe(bytes([b]))], list(range(0x80, 0xC0)))
         self.assertFalse(is_probe(b""))
         self.assertTrue(all(0x80 <= kind <= 0xBF for kind in Kind))
+        # Never STUN, even with the magic cookie where STUN has it; and a STUN message is never a probe.
+        for first in range(0x80, 0xC0):
+            self.assertFalse(is_stun(bytes([first, 0]) + b"\x00\x00\x21\x12\xa4\x42" + bytes(26)))
+        self.assertFalse(is_probe(encode_binding_request(bytes(12))))
 
     def test_replay_window(self) -> None:
         window = ReplayWindow(size=8)
@@ -361,6 +368,17 @@ class StrategyTests(PunchTestCase):
         outcomes = self.both(a, b, OPEN, OPEN)
         self.run_until(lambda: all(outcomes))
         self.assertEqual(self.path(outcomes[0]).peer, b.address)
+        self.settle(a, b)
+
+    def test_unknown_is_punched_as_cone(self) -> None:
+        """An unknown NAT (one STUN answer only), given as a signal's NatClass: probed as a cone."""
+        a = self.side(("192.168.1.2", 5000), self.nat("198.51.100.1", "192.168.1."))
+        b = self.side(("192.168.2.2", 6000), self.nat("198.51.100.2", "192.168.2."))
+        outcomes = self.both(a, b, NatClass.UNKNOWN, NatClass.CONE)
+        self.run_until(lambda: all(outcomes))
+        self.assertEqual(self.path(outcomes[0]).strategy, SIMULTANEOUS)
+        self.assertEqual(b.punch.strategy, SIMULTANEOUS)
+        self.assertEqual(UNKNOWN, NatClass.UNKNOWN.name.lower())
         self.settle(a, b)
 
     def birthday(self, symmetric_initiates: bool) -> None:
@@ -573,7 +591,7 @@ class FailureTests(PunchTestCase):
             Candidate(HOST, "224.0.0.1", 5000),
             Candidate(HOST, "0.0.0.0", 5000),
             Candidate(MAPPED, "198.51.100.2", 0),
-            Candidate("relay", "198.51.100.2", 5000),
+            Candidate(CandidateKind.LAN_TCP, "198.51.100.2", 5000),  # for the LAN's TCP, not punched
         ]
         punch = self.punch(self.a, self.b, initiator=True, local=CONE, remote=CONE, candidates=junk)
         self.assertEqual(self.failureResultOf(punch.start(), DirectPathError).value.reason, "no-candidates")
@@ -588,6 +606,8 @@ class FailureTests(PunchTestCase):
     def test_bad_arguments(self) -> None:
         with self.assertRaises(ValueError):
             self.punch(self.a, self.b, initiator=True, local="full-cone", remote=CONE)
+        with self.assertRaises(ValueError):
+            self.punch(self.a, self.b, initiator=True, local=CONE, remote=7)
         with self.assertRaises(ValueError):
             self.punch(self.a, self.b, initiator=True, local=CONE, remote=CONE, key=b"\x00" * 16)
         with self.assertRaises(ValueError):
@@ -677,8 +697,14 @@ class AuthenticationTests(PunchTestCase):
         self.error(outcomes[1], "no-answer")
         self.settle(self.a, self.b)
 
+    def test_a_datagram_handler(self) -> None:
+        punch = self.punch(self.a, self.b, initiator=True, local=OPEN, remote=OPEN)
+        self.assertTrue(verifyObject(IDatagramHandler, punch))
+        self.assertFalse(punch.datagramReceived(b"\x00\x01" + bytes(18), self.b.address))
+        self.assertTrue(punch.datagramReceived(b"\x80" + bytes(33), self.b.address))  # a probe, if no valid one
+
     def test_other_datagrams_stay_with_the_owner(self) -> None:
-        """STUN and QUIC on the same socket are the owner's: is_probe tells them apart."""
+        """STUN and QUIC on the same socket are the owner's: the punch declines them."""
         d = self.punch(self.a, self.b, initiator=True, local=OPEN, remote=OPEN, timeout=1.0).start()
         self.mallory.sendto(b"\x00\x01" + bytes(18), self.a.address)  # a STUN Binding request
         self.mallory.sendto(b"\xc3" + bytes(40), self.a.address)  # a QUIC long header

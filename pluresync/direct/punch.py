@@ -5,14 +5,15 @@ addresses at the same time, until one path carries them both ways.
 Each side's NAT lets a datagram in only from an address it has sent to,
 so both send at once (simultaneous open), each to every address of the
 other's it knows: its LAN ("host") addresses and the public address its
-NAT maps ("mapped", from STUN).  How depends on the two NATs' classes, as
-a classifier reports them (hyperdht's table, with its birthday search):
+NAT maps ("reflexive", from STUN).  How depends on the two NATs' classes,
+as L{pluresync.direct.nat} reports them (hyperdht's table, with its
+birthday search; an C{unknown} NAT is punched as a cone):
 
 ============  ============  ===========================================
 this side     the peer      what this side does
 ============  ============  ===========================================
-open, cone    open, cone    probe every address of the peer's, every
-                            C{interval} ("simultaneous")
+open, cone,   open, cone,   probe every address of the peer's, every
+unknown       unknown       C{interval} ("simultaneous")
 symmetric     open, cone    also open C{birthday_sockets} more sockets,
                             each probing the peer's public address: its
                             NAT gives each a new public port ("birthday")
@@ -34,11 +35,11 @@ path, even when several work.  Every message is sealed with the punch key
 our own probe reflected back are ignored, and an answer counts only if it
 came back from the address, to the socket, that its probe used.
 
-The socket owner demultiplexes: it reads the UDP socket it gave
-L{HolePunch} and hands it every datagram for which L{is_probe} is true
-(L{HolePunch.datagramReceived}); STUN and QUIC stay its own.  The birthday
-sockets are the puncher's, read through the reactor, and closed when the
-punch ends, except a winner, which is handed to the caller.
+The socket owner demultiplexes: L{HolePunch} is an L{IDatagramHandler} on
+the UDP socket it was given, and takes the datagrams for which L{is_probe}
+is true; STUN and QUIC stay the owner's.  The birthday sockets are the
+puncher's, read through the reactor, and closed when the punch ends,
+except a winner, which is handed to the caller.
 """
 
 from __future__ import annotations
@@ -59,16 +60,16 @@ from zope.interface import implementer
 
 from pluresync.automata import Transitions
 from pluresync.direct.probes import Kind, ProbeCodec, ReplayWindow, Role, is_probe
+from pluresync.direct.signal import Candidate, CandidateKind, NatClass
 from pluresync.errors import DirectPathError
+from pluresync.interfaces import IDatagramHandler
 
 __all__ = [
     "BLOCKED",
     "CONE",
-    "HOST",
-    "MAPPED",
     "OPEN",
     "SYMMETRIC",
-    "Candidate",
+    "UNKNOWN",
     "HolePunch",
     "PunchedPath",
     "UdpSockets",
@@ -77,12 +78,11 @@ __all__ = [
 
 Address = tuple[str, int]
 
-#: NAT classes, as a classifier reports them: no NAT; one public port per
-#: socket; one per destination; no UDP at all.
-OPEN, CONE, SYMMETRIC, BLOCKED = "open", "cone", "symmetric", "blocked"
-NAT_CLASSES = frozenset((OPEN, CONE, SYMMETRIC, BLOCKED))
-#: Candidate kinds: a local interface address; the public address a NAT maps.
-HOST, MAPPED = "host", "mapped"
+#: NAT classes, as L{pluresync.direct.nat} reports them (or their
+#: L{NatClass} in a signal): no NAT; one public port per socket; one per
+#: destination; no UDP at all; cannot tell (punched as a cone).
+OPEN, CONE, SYMMETRIC, BLOCKED, UNKNOWN = "open", "cone", "symmetric", "blocked", "unknown"
+NAT_CLASSES = frozenset((OPEN, CONE, SYMMETRIC, BLOCKED, UNKNOWN))
 #: Strategies (L{HolePunch.strategy}).
 SIMULTANEOUS, BIRTHDAY, SPRAY, LAN = "simultaneous", "birthday", "spray", "lan"
 
@@ -96,19 +96,6 @@ MAX_REMEMBERED = 4096
 SPRAY_PORTS = range(1024, 65536)
 #: Datagrams read from one birthday socket per reactor turn, at most.
 _READS_PER_TURN = 64
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """An address of the peer's to probe: C{kind} is L{HOST} or L{MAPPED}."""
-
-    kind: str
-    host: str
-    port: int
-
-    @property
-    def address(self) -> Address:
-        return (self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,8 +173,8 @@ class _Plan:
 
 
 def _plan(local_nat: str, peer_nat: str, candidates: list[Candidate]) -> _Plan | DirectPathError:
-    hosts = tuple(c.address for c in candidates if c.kind == HOST)
-    mapped = tuple(c.address for c in candidates if c.kind == MAPPED)
+    hosts = tuple((c.host, c.port) for c in candidates if c.kind is CandidateKind.HOST)
+    mapped = tuple((c.host, c.port) for c in candidates if c.kind is CandidateKind.REFLEXIVE)
     hopeless = None
     if local_nat == BLOCKED:
         hopeless = ("udp-blocked", "UDP is blocked on this network (the public address lookup got no answer)")
@@ -218,11 +205,25 @@ def _plan(local_nat: str, peer_nat: str, candidates: list[Candidate]) -> _Plan |
 _RELAY = " (the relay keeps carrying the stream)"
 
 
+def _nat_name(nat: str | NatClass) -> str:
+    """A NAT class by its name, whether L{pluresync.direct.nat}'s string or a signal's L{NatClass}."""
+    name = nat.name.lower() if isinstance(nat, NatClass) else nat
+    if name not in NAT_CLASSES:
+        raise ValueError(f"a NAT class is one of {', '.join(sorted(NAT_CLASSES))}, not {nat!r}")
+    return name
+
+
 def _usable(candidates: Iterable[Candidate], log: Logger) -> list[Candidate]:
-    """The peer's candidates worth a datagram: real unicast addresses, each once, at most L{MAX_CANDIDATES}."""
+    """
+    The peer's candidates worth a datagram: UDP ones (host and reflexive; a
+    LAN TCP port is for L{pluresync.direct.lan}) at real unicast addresses,
+    each once, at most L{MAX_CANDIDATES}.
+    """
     usable: dict[Address, Candidate] = {}
     dropped = 0
     for candidate in candidates:
+        if candidate.kind is CandidateKind.LAN_TCP:
+            continue
         try:
             ip = ipaddress.ip_address(candidate.host)
             port = int(candidate.port)
@@ -230,7 +231,7 @@ def _usable(candidates: Iterable[Candidate], log: Logger) -> list[Candidate]:
             dropped += 1
             continue
         if (
-            candidate.kind not in (HOST, MAPPED)
+            candidate.kind not in (CandidateKind.HOST, CandidateKind.REFLEXIVE)
             or not 0 < port < 65536
             or ip.is_multicast
             or ip.is_unspecified
@@ -240,7 +241,7 @@ def _usable(candidates: Iterable[Candidate], log: Logger) -> list[Candidate]:
             continue
         address = (str(ip), port)
         if address not in usable and len(usable) < MAX_CANDIDATES:
-            usable[address] = Candidate(candidate.kind, *address)
+            usable[address] = Candidate(CandidateKind(candidate.kind), *address)
         elif address not in usable:
             dropped += 1
     if dropped:
@@ -671,6 +672,7 @@ _transitions.ignore_the_rest(
 _PunchMachine = _punch.build()
 
 
+@implementer(IDatagramHandler)
 class HolePunch:
     """
     One attempt to punch a direct UDP path to a peer, and, once punched,
@@ -695,10 +697,12 @@ class HolePunch:
         end-to-end session; a fresh one for each attempt.
     @param initiator: whether this side is the session's initiator (the
         other side must pass the opposite): the initiator picks the path.
-    @param local_nat: this side's NAT class: L{OPEN}, L{CONE}, L{SYMMETRIC}
-        or L{BLOCKED}.
-    @param peer_nat: the peer's NAT class, as the peer reported it.
-    @param candidates: the peer's addresses (L{Candidate}), host and mapped.
+    @param local_nat: this side's NAT class: L{OPEN}, L{CONE}, L{SYMMETRIC},
+        L{BLOCKED} or L{UNKNOWN} (L{pluresync.direct.nat.classify_nat}'s
+        string, or a signal's L{NatClass}).
+    @param peer_nat: the peer's NAT class, as its offer or answer says.
+    @param candidates: the peer's addresses (its signal's L{Candidate}s:
+        host and reflexive ones are probed, LAN TCP ones skipped).
     @param timeout: seconds before giving up (L{DirectPathError}).
     @param interval: seconds between rounds of probes.
     @param keepalive: seconds between keepalives once punched (C{None} or 0: none).
@@ -721,8 +725,8 @@ class HolePunch:
         key: bytes,
         *,
         initiator: bool,
-        local_nat: str,
-        peer_nat: str,
+        local_nat: str | NatClass,
+        peer_nat: str | NatClass,
         candidates: Iterable[Candidate],
         timeout: float = 10.0,
         interval: float = 0.1,
@@ -736,9 +740,7 @@ class HolePunch:
         random: _random.Random | None = None,
         log: Logger | None = None,
     ) -> None:
-        for name, nat in (("local_nat", local_nat), ("peer_nat", peer_nat)):
-            if nat not in NAT_CLASSES:
-                raise ValueError(f"{name} must be one of {', '.join(sorted(NAT_CLASSES))}, not {nat!r}")
+        local_nat, peer_nat = _nat_name(local_nat), _nat_name(peer_nat)
         for name, value in (("timeout", timeout), ("interval", interval), ("lan_timeout", lan_timeout)):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, not {value!r}")
@@ -797,17 +799,22 @@ class HolePunch:
             return self._core.run(self._machine.refuse, self._refusal)
         return self._core.run(self._machine.start)
 
-    def datagramReceived(self, datagram: bytes, address: Address) -> None:
+    def datagramReceived(self, datagram: bytes, addr: Address) -> bool:
         """
-        A datagram for which L{is_probe} is true, read by the owner from the
-        socket given to this punch; once punched, from the punched path's
-        socket (L{PunchedPath.socket}, which may be a birthday socket).
-        Keep feeding them after the punch: the peer may repeat its choice
-        until it hears our answer.
+        A datagram the owner read from the socket given to this punch (once
+        punched: from the punched path's socket, L{PunchedPath.socket},
+        which may be a birthday socket).  Keep offering them after the
+        punch: the peer may repeat its choice until it hears our answer.
+
+        @return: whether it is a probe (L{is_probe}): taken, or dropped as
+            not the peer's; C{False} for anything else (STUN, QUIC).
         """
+        if not is_probe(datagram):
+            return False
         core = self._core
         via = core.main if core.winner is None else core.winner[0]
-        core.run(core.receive, via, datagram, address)
+        core.run(core.receive, via, datagram, addr)
+        return True
 
     def stop(self) -> None:
         """
