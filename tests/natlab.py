@@ -8,7 +8,7 @@ and none linked to the root namespace, so no lab packet leaves the machine::
     hosta 192.168.1.2 --+
                         +-- lan (nata) [NAT A] wan 172.16.0.1 --+
     hostc 192.168.1.3 --+                                       +-- br0 (inet) 172.16.0.10
-                                                                |    the reflector (UDP 3478, 3479)
+                                                                |    a STUN server (UDP 3478, 3479)
     hostb 192.168.2.2 ----- lan (natb) [NAT B] wan 172.16.0.2 --+
 
 A NAT is L{CONE} (nftables C{masquerade}: one public port per socket,
@@ -30,9 +30,9 @@ How to use it in a test::
 
         async def test_it(self):
             lab = NatLab(self, nat_a=SYMMETRIC, nat_b=CONE)   # skips unless root with ip and nft
-            reflector = lab.reflector(self)                   # the STUN stand-in, in inet
-            self.assertEqual(await reflector.line(), "ready")
-            peer = lab.spawn(self, "hosta", ["-m", "tests.punchpeer", "--reflector", INTERNET])
+            stun = lab.stun_server(self)                      # pluresync's STUN server, in inet
+            self.assertEqual(await stun.line(), "ready")
+            peer = lab.spawn(self, "hosta", ["-m", "tests.punchpeer", "--stun", INTERNET])
             first = await peer.line()                          # its stdout, line by line
             peer.send("...")                                   # its stdin
             self.assertEqual(await peer.ended, 0)
@@ -58,10 +58,10 @@ ruleset}, C{ip netns exec NS conntrack -L}; C{ip -all netns del} removes
 every namespace of the machine, not only a lab's: prefer C{ip netns del}
 by name.
 
-L{reflect} is a test-only stand-in for STUN (C{pluresync.direct.stun}
-is written meanwhile): it answers C{natlab-seen?} with the address it saw,
-on two ports, so a peer can tell a cone NAT from a symmetric one.
-Replace it with the real STUN client and server once they are merged.
+The internet runs pluresync's own STUN server (L{stun_server}: the
+relay's C{--udp-port} on two ports), so a peer classifies its NAT as in
+production (L{pluresync.direct.nat.classify_nat}); C{python -m tests.natlab
+nat --stun 172.16.0.10} prints what a host's NAT looks like from there.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
-from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol
 from twisted.trial.unittest import SkipTest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,9 +91,9 @@ CONE, SYMMETRIC = "cone", "symmetric"
 HOSTS = {"hosta": ("nata", "192.168.1.2"), "hostc": ("nata", "192.168.1.3"), "hostb": ("natb", "192.168.2.2")}
 #: The routers' LAN and WAN addresses.
 ROUTERS = {"nata": ("192.168.1.1", "172.16.0.1"), "natb": ("192.168.2.1", "172.16.0.2")}
-#: The internet's own address (the reflector's), in the namespace "inet".
+#: The internet's own address (its STUN server's), in the namespace "inet".
 INTERNET = "172.16.0.10"
-REFLECTOR_PORTS = (3478, 3479)
+STUN_PORTS = (3478, 3479)
 #: Seconds any one setup or teardown command may take.
 COMMAND_TIMEOUT = 15.0
 #: What a lab process's stdout and stderr keep (the last bytes).
@@ -189,7 +189,7 @@ class NatLab:
             self.created.append(self.ns(name))
         for name in _NAMESPACES:
             self.ip(name, "link", "set", "lo", "up")
-        # The internet: a bridge, with the reflector's address on it.
+        # The internet: a bridge, with the STUN server's address on it.
         self.ip("inet", "link", "add", "br0", "type", "bridge")
         self.ip("inet", "addr", "add", f"{INTERNET}/24", "dev", "br0")
         self.ip("inet", "link", "set", "br0", "up")
@@ -238,9 +238,9 @@ class NatLab:
         test.addCleanup(process.stop)
         return process
 
-    def reflector(self, test, timeout: float = 60.0) -> LabProcess:
-        """The STUN stand-in (L{reflect}) in C{inet}; its first line is C{ready}."""
-        return self.spawn(test, "inet", ["-m", "tests.natlab", "reflect", "--seconds", str(timeout)], timeout + 5)
+    def stun_server(self, test, timeout: float = 60.0) -> LabProcess:
+        """pluresync's STUN server in C{inet}, on L{STUN_PORTS}; its first line is C{ready}."""
+        return self.spawn(test, "inet", ["-m", "tests.natlab", "stun", "--seconds", str(timeout)], timeout + 5)
 
     def remove(self) -> None:
         """Kill what is left in the lab's namespaces (by pid), then delete them."""
@@ -393,49 +393,48 @@ class LabProcess(ProcessProtocol):
         return ended
 
 
-# -- the STUN stand-in (test code only, until pluresync.direct.stun is merged) ----------
-
-#: What a peer sends the reflector.
-REFLECT_REQUEST = b"natlab-seen?"
-_REFLECT_ANSWER = b"natlab-seen "
+# -- run inside the lab ---------------------------------------------------------------
 
 
-def parse_reflection(datagram: bytes) -> tuple[str, int] | None:
-    """The address the reflector saw, from its answer; C{None} if C{datagram} is not one."""
-    if not datagram.startswith(_REFLECT_ANSWER):
-        return None
-    try:
-        host, port = datagram[len(_REFLECT_ANSWER) :].decode("ascii").split()
-        return host, int(port)
-    except ValueError:
-        return None
+def stun(seconds: float) -> None:
+    """Serve STUN on L{STUN_PORTS} of every address for C{seconds}, as a relay's C{--udp-port} does."""
+    from pluresync.direct.stunserver import StunServer
 
-
-class _Reflector(DatagramProtocol):
-    noisy = False
-
-    def datagramReceived(self, datagram: bytes, address: tuple[str, int]) -> None:
-        if datagram == REFLECT_REQUEST:
-            self.transport.write(_REFLECT_ANSWER + f"{address[0]} {address[1]}".encode(), address)
-
-
-def reflect(ports: tuple[int, ...], seconds: float) -> None:
-    """Answer every L{REFLECT_REQUEST} on C{ports} with the address it came from, for C{seconds}."""
-    for port in ports:
-        reactor.listenUDP(port, _Reflector())
+    for port in STUN_PORTS:
+        reactor.listenUDP(port, StunServer())
     reactor.callLater(seconds, reactor.stop)
     reactor.callWhenRunning(lambda: print("ready", flush=True))
     reactor.run()
 
 
+def nat(server: str) -> None:
+    """Print, as JSON, how this host's NAT looks from the STUN server at C{server} (its two ports)."""
+    import json
+
+    from twisted.internet import task
+
+    from pluresync.direct.nat import discover_nat
+
+    async def run(reactor) -> None:
+        report = await discover_nat(reactor, [(server, port) for port in STUN_PORTS], deadline=2.0)
+        mapped = [str(sample.mapped) if sample.mapped else None for sample in report.samples]
+        print(json.dumps({"nat": report.nat, "mapped": mapped, "reason": report.reason}), flush=True)
+
+    task.react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.natlab", description="NAT lab helpers run inside the lab")
     commands = parser.add_subparsers(dest="command", required=True)
-    reflector = commands.add_parser("reflect", help="the STUN stand-in: answer with the address seen")
-    reflector.add_argument("--seconds", type=float, default=60.0)
+    server = commands.add_parser("stun", help="a STUN server on UDP 3478 and 3479")
+    server.add_argument("--seconds", type=float, default=60.0)
+    client = commands.add_parser("nat", help="classify this host's NAT with the STUN server at --stun")
+    client.add_argument("--stun", default=INTERNET)
     args = parser.parse_args(argv)
-    if args.command == "reflect":
-        reflect(REFLECTOR_PORTS, args.seconds)
+    if args.command == "stun":
+        stun(args.seconds)
+    else:
+        nat(args.stun)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """
 One peer of a lab punch test: run in a namespace by tests/test_natlab.py.
 
-    python -m tests.punchpeer --reflector 172.16.0.10
+    python -m tests.punchpeer --stun 172.16.0.10
 
 It talks to the test in JSON lines, so the test carries the signaling the
 relay will carry in production:
 
-1. It binds one UDP socket, asks the reflector (the STUN stand-in of
-   tests/natlab.py) from it on two ports what address it was seen from,
-   classifies its NAT, and prints C{{"nat", "local", "candidates"}}.
+1. It binds one UDP socket, asks the lab's STUN server from it on two ports
+   (L{classify_nat}, through a L{StunClient} on that socket), and prints
+   C{{"nat", "candidates"}}.
 2. It reads C{{"initiator", "key", "peer_nat", "candidates", "timeout",
    "lan_timeout", "mib"}} from stdin (the peer's line 1, and the shared key).
 3. It punches (L{HolePunch}) and prints C{{"result": "direct", "peer",
@@ -18,8 +18,10 @@ relay will carry in production:
    punched socket, the responder acknowledges each, and both print
    C{{"transfer": {"bytes", "sha256", "seconds"}}}.  Then it exits 0.
 
-Every wait is bounded: the reflector's answers, the stdin line, the punch
-(its timeout) and the transfer (C{--transfer-seconds}).
+The socket's owner offers each datagram to the STUN client, then to the
+punch, then to the transfer, as the direct endpoint's socket will.  Every
+wait is bounded: the STUN queries (C{--stun-seconds}), the stdin line, the
+punch (its timeout) and the transfer (C{--transfer-seconds}).
 """
 
 from __future__ import annotations
@@ -34,14 +36,16 @@ import sys
 from typing import Any
 
 from twisted.internet import stdio, task
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol, Protocol
 
-from pluresync.direct.punch import BLOCKED, CONE, OPEN, SYMMETRIC, HolePunch
+from pluresync.direct.nat import classify_nat, route_source
+from pluresync.direct.punch import HolePunch
 from pluresync.direct.signal import Candidate, CandidateKind
+from pluresync.direct.stunclient import StunClient
 from pluresync.errors import DirectPathError
 
-from .natlab import REFLECT_REQUEST, REFLECTOR_PORTS, parse_reflection
+from .natlab import STUN_PORTS
 
 Address = tuple[str, int]
 
@@ -57,7 +61,7 @@ def emit(record: dict[str, Any]) -> None:
 
 
 class Demux(DatagramProtocol):
-    """The socket owner's side: probes to the puncher, the reflector's answers and the transfer to the peer."""
+    """The socket owner's side: each datagram to STUN, the punch, or the transfer, by its first byte."""
 
     noisy = False
 
@@ -65,16 +69,13 @@ class Demux(DatagramProtocol):
         self.peer = peer
 
     def datagramReceived(self, datagram: bytes, address: Address) -> None:
-        if self.peer.punch is not None and self.peer.punch.datagramReceived(datagram, address):
+        peer = self.peer
+        if peer.stun.datagramReceived(datagram, address):
             return
-        if datagram and 0x50 <= datagram[0] <= 0x53:
-            if self.peer.transfer is not None:
-                self.peer.transfer(datagram, address)
-        else:
-            seen = parse_reflection(datagram)
-            waiting = self.peer.reflections.pop((address[0], address[1]), None)
-            if seen is not None and waiting is not None:
-                waiting.callback(seen)
+        if peer.punch is not None and peer.punch.datagramReceived(datagram, address):
+            return
+        if datagram and 0x50 <= datagram[0] <= 0x53 and peer.transfer is not None:
+            peer.transfer(datagram, address)
 
 
 class StdinLine(Protocol):
@@ -100,40 +101,23 @@ class Peer:
         self.args = args
         self.punch: HolePunch | None = None
         self.transfer = None
-        self.reflections: dict[Address, Deferred[Address]] = {}
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
         self.sock.bind(("0.0.0.0", 0))
+        self.stun = StunClient(reactor, self.sock.sendto)
         reactor.adoptDatagramPort(self.sock.fileno(), socket.AF_INET, Demux(self), maxPacketSize=65535)
 
-    async def reflected(self, server: Address) -> Address | None:
-        """The address the reflector at C{server} saw, or C{None} (three tries, 0.3 s each)."""
-        for _ in range(3):
-            d: Deferred[Address] = Deferred()
-            self.reflections[server] = d
-            self.sock.sendto(REFLECT_REQUEST, server)
-            d.addTimeout(0.3, self.reactor)
-            try:
-                return await d
-            except TimeoutError:
-                self.reflections.pop(server, None)
-        return None
-
     async def classify(self) -> tuple[str, list[Candidate]]:
-        """This side's NAT class and its candidates, as a STUN client will report them."""
-        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        probe.connect((self.args.reflector, REFLECTOR_PORTS[0]))  # sends nothing: picks the route's address
-        local = (probe.getsockname()[0], self.sock.getsockname()[1])
-        probe.close()
-        first = await self.reflected((self.args.reflector, REFLECTOR_PORTS[0]))
-        second = await self.reflected((self.args.reflector, REFLECTOR_PORTS[1])) if first else None
-        candidates = [Candidate(CandidateKind.HOST, *local)]
-        if first is None:
-            return BLOCKED, candidates
-        candidates.append(Candidate(CandidateKind.REFLEXIVE, *first))
-        if first == local:
-            return OPEN, candidates
-        return (CONE if second is None or second[1] == first[1] else SYMMETRIC), candidates
+        """This side's NAT class and its candidates, from the lab's STUN server's two ports."""
+        servers = [(self.args.stun, port) for port in STUN_PORTS]
+        port = self.sock.getsockname()[1]
+        report = await classify_nat(
+            self.reactor, self.stun, servers, ("0.0.0.0", port), deadline=self.args.stun_seconds
+        )
+        candidates = [Candidate(CandidateKind.HOST, route_source(self.args.stun), port)]
+        if report.mapped is not None:
+            candidates.append(Candidate(CandidateKind.REFLEXIVE, report.mapped.host, report.mapped.port))
+        return report.nat, candidates
 
 
 async def run(reactor, args: argparse.Namespace) -> None:
@@ -298,7 +282,8 @@ class Receiver:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.punchpeer")
-    parser.add_argument("--reflector", required=True, help="the reflector's IP (tests/natlab.py)")
+    parser.add_argument("--stun", required=True, help="the lab's STUN server's IP (tests/natlab.py)")
+    parser.add_argument("--stun-seconds", type=float, default=1.5, help="how long STUN may take")
     parser.add_argument("--wait-seconds", type=float, default=30.0, help="how long to wait for the peer's line")
     parser.add_argument("--transfer-seconds", type=float, default=30.0)
     args = parser.parse_args(argv)

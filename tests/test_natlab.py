@@ -65,9 +65,9 @@ class PunchLabTests(TestCase):
         mib: int = MIB,
     ) -> tuple[Outcome, Outcome]:
         """Run the two peers, carry their signaling, and collect what they report."""
-        reflector = lab.reflector(self)
-        self.assertEqual(await reflector.line(), "ready")
-        args = ["-m", "tests.punchpeer", "--reflector", INTERNET]
+        stun = lab.stun_server(self)
+        self.assertEqual(await stun.line(), "ready")
+        args = ["-m", "tests.punchpeer", "--stun", INTERNET]
         peers = [lab.spawn(self, host, args, timeout=60) for host in (initiator, responder)]
         said = [json.loads(await peer.line()) for peer in peers]
         if block_after_classifying:
@@ -212,24 +212,18 @@ class LabTests(TestCase):
         self.assertEqual(await slow.ended, -9)
 
     async def test_nat_kinds(self) -> None:
-        """The reflector sees a cone NAT keep its port across destinations and a symmetric one change it."""
+        """pluresync's STUN server and NAT classification see each lab NAT as what it is."""
         lab = NatLab(self, CONE, SYMMETRIC)
-        reflector = lab.reflector(self)
-        self.assertEqual(await reflector.line(), "ready")
-        script = (
-            "import socket, sys\n"
-            "from tests.natlab import REFLECT_REQUEST, REFLECTOR_PORTS, parse_reflection\n"
-            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.bind(('0.0.0.0', 0))\n"
-            "for port in REFLECTOR_PORTS:\n"
-            "    s.sendto(REFLECT_REQUEST, (sys.argv[1], port)); print(parse_reflection(s.recv(100))[1])\n"
-        )
-        ports = {}
+        stun = lab.stun_server(self)
+        self.assertEqual(await stun.line(), "ready")
+        seen = {}
         for host in ("hosta", "hostb"):
-            peer = lab.spawn(self, host, ["-c", script, INTERNET], timeout=10)
-            ports[host] = (await peer.line(), await peer.line())
+            peer = lab.spawn(self, host, ["-m", "tests.natlab", "nat", "--stun", INTERNET], timeout=15)
+            seen[host] = json.loads(await peer.line())
             self.assertEqual(await peer.ended, 0, peer.err.decode())
-        self.assertEqual(ports["hosta"][0], ports["hosta"][1])  # NAT A: cone
-        self.assertNotEqual(ports["hostb"][0], ports["hostb"][1])  # NAT B: symmetric
+        self.assertEqual(seen["hosta"]["nat"], CONE, seen["hosta"])
+        self.assertEqual(seen["hostb"]["nat"], SYMMETRIC, seen["hostb"])
+        self.assertTrue(all(m.startswith("172.16.0.1:") for m in seen["hosta"]["mapped"]))
 
     def test_sweep(self) -> None:
         """A lab whose creator died before its cleanup is removed by the next lab built."""
