@@ -86,6 +86,20 @@ class ConnectionTimeoutError(PluresyncError):
     """No peer connection was established within the configured timeout."""
 
 
+class DirectPathError(PluresyncError):
+    """
+    No direct path to the peer could be opened; the relay keeps carrying
+    the stream (docs/troubleshooting.md, "Why direct failed").
+
+    @ivar reason: why, as a short code: C{both-symmetric}, C{udp-blocked},
+        C{no-answer}, C{one-way}, C{unreachable} or C{no-candidates}.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class RelayError(PluresyncError):
     """
     The relay refused or ended our request.
