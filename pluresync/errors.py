@@ -110,3 +110,28 @@ class RelayAuthError(RelayUnreachableError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, "unauthorized")
+
+
+class DirectPathError(PluresyncError):
+    """
+    The direct path to the peer (QUIC on a UDP socket, usually a punched
+    one) could not be opened: no answer, a refused handshake, or a peer that
+    broke the pipe's rules before it carried anything.  Nothing was delivered;
+    the relay path is unaffected.
+    """
+
+
+class CertificateMismatchError(DirectPathError):
+    """
+    A QUIC certificate is not the one whose fingerprint was exchanged inside
+    the end-to-end encrypted channel: the peer's (we refused it), or ours
+    (the peer refused it).  Someone else answered at the peer's address, or
+    the fingerprints were mixed up between two attempts.
+    """
+
+
+class DirectPathLostError(TruncatedStreamError):
+    """
+    A direct path that carried data ended without an orderly close: the
+    peer went silent (QUIC idle timeout), aborted, or broke the pipe's rules.
+    """
