@@ -84,6 +84,23 @@ class ConnectionTimeoutError(PluresyncError):
     """No peer connection was established within the configured timeout."""
 
 
+class DirectPathError(PluresyncError):
+    """
+    No direct path to the peer could be opened; the relay keeps carrying
+    the stream (docs/troubleshooting.md, "Why direct failed").
+
+    @ivar reason: why, as a short code: C{both-symmetric}, C{udp-blocked},
+        C{no-answer}, C{one-way}, C{unreachable} or C{no-candidates}; for
+        the QUIC pipe on a punched path also C{certificate} (a pinned
+        certificate did not match) or C{quic-handshake} (the QUIC
+        handshake failed or the peer broke the pipe's rules).
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class RelayError(PluresyncError):
     """
     The relay refused or ended our request.
@@ -112,15 +129,6 @@ class RelayAuthError(RelayUnreachableError):
         super().__init__(message, "unauthorized")
 
 
-class DirectPathError(PluresyncError):
-    """
-    The direct path to the peer (QUIC on a UDP socket, usually a punched
-    one) could not be opened: no answer, a refused handshake, or a peer that
-    broke the pipe's rules before it carried anything.  Nothing was delivered;
-    the relay path is unaffected.
-    """
-
-
 class CertificateMismatchError(DirectPathError):
     """
     A QUIC certificate is not the one whose fingerprint was exchanged inside
@@ -129,9 +137,12 @@ class CertificateMismatchError(DirectPathError):
     the fingerprints were mixed up between two attempts.
     """
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "certificate")
 
-class DirectPathLostError(TruncatedStreamError):
+
+class DirectPipeLostError(TruncatedStreamError):
     """
-    A direct path that carried data ended without an orderly close: the
-    peer went silent (QUIC idle timeout), aborted, or broke the pipe's rules.
+    A direct connection to the peer (no relay) ended without an orderly
+    close: reset, timed out, or cut off by a network change.
     """

@@ -25,7 +25,7 @@ from pluresync.errors import (
     CertificateMismatchError,
     ConfigurationError,
     DirectPathError,
-    DirectPathLostError,
+    DirectPipeLostError,
     PluresyncError,
 )
 from pluresync.interfaces import IDatagramReceiver, IDatagramSocket, IPipe, IPipeReceiver
@@ -367,6 +367,7 @@ class PinningTests(TestCase):
         for error in (at_client, at_server):
             self.assertIsInstance(error, DirectPathError)
             self.assertIsInstance(error, PluresyncError)
+            self.assertEqual(error.reason, "certificate")
 
     def test_proof(self):
         """A client's proof holds for its own certificate and connection only."""
@@ -514,8 +515,8 @@ class EndTests(TestCase):
         await at_client.until(1 * MIB)
         client.abort()
         client.abort()
-        self.assertIn("this side aborted", str(lost(at_client.losses[0], DirectPathLostError)))
-        error = lost(await at_server.loss(), DirectPathLostError)
+        self.assertIn("this side aborted", str(lost(at_client.losses[0], DirectPipeLostError)))
+        error = lost(await at_server.loss(), DirectPipeLostError)
         self.assertIn("aborted", str(error))
         await DeferredList([client.finished, server.finished])
         client.close()
@@ -529,9 +530,9 @@ class EndTests(TestCase):
         params = QuicParams(idle_timeout=1.0, handshake_timeout=5.0)
         client, server, at_client, at_server = await net.open(client_params=params, server_params=params)
         await net.client_port.stopListening()
-        error = lost(await at_server.loss(), DirectPathLostError)
+        error = lost(await at_server.loss(), DirectPipeLostError)
         self.assertIn("idle timeout", str(error))
-        lost(await at_client.loss(), DirectPathLostError)
+        lost(await at_client.loss(), DirectPipeLostError)
         await DeferredList([client.finished, server.finished])
 
     async def test_keepalive_holds_a_quiet_pipe(self):
@@ -556,7 +557,9 @@ class EndTests(TestCase):
             params=QuicParams(handshake_timeout=0.5),
         )
         failure = await DeferredList([d], consumeErrors=True)
-        self.assertIn("no answer", str(lost(failure[0][1], DirectPathError)))
+        error = lost(failure[0][1], DirectPathError)
+        self.assertIn("no answer", str(error))
+        self.assertEqual(error.reason, "no-answer")
         self.assertGreater(net.server_socket.unclaimed, 0)
 
     async def test_cancel(self):

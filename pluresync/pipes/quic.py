@@ -47,7 +47,7 @@ everything.  L{QuicPipe.abort} closes the connection at once with an error
 code; QUIC's idle timeout (with keep-alive PINGs well inside it while the
 pipe is quiet) ends a pipe whose peer vanished.  The receiver hears
 C{pipeLost} exactly once: C{ConnectionDone} for an orderly end, a
-L{DirectPathLostError} otherwise.
+L{DirectPipeLostError} otherwise.
 
 The peer's address is fixed for the pipe's life: datagrams from any other
 address are counted (C{strangers}) and dropped, so a NAT that rebinds the
@@ -73,7 +73,7 @@ from pluresync.errors import (
     CertificateMismatchError,
     ConfigurationError,
     DirectPathError,
-    DirectPathLostError,
+    DirectPipeLostError,
     PluresyncError,
 )
 from pluresync.interfaces import IDatagramReceiver, IDatagramSocket, IPipe, IPipeReceiver
@@ -132,6 +132,9 @@ class CloseCode(IntEnum):
 _CRYPTO_ERROR = 0x100
 _ALERT_BAD_CERTIFICATE = 42
 _ALERT_NO_APPLICATION_PROTOCOL = 120
+#: L{DirectPathError} reasons of this pipe's failed attempts.
+NO_ANSWER = "no-answer"
+HANDSHAKE = "quic-handshake"
 #: Longest wait for qh3's closing period once a connection that carried
 #: data was closed (it lasts three probe timeouts, so this is only a cap).
 DRAIN_CAP = 3.0
@@ -425,7 +428,10 @@ class QuicPipe:
         self._timer = None
         self._timer_at = None
         if self._conn is not None and self._state is not _State.DONE:
-            self._conn.handle_timer(self._reactor.seconds())
+            try:
+                self._conn.handle_timer(self._reactor.seconds())
+            except QuicConnectionError as e:  # qh3's core failed: nothing this connection can go on with
+                self._fail(self._error(f"QUIC failed: {e}"), CloseCode.ABORTED)
             self._cancelCall("_flush_call")
             self._flush()
 
@@ -445,7 +451,7 @@ class QuicPipe:
                 self._terminated(event)
             elif isinstance(event, (StreamReset, StopSendingReceived)):
                 if event.stream_id in (DATA_STREAM, self._peerControl):
-                    self._fail(DirectPathLostError("the peer reset the direct path's stream"), CloseCode.ABORTED)
+                    self._fail(self._error("the peer reset the direct path's stream"), CloseCode.ABORTED)
 
     @property
     def _peerControl(self) -> int:
@@ -453,7 +459,7 @@ class QuicPipe:
 
     def _handshakeCompleted(self, alpn: str | None) -> None:
         if alpn != ALPN:
-            self._fail(DirectPathError(f"the peer does not speak {ALPN} (ALPN {alpn!r})"), CloseCode.PROTOCOL)
+            self._broke(f"the peer does not speak {ALPN} (ALPN {alpn!r})")
             return
         self._handshake_done = True
         if self._client:
@@ -760,7 +766,7 @@ class QuicPipe:
         """Close the connection at once (error code ABORTED); the receiver hears it as a loss."""
         if self._reported or self._state is _State.DONE:
             return
-        self._fail(DirectPathLostError("this side aborted the direct path"), CloseCode.ABORTED)
+        self._fail(DirectPipeLostError("this side aborted the direct path"), CloseCode.ABORTED)
 
     # -- the end -----------------------------------------------------------------------------------
 
@@ -768,10 +774,15 @@ class QuicPipe:
     def _where(self) -> str:
         return f"{self.peer[0]}:{self.peer[1]}"
 
+    def _error(self, text: str) -> PluresyncError:
+        """A failed attempt before the pipe opened, a lost pipe after."""
+        if self._state is _State.OPEN:
+            return DirectPipeLostError(text)
+        return DirectPathError(text, HANDSHAKE)
+
     def _broke(self, text: str) -> None:
-        """The peer broke this pipe's rules: a handshake failure before the pipe opened, a loss after."""
-        error = DirectPathLostError if self._state is _State.OPEN else DirectPathError
-        self._fail(error(text), CloseCode.PROTOCOL)
+        """The peer broke this pipe's rules."""
+        self._fail(self._error(text), CloseCode.PROTOCOL)
 
     def _fail(self, error: PluresyncError, code: CloseCode) -> None:
         """Something went wrong here: tell our side, and the peer (close with C{code})."""
@@ -789,14 +800,19 @@ class QuicPipe:
             self._failure = error  # ready fails once the connection is gone
 
     def _report(self, reason: Failure) -> None:
-        """The receiver hears the end, once; what was not delivered is dropped."""
+        """
+        The receiver hears the end, once.  After an error, what was not
+        delivered or not sent is dropped; after the peer's orderly end, what
+        was written still goes out before this side's FIN.
+        """
         if self._reported:
             return
         self._reported = True
         self._inbox.clear()
         self._inbox_bytes = 0
-        self._pending.clear()
-        self._pending_bytes = 0
+        if not reason.check(ConnectionDone):
+            self._pending.clear()
+            self._pending_bytes = 0
         producer, self._producer = self._producer, None
         if producer is not None:
             producer.stopProducing()
@@ -847,14 +863,14 @@ class QuicPipe:
             if code == CloseCode.CERTIFICATE:
                 return CertificateMismatchError(f"the peer at {peer} refused this side's QUIC certificate: {reason}")
             if code == CloseCode.NO_ERROR:
-                return DirectPathLostError(f"the peer at {peer} closed the direct path before ending its stream")
+                return self._error(f"the peer at {peer} closed the direct path before ending its stream")
             if code == CloseCode.PROTOCOL:
-                return DirectPathLostError(f"the peer at {peer} found this side broke the QUIC pipe's rules: {reason}")
-            return DirectPathLostError(f"the peer at {peer} aborted the direct path")
+                return self._error(f"the peer at {peer} found this side broke the QUIC pipe's rules: {reason}")
+            return self._error(f"the peer at {peer} aborted the direct path")
         if "idle" in reason.lower():
             if not self._heard:
-                return DirectPathError(f"no answer from the peer at {peer} (QUIC idle timeout)")
-            return DirectPathLostError(
+                return DirectPathError(f"no answer from the peer at {peer} (QUIC idle timeout)", NO_ANSWER)
+            return DirectPipeLostError(
                 f"nothing heard from the peer at {peer} for {self._params.idle_timeout:g} s (QUIC idle timeout): "
                 "the direct path is gone"
             )
@@ -863,12 +879,11 @@ class QuicPipe:
                 return self._theirCertificateRefused()
             return CertificateMismatchError(f"the peer at {peer} refused this side's QUIC certificate")
         if code == _CRYPTO_ERROR + _ALERT_NO_APPLICATION_PROTOCOL:
-            return DirectPathError(f"the peer at {peer} does not speak {ALPN} (no common ALPN)")
+            return DirectPathError(f"the peer at {peer} does not speak {ALPN} (no common ALPN)", HANDSHAKE)
         if _CRYPTO_ERROR <= code < _CRYPTO_ERROR + 0x100:
             alert = code - _CRYPTO_ERROR
-            return DirectPathError(f"the QUIC handshake with {peer} failed (TLS alert {alert}: {reason})")
-        error = DirectPathLostError if self._state is _State.OPEN else DirectPathError
-        return error(f"the QUIC connection with {peer} failed (error {code:#x}: {reason})")
+            return DirectPathError(f"the QUIC handshake with {peer} failed (TLS alert {alert}: {reason})", HANDSHAKE)
+        return self._error(f"the QUIC connection with {peer} failed (error {code:#x}: {reason})")
 
     def _theirCertificateRefused(self) -> CertificateMismatchError:
         return CertificateMismatchError(
@@ -892,9 +907,9 @@ class QuicPipe:
         self._datagrams = []
         self._socket.detach(self)
         if was_open and not self._reported and not self._peer_fin:
-            self._report(Failure(DirectPathLostError("the direct path ended")))
+            self._report(Failure(DirectPipeLostError("the direct path ended")))
         if not self.ready.called and not self._cancelled:
-            self.ready.errback(Failure(self._failure or DirectPathError("the direct path attempt ended")))
+            self.ready.errback(Failure(self._failure or DirectPathError("the direct path attempt ended", HANDSHAKE)))
         self.finished.callback(None)
 
     def _cancelCall(self, name: str) -> None:
@@ -917,11 +932,13 @@ class QuicPipe:
         if not self._heard:
             error = DirectPathError(
                 f"no answer from the peer at {peer} within {self._params.handshake_timeout:g} s "
-                "(its NAT may drop our packets, or it is not listening)"
+                "(its NAT may drop our packets, or it is not listening)",
+                NO_ANSWER,
             )
         else:
             error = DirectPathError(
-                f"the QUIC handshake with {peer} did not complete within {self._params.handshake_timeout:g} s"
+                f"the QUIC handshake with {peer} did not complete within {self._params.handshake_timeout:g} s",
+                HANDSHAKE,
             )
         self._fail(error, CloseCode.ABORTED)
 
@@ -952,7 +969,7 @@ class QuicPipe:
             self._closeConnection(CloseCode.NO_ERROR, "closed")
         else:
             self._fail(
-                DirectPathLostError(
+                DirectPipeLostError(
                     f"the peer did not finish closing the direct path within {self._params.close_timeout:g} s"
                 ),
                 CloseCode.ABORTED,
