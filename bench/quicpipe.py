@@ -51,7 +51,7 @@ def max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(role: str, size: int, stall: float, window: int, send_buffer: int) -> None:
+def child(role: str, size: int, stall: float, window: int, send_buffer: int, gso: bool) -> None:
     """One peer: print our port and fingerprint, read the peer's, move the bytes, print the result."""
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred, ensureDeferred
@@ -62,7 +62,7 @@ def child(role: str, size: int, stall: float, window: int, send_buffer: int) -> 
     from pluresync.pipes.quiccert import QuicCertificate
     from pluresync.pipes.udp import UDPSocket
 
-    socket = UDPSocket()
+    socket = UDPSocket(gso=gso)
     port = reactor.listenUDP(0, socket, interface="127.0.0.1", maxPacketSize=65535)
     certificate = QuicCertificate.generate()
     print(json.dumps({"port": port.getHost().port, "fingerprint": certificate.fingerprint.hex()}), flush=True)
@@ -183,6 +183,7 @@ def spawn(role: str, args: argparse.Namespace) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, __file__, "--child", role, "--size", str(args.size), "--stall", str(args.stall)]
     command += ["--window", str(args.window), "--send-buffer", str(args.send_buffer)]
+    command += [] if args.gso else ["--no-gso"]
     return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 
@@ -204,11 +205,16 @@ def transfer(args: argparse.Namespace) -> tuple[dict, dict]:
 
 
 def datagram_paths(count: int) -> dict:
-    """Microseconds per datagram sent by udp.Port.write and by socket.sendto, to a sink port."""
+    """
+    Microseconds per datagram sent to a sink port by udp.Port.write, by
+    socket.sendto, and by UDPSocket.sendDatagrams in batches of 32 (GSO).
+    """
     import socket
 
     from twisted.internet import reactor
     from twisted.internet.protocol import DatagramProtocol
+
+    from pluresync.pipes.udp import UDPSocket
 
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))
@@ -216,12 +222,23 @@ def datagram_paths(count: int) -> dict:
     port = reactor.listenUDP(0, DatagramProtocol(), interface="127.0.0.1")
     payload = os.urandom(1252)
     handle = port.getHandle()
+    owner = UDPSocket()
+    owner.makeConnection(port)
+    batch = [(payload, target)] * 32
+
+    def gso(data, address):
+        owner.sendDatagrams(batch)
+
     times = {}
-    for name, send in (("udp.Port.write", port.write), ("socket.sendto", handle.sendto)):
+    for name, send, per_call in (
+        ("udp.Port.write", port.write, 1),
+        ("socket.sendto", handle.sendto, 1),
+        ("UDPSocket.sendDatagrams (GSO, 32 a call)", gso, 32),
+    ):
         best = None
         for _ in range(5):
             start = time.perf_counter()
-            for _ in range(count):
+            for _ in range(count // per_call):
                 send(payload, target)
             elapsed = time.perf_counter() - start
             best = elapsed if best is None else min(best, elapsed)
@@ -248,13 +265,15 @@ def main() -> None:
     parser.add_argument("--stall", type=float, default=0.0, help="seconds the reader pauses after its first byte")
     parser.add_argument("--window", type=int, default=4 * MIB)
     parser.add_argument("--send-buffer", type=int, default=MIB)
-    parser.add_argument("--datagrams", type=int, default=0, help="also time the two send paths over N datagrams")
+    parser.add_argument("--no-gso", dest="gso", action="store_false", help="one sendto per datagram")
+    parser.add_argument("--datagrams", type=int, default=0, help="also time the three send paths over N datagrams")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.size * MIB, args.stall, args.window, args.send_buffer)
+        child(args.child, args.size * MIB, args.stall, args.window, args.send_buffer, args.gso)
         return
-    print(f"QUIC pipe, loopback, {args.size} MiB, window {args.window}, send buffer {args.send_buffer}")
+    gso = "GSO" if args.gso else "no GSO"
+    print(f"QUIC pipe, loopback, {args.size} MiB, window {args.window}, send buffer {args.send_buffer}, {gso}")
     if args.stall:
         print(f"the reader stalls {args.stall:g} s after its first byte")
     print()
@@ -275,9 +294,8 @@ def main() -> None:
         )
         if "held_while_stalled" in received:
             held = received["held_while_stalled"]
-            print(
-                f"|   | stalled: reader inbox peak {held['reader_inbox_peak']}, reader RSS {held['rss_mib']:.0f} MiB | | | | | |"
-            )
+            inbox, rss = held["reader_inbox_peak"], held["rss_mib"]
+            print(f"|   | while stalled: inbox peak {inbox}, reader RSS {rss:.0f} MiB | | | | | |")
     if args.datagrams:
         print()
         for name, micros in datagram_paths(args.datagrams).items():

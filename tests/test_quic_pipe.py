@@ -9,12 +9,14 @@ C{timeout}, and every loop by a count.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -571,6 +573,67 @@ class EndTests(TestCase):
         results = await DeferredList([connecting, accepting], consumeErrors=True)
         for _, failure in results:
             failure.trap(CancelledError)
+
+
+class Collect(DatagramProtocol):
+    """Keeps what it reads; C{arrived} fires once C{count} datagrams came."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.datagrams, self.arrived = count, [], Deferred()
+
+    def datagramReceived(self, data, addr):
+        self.datagrams.append(data)
+        if len(self.datagrams) == self.count:
+            self.arrived.callback(None)
+
+
+class FakeHandle:
+    """A socket whose sendmsg fails as a kernel without GSO does."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def setsockopt(self, *args) -> None:
+        pass
+
+    def sendto(self, data, address):
+        self.sent.append(bytes(data))
+
+    def sendmsg(self, buffers, ancillary, flags, address):
+        raise OSError(errno.EIO, "no GSO here")
+
+
+class UDPSocketTests(TestCase):
+    timeout = 30
+
+    async def test_runs_go_out_segmented_and_arrive_whole(self):
+        """Runs of equal datagrams (a shorter one may end a run) to two addresses arrive each whole, in order."""
+        owner = UDPSocket()
+        sender = reactor.listenUDP(0, owner, interface="127.0.0.1")
+        self.addCleanup(sender.stopListening)
+        first, second = Collect(6), Collect(2)
+        ports = [reactor.listenUDP(0, c, interface="127.0.0.1") for c in (first, second)]
+        for port in ports:
+            self.addCleanup(port.stopListening)
+        a, b = (("127.0.0.1", p.getHost().port) for p in ports)
+        to_a = [os.urandom(1200) for _ in range(4)] + [os.urandom(300), os.urandom(1200)]
+        to_b = [os.urandom(1200), os.urandom(1200)]
+        owner.sendDatagrams([(d, a) for d in to_a[:5]] + [(d, b) for d in to_b] + [(to_a[5], a)])
+        await DeferredList([first.arrived, second.arrived])
+        self.assertEqual((first.datagrams, second.datagrams), (to_a, to_b))
+        self.assertEqual(owner.refused, 0)
+
+    def test_falls_back_without_gso(self):
+        """A kernel that refuses GSO gets one sendto a datagram, from then on."""
+        owner = UDPSocket()
+        handle = FakeHandle()
+        owner.transport = type("Port", (), {"getHandle": lambda self: handle})()
+        owner.startProtocol()
+        batch = [(bytes([0x40, n]) * 600, ("127.0.0.1", 9)) for n in range(5)]
+        owner.sendDatagrams(batch)
+        owner.sendDatagrams(batch)
+        self.assertEqual(handle.sent, [d for d, _ in batch] * 2)
+        self.assertFalse(owner.gso)
 
 
 class UnitTests(SynchronousTestCase):
