@@ -137,12 +137,37 @@ async def turns(count: int) -> None:
         await deferLater(reactor, 0, lambda: None)
 
 
+class WatchedSocket(UDPSocket):
+    """
+    A UDPSocket that checks conditions each time its pipe sends (at the end
+    of each of the pipe's turns, once its state is updated): what a test
+    waits for, without a clock.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watches: list[tuple[object, Deferred[None]]] = []
+
+    def when(self, condition) -> Deferred[None]:
+        """Fires once C{condition()} holds after one of this socket's sends."""
+        d: Deferred[None] = Deferred()
+        self.watches.append((condition, d))
+        return d
+
+    def sendDatagrams(self, datagrams) -> None:
+        super().sendDatagrams(datagrams)
+        for entry in list(self.watches):
+            if entry[0]():
+                self.watches.remove(entry)
+                entry[1].callback(None)
+
+
 class Loopback:
     """Two UDP sockets on 127.0.0.1 and a certificate for each side."""
 
     def __init__(self, test: TestCase) -> None:
         self.test = test
-        self.client_socket, self.server_socket = UDPSocket(), UDPSocket()
+        self.client_socket, self.server_socket = WatchedSocket(), WatchedSocket()
         self.client_port = self.listen(self.client_socket)
         self.server_port = self.listen(self.server_socket)
         self.client_cert, self.server_cert = QuicCertificate.generate(), QuicCertificate.generate()
@@ -310,11 +335,9 @@ class FlowControlTests(TestCase):
         writer = Writer(client, 64 * MIB)
         writer.produce()
         await writer.paused
-        # The writer is held once the reader holds the whole window.
-        for _ in range(2000):
-            if server.inbox_peak >= params.window:
-                break
-            await deferLater(reactor, 0.005, lambda: None)
+        # The writer is held once the reader holds the whole window (the
+        # reader acknowledges what filled it).
+        await net.server_socket.when(lambda: server.inbox_peak >= params.window)
         self.assertEqual(server.inbox_peak, params.window)
         written = 64 * MIB - writer.left
         await turns(50)
@@ -508,6 +531,19 @@ class EndTests(TestCase):
         lost(await at_server.loss(), ConnectionDone)
         await DeferredList([client.finished, server.finished])
 
+    async def test_close_times_out(self):
+        """A peer that never answers a close (its reader stays paused) is aborted after close_timeout."""
+        net = Loopback(self)
+        params = QuicParams(close_timeout=0.5, handshake_timeout=5.0)
+        client, server, at_client, at_server = await net.open(client_params=params, server_params=params)
+        server.pauseReading()
+        client.write(b"unread")
+        client.close()
+        error = lost(await at_client.loss(), DirectPipeLostError)
+        self.assertIn("did not finish closing", str(error))
+        self.assertIn("aborted", str(lost(await at_server.loss(), DirectPipeLostError)))
+        self.assertEqual(at_server.received, 0)
+
     async def test_abort_reports_once(self):
         """abort() ends both sides at once, each with one loss that says who aborted."""
         net = Loopback(self)
@@ -542,7 +578,9 @@ class EndTests(TestCase):
         net = Loopback(self)
         params = QuicParams(idle_timeout=0.6, handshake_timeout=5.0)
         client, server, at_client, at_server = await net.open(client_params=params, server_params=params)
-        await deferLater(reactor, 2.0, lambda: None)
+        opened = reactor.seconds()
+        # Only keep-alive PINGs and their ACKs go out meanwhile.
+        await net.client_socket.when(lambda: reactor.seconds() - opened > 3 * params.idle_timeout)
         self.assertEqual((at_client.losses, at_server.losses), ([], []))
         client.write(b"still here")
         await at_server.until(10)

@@ -679,7 +679,8 @@ class QuicPipe:
             self._fin_sent = True
             # Wait for the peer's FIN (it closes the connection once it has
             # both), or, when its FIN came first, for its close.
-            self._close_call = self._reactor.callLater(self._params.close_timeout, self._closeTimedOut)
+            if self._close_call is None:
+                self._close_call = self._reactor.callLater(self._params.close_timeout, self._closeTimedOut)
 
     def _throttle(self, backlog: int) -> None:
         producer = self._producer
@@ -756,10 +757,16 @@ class QuicPipe:
         self._producer_paused = False
 
     def close(self) -> None:
-        """End stream 0 after what was written; the peer's answering FIN ends the pipe."""
+        """
+        End stream 0 after what was written; the peer's answering FIN ends
+        the pipe.  A peer that has not answered within C{close_timeout}
+        (counted from now: what is still queued must get through by then,
+        or the peer has stopped granting credit) is aborted.
+        """
         if self._closing or self._reported or self._state is not _State.OPEN:
             return
         self._closing = True
+        self._close_call = self._reactor.callLater(self._params.close_timeout, self._closeTimedOut)
         self._schedule()
 
     def abort(self) -> None:
