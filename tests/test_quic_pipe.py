@@ -12,7 +12,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import ssl
+import struct
 
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection
+from qh3.quic.events import HandshakeCompleted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.error import ConnectionDone
@@ -488,6 +493,113 @@ class BadInputTests(TestCase):
         )
         failure = await DeferredList([d], consumeErrors=True)
         lost(failure[0][1], ConfigurationError)
+
+
+@implementer(IDatagramReceiver)
+class RawClient:
+    """
+    A QUIC client that speaks qh3 directly, so a test can break the pipe's
+    rules after a correct TLS handshake (with the pinned certificates).
+    """
+
+    def __init__(self, test: TestCase, socket: UDPSocket, server: tuple[str, int], server_fingerprint: bytes) -> None:
+        config = QuicConfiguration(is_client=True, alpn_protocols=[quic.ALPN], verify_mode=ssl.CERT_NONE)
+        config.assert_fingerprint = server_fingerprint.hex()
+        self.conn = QuicConnection(configuration=config)
+        self.socket, self.server, self.timer = socket, server, None
+        self.handshake: Deferred[None] = Deferred()
+        socket.attach(self)
+        test.addCleanup(self.stop)
+        self.conn.connect(server, now=reactor.seconds())
+        self.flush()
+
+    def datagramReceived(self, data: bytes, address) -> None:
+        self.conn.receive_datagram(data, address, now=reactor.seconds())
+        while (event := self.conn.next_event()) is not None:
+            if isinstance(event, HandshakeCompleted):
+                self.handshake.callback(None)
+        self.flush()
+
+    def send(self, stream_id: int, data: bytes) -> None:
+        self.conn.send_stream_data(stream_id, data)
+        self.flush()
+
+    def flush(self) -> None:
+        self.socket.sendDatagrams(self.conn.datagrams_to_send(now=reactor.seconds()))
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        at = self.conn.get_timer()
+        self.timer = None if at is None else reactor.callLater(max(0, at - reactor.seconds()), self.fire)
+
+    def fire(self) -> None:
+        self.timer = None
+        self.conn.handle_timer(now=reactor.seconds())
+        self.flush()
+
+    def stop(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.socket.detach(self)
+
+
+class RuleTests(TestCase):
+    """A peer with the right certificate that breaks the pipe's rules is cut off, with a reason."""
+
+    timeout = 60
+
+    async def raw(self) -> tuple[Loopback, RawClient, Deferred[QuicPipe]]:
+        net = Loopback(self)
+        accepting = quic.accept(
+            reactor,
+            net.server_socket,
+            net.address(net.client_port),
+            certificate=net.server_cert,
+            peer_fingerprint=net.client_cert.fingerprint,
+            params=FAST,
+        )
+        accepting.addCallback(net.keep)
+        client = RawClient(self, net.client_socket, net.address(net.server_port), net.server_cert.fingerprint)
+        await client.handshake
+        return net, client, accepting
+
+    def proof(self, net: Loopback, client: RawClient) -> bytes:
+        der = net.client_cert.der
+        signature = net.client_cert.prove(client.conn.original_destination_connection_id, net.server_cert.fingerprint)
+        return b"".join((b"\x02", struct.pack("!H", len(der)), der, struct.pack("!H", len(signature)), signature))
+
+    async def test_credit_before_proof(self):
+        """A client that skips its certificate proof is refused before anything is delivered."""
+        net, client, accepting = await self.raw()
+        client.send(quic.CLIENT_CONTROL, struct.pack("!BQ", quic.CREDIT, 1 << 20))
+        failure = (await DeferredList([accepting], consumeErrors=True))[0][1]
+        error = lost(failure, DirectPathError)
+        self.assertIn("credit before proving", str(error))
+        self.assertEqual(error.reason, "quic-handshake")
+
+    async def test_sending_past_the_credit(self):
+        """A writer that ignores the reader's credit is cut off: the reader never holds more than its window."""
+        net, client, accepting = await self.raw()
+        client.send(quic.CLIENT_CONTROL, self.proof(net, client) + struct.pack("!BQ", quic.CREDIT, 1 << 20))
+        client.send(quic.DATA_STREAM, quic.PREAMBLE)
+        server = await accepting
+        receiver = Receiver()
+        server.attach(receiver)
+        server.pauseReading()  # no new credit: the first credit is all there is
+        client.send(quic.DATA_STREAM, os.urandom(FAST.window + 1))
+        error = lost(await receiver.loss(), DirectPipeLostError)
+        self.assertIn("more than this side's credit", str(error))
+        self.assertLessEqual(server.inbox_peak, FAST.window)
+
+    async def test_a_stream_the_pipe_has_not(self):
+        """A stream other than the pipe's three ends the pipe."""
+        net, client, accepting = await self.raw()
+        client.send(quic.CLIENT_CONTROL, self.proof(net, client) + struct.pack("!BQ", quic.CREDIT, 1 << 20))
+        client.send(quic.DATA_STREAM, quic.PREAMBLE)
+        server = await accepting
+        receiver = Receiver()
+        server.attach(receiver)
+        client.send(4, b"a second stream")
+        self.assertIn("stream 4", str(lost(await receiver.loss(), DirectPipeLostError)))
 
 
 class EndTests(TestCase):
