@@ -471,8 +471,11 @@ class BadInputTests(TestCase):
         """Garbage from the peer's own address, before and after the handshake, breaks nothing."""
         net = Loopback(self)
         server_address = net.address(net.server_port)
+        # Junk, and junk dressed as a client's Initial (version 1, an 8-byte connection id).
         junk = [b"", b"\x00", b"\x40" + os.urandom(40), b"\xc0" + os.urandom(1300), os.urandom(1500), b"\xff" * 1200]
+        junk.append(b"\xc3\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x00" + os.urandom(1300))
         connecting, accepting = net.start()
+        # Sent now, this arrives before the client's first flight (sent in the next turn).
         net.client_socket.sendDatagrams([(j, server_address) for j in junk])
         client, server = await connecting, await accepting
         receiver = Receiver()

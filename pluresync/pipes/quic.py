@@ -351,14 +351,35 @@ class QuicPipe:
             # destination connection id keys the Initial secrets.
             if self._client or self._closed_conn:
                 return
-            odcid = initial_destination_cid(data)
-            if odcid is None:
-                self.malformed += 1
-                return
-            self._conn = QuicConnection(configuration=self._configuration(), original_destination_connection_id=odcid)
+            self._open(data)
+            return
         self._datagrams.append(data)
         if self._flush_call is None:
             self._flush_call = self._reactor.callLater(0, self._flush)
+
+    def _open(self, data: bytes) -> None:
+        """
+        (server) Start the connection on a client's first datagram, unless
+        qh3 cannot make an Initial of it: junk that merely looks like one
+        must not take the place of the real client's connection.
+        """
+        odcid = initial_destination_cid(data)
+        if odcid is None:
+            self.malformed += 1
+            return
+        conn = QuicConnection(configuration=self._configuration(), original_destination_connection_id=odcid)
+        now = self._reactor.seconds()
+        try:
+            conn.receive_datagram(data, self.peer, now)
+        except QuicConnectionError:
+            conn = None
+        if conn is None or conn.get_timer() is None:  # nothing to answer, nothing to wait for: not an Initial
+            self.malformed += 1
+            return
+        self._conn = conn
+        self._heard = True
+        self._last_heard = now
+        self._schedule()
 
     # -- the pump: once per reactor turn ----------------------------------------------
 
