@@ -92,7 +92,10 @@ class DirectPathError(PluresyncError):
     the stream (docs/troubleshooting.md, "Why direct failed").
 
     @ivar reason: why, as a short code: C{both-symmetric}, C{udp-blocked},
-        C{no-answer}, C{one-way}, C{unreachable} or C{no-candidates}.
+        C{no-answer}, C{one-way}, C{unreachable} or C{no-candidates}; for
+        the QUIC pipe on a punched path also C{certificate} (a pinned
+        certificate did not match) or C{quic-handshake} (the QUIC
+        handshake failed or the peer broke the pipe's rules).
     """
 
     def __init__(self, message: str, reason: str) -> None:
@@ -164,6 +167,18 @@ class StunErrorResponse(StunError):
         super().__init__(message)
         self.code = code
         self.reason = reason
+
+
+class CertificateMismatchError(DirectPathError):
+    """
+    A QUIC certificate is not the one whose fingerprint was exchanged inside
+    the end-to-end encrypted channel: the peer's (we refused it), or ours
+    (the peer refused it).  Someone else answered at the peer's address, or
+    the fingerprints were mixed up between two attempts.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "certificate")
 
 
 class DirectPipeLostError(TruncatedStreamError):

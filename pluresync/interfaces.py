@@ -12,7 +12,10 @@ one per boundary a new kind of path (C{direct:}) or pipe plugs into:
     today), and L{IPipeReceiver}: the end-to-end layer as the pipe sees it;
   - L{IPairEnd}: one side of a pair inside the relay;
   - L{IDatagramHandler}: one protocol among several on a shared UDP socket
-    (the direct path's STUN, probes and QUIC).
+    (the direct path's STUN, probes and QUIC);
+  - L{IDatagramSocket} and L{IDatagramReceiver}: a UDP socket shared by the
+    direct path's users (STUN, hole-punch probes, a QUIC pipe), as its
+    owner and they see each other.
 """
 
 from twisted.internet.interfaces import IListeningPort, IPushProducer
@@ -265,3 +268,45 @@ class IDatagramHandler(Interface):
             or dropped as malformed or unexpected), C{False} to offer it to
             the next handler.  Never raises.
         """
+
+
+class IDatagramReceiver(Interface):
+    """
+    A user of a shared UDP socket (a QUIC pipe, the punching code), fed by
+    the socket's owner with the datagrams that are its own.
+    """
+
+    def datagramReceived(data, address):
+        """
+        One datagram, as read: C{address} is the sender's C{(host, port)}.
+        The receiver checks the sender itself (a stranger may send anything).
+        """
+
+
+class IDatagramSocket(Interface):
+    """
+    One UDP socket as the users that share it see it.
+
+    The direct path punches a NAT mapping with probes and then runs QUIC on
+    the very same socket (the mapping belongs to that local port), so one
+    owner reads the socket and hands each datagram to the user it belongs
+    to, telling them apart by the first byte (RFC 9443): QUIC packets have
+    the fixed bit C{0x40} set, STUN messages start with C{0x00}-C{0x03}.
+    """
+
+    def sendDatagrams(datagrams):
+        """
+        Send each C{(data, (host, port))} of the sequence now, in order, best
+        effort: a datagram the kernel refuses (a full buffer, an ICMP error
+        reported on the socket) is dropped, as the network may drop it;
+        QUIC's loss recovery resends.
+        """
+
+    def attach(receiver):
+        """
+        Hand every QUIC datagram (first byte with C{0x40} set) read from now
+        on to C{receiver} (an L{IDatagramReceiver}), until L{detach}.
+        """
+
+    def detach(receiver):
+        """Stop handing datagrams to C{receiver} (idempotent)."""
