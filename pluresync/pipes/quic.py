@@ -371,14 +371,19 @@ class QuicPipe:
         now = self._reactor.seconds()
         try:
             conn.receive_datagram(data, self.peer, now)
+            # A client's real Initial is answered at once (the server's
+            # Initial and Handshake); junk that only looks like one, whose
+            # packet qh3 could not open, is answered with nothing.
+            answer = conn.datagrams_to_send(now)
         except QuicConnectionError:
-            conn = None
-        if conn is None or conn.get_timer() is None:  # nothing to answer, nothing to wait for: not an Initial
+            answer = None
+        if not answer:
             self.malformed += 1
             return
         self._conn = conn
         self._heard = True
         self._last_heard = now
+        self._socket.sendDatagrams(answer)
         self._schedule()
 
     # -- the pump: once per reactor turn ----------------------------------------------
