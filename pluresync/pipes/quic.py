@@ -801,6 +801,16 @@ class QuicPipe:
             return
         self._fail(DirectPipeLostError("this side aborted the direct path"), CloseCode.ABORTED)
 
+    def stop(self) -> None:
+        """
+        Abort, and be done at once, without the draining period: the owner
+        is closing the socket, so nothing more could be sent or heard.
+        """
+        if self._state is _State.DONE:
+            return
+        self.abort()
+        self._finish()
+
     # -- the end -----------------------------------------------------------------------------------
 
     @property

@@ -56,6 +56,7 @@ def connect(
     params: SessionParams,
     local_id: str,
     reconnect: Callable[[Callable[[], Hello]], Deferred] | None,
+    on_session: Callable[[Session], object] | None = None,
 ):
     """
     (initiator) Choose C{link}, start a new session on it and connect the
@@ -64,6 +65,8 @@ def connect(
     @param reconnect: opens another link for this session (through the
         same path, or any of C{auto:}'s); C{None}: the session ends with its
         link.
+    @param on_session: called with the new session once it runs (e.g. to
+        look for a direct path for it: L{pluresync.direct.upgrade}).
     @return: the protocol.
     @raise PluresyncError: the factory refused.
     """
@@ -87,6 +90,8 @@ def connect(
     stream = Stream(session, 0, local_id)
     session.addLink(link, link.answer.recv_next, link.answer.max_offset)
     stream.attach(protocol)
+    if on_session is not None:
+        on_session(session)
     return protocol
 
 
@@ -105,12 +110,22 @@ class SessionTable:
     A listener's sessions, by id: what a resuming link is matched against.
 
     @param factory: builds the user's protocol for each new session.
+    @param on_session: called with each new session once it runs (e.g. to
+        look for a direct path for it: L{pluresync.direct.upgrade}).
     """
 
     _log = Logger()
 
-    def __init__(self, clock, factory, params: SessionParams, local_id: str) -> None:
+    def __init__(
+        self,
+        clock,
+        factory,
+        params: SessionParams,
+        local_id: str,
+        on_session: Callable[[Session], object] | None = None,
+    ) -> None:
         self._clock = clock
+        self._on_session = on_session
         self._factory = factory
         self.params = params
         self._local_id = local_id
@@ -123,7 +138,7 @@ class SessionTable:
     def resolve(self, hello: Hello, secured: Secured) -> ReadyAnswer:
         """The READY answer to C{hello} from the peer that C{secured} proved."""
         if hello.intent is Intent.NEW:
-            return ReadyAnswer(Status.OK, 0, self.params.window)
+            return ReadyAnswer(Status.OK, 0, self.params.window, self.params.caps)
         session = self._sessions.get(hello.session_id)
         if session is None:
             ended = self._ended.get(hello.session_id)
@@ -168,7 +183,10 @@ class SessionTable:
         session.peer_caps = hello.caps
         self._sessions[ident] = session
         session.addLink(link, 0, hello.max_offset)
-        return _build(session, self._factory, self._local_id)
+        protocol = _build(session, self._factory, self._local_id)
+        if self._on_session is not None:
+            self._on_session(session)
+        return protocol
 
     def _forget(self, session: Session) -> None:
         self._sessions.pop(session.ident, None)

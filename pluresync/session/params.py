@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pluresync.secure.frames import MAX_RECORD_PAYLOAD
+from pluresync.session.wire import Caps
 
 #: Larger than the bytes a fast path buffers in flight (loopback TCP keeps
 #: several MiB per socket; 100 ms of round trip at 1 Gbit/s is 12.5 MB), so
@@ -42,6 +43,13 @@ class SessionParams:
     ping: float = 15.0
     rotate: float = 20.0
     ack_delay: float = 0.01
+    #: whether this side takes direct paths (tells the peer so: caps bit 1)
+    direct: bool = False
+
+    @property
+    def caps(self) -> int:
+        """The capability bits this side's hello or READY carries."""
+        return Caps.RESUME | (Caps.DIRECT if self.direct else 0)
 
     def __post_init__(self) -> None:
         if not MIN_WINDOW <= self.window <= MAX_WINDOW:

@@ -110,7 +110,7 @@ def session_id(handshake_hash: bytes) -> bytes:
 
 
 def new_hello(params: SessionParams) -> Hello:
-    return Hello(Intent.NEW, bytes(wire.SESSION_ID_SIZE), 0, params.window)
+    return Hello(Intent.NEW, bytes(wire.SESSION_ID_SIZE), 0, params.window, params.caps)
 
 
 class Phase(Enum):
@@ -262,13 +262,13 @@ class Session:
 
     def resume_hello(self) -> Hello:
         """(initiator) the hello of a link that resumes this session: where we are."""
-        return Hello(Intent.RESUME, self.ident, self._recv_next, self._consumed + self.params.window)
+        return Hello(Intent.RESUME, self.ident, self._recv_next, self._consumed + self.params.window, self.params.caps)
 
     def answer(self) -> ReadyAnswer:
         """(responder) the READY answer to a resume of this session."""
         if self.phase is Phase.ENDED:
-            return ReadyAnswer(Status.ENDED, self._recv_next, self._consumed + self.params.window)
-        return ReadyAnswer(Status.OK, self._recv_next, self._consumed + self.params.window)
+            return ReadyAnswer(Status.ENDED, self._recv_next, self._consumed + self.params.window, self.params.caps)
+        return ReadyAnswer(Status.OK, self._recv_next, self._consumed + self.params.window, self.params.caps)
 
     def stats(self) -> dict:
         return {
