@@ -364,6 +364,12 @@ _AUTO_PARAMETERS = (
     (RELAY_PARAMETERS - {"url"}) | {"azure", "vercel", "relays", "delay", "config"} | {"direct", "lan", "port"}
 )
 
+
+def auto_parameters() -> frozenset[str]:
+    """Every parameter an C{auto:} string takes (docs/endpoints.md documents each)."""
+    return frozenset(_AUTO_PARAMETERS)
+
+
 #: C{direct=}'s values.
 _SWITCH = {"on": True, "off": False}
 _lan_skipped: list[bool] = []
