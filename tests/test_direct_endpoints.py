@@ -628,6 +628,18 @@ class ListenerTests(LanTestCase):
         self.assertFalse(port.connected)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_start_times_out(self) -> None:
+        """An advertisement that is never announced fails the start after timeout=, and closes everything."""
+        port = self.listener()
+        started = port.startListening()
+        self.reactor.advance(9.99)
+        self.assertNoResult(started)
+        self.reactor.advance(0.01)
+        failure = self.failureResultOf(started, ConnectionTimeoutError)
+        self.assertIn("advertising on the LAN timed out after 10 s", str(failure.value))
+        self.assertTrue(self.lan.adverts[0].stopped and self.lan.ports[0].stopped)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
     def test_keep_trying(self) -> None:
         """With keep_trying, a failed start is reported, and tried again after a backoff until it works."""
         port = self.listener()

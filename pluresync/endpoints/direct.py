@@ -40,7 +40,14 @@ from pluresync.automata import Transitions
 from pluresync.direct import lan
 from pluresync.direct.race import DEFAULT_STAGGER, connect_first
 from pluresync.endpoints.deadline import with_timeout
-from pluresync.errors import LanConnectError, LanNoPeerError, NotChosenError, PeerGoneError, PluresyncError
+from pluresync.errors import (
+    ConnectionTimeoutError,
+    LanConnectError,
+    LanNoPeerError,
+    NotChosenError,
+    PeerGoneError,
+    PluresyncError,
+)
 from pluresync.interfaces import IPath, IPathClient, IPathListener
 from pluresync.keys import PeerIdentity, Topic
 from pluresync.pipes import tcp
@@ -388,6 +395,7 @@ class _PortCore:
     opening: Deferred | None = field(default=None, repr=False)
     tcp: IListeningPort | None = field(default=None, repr=False)
     advert: Any = field(default=None, repr=False)
+    start_timer: Any = field(default=None, repr=False)
     retry_call: Any = field(default=None, repr=False)
     handshakes: set[Deferred] = field(default_factory=set, repr=False)
     dropped: int = 0
@@ -460,7 +468,31 @@ class _PortCore:
             self.failed(Failure())
             return
         self.advert = advert
-        advert.ready.addCallbacks(lambda _: self.enter(self.inputs.opened), self.failed)
+        # zeroconf's thread answers in milliseconds, or not at all: bound it.
+        self.start_timer = self.reactor.callLater(config.timeout, self.timed_out, advert)
+        advert.ready.addCallbacks(self.announced, self.not_announced, callbackArgs=(advert,), errbackArgs=(advert,))
+
+    def announced(self, _, advert) -> None:
+        if advert is self.advert:
+            self.cancel_start_timer()
+            self.enter(self.inputs.opened)
+
+    def not_announced(self, failure: Failure, advert) -> None:
+        if advert is self.advert:  # else: stopped or replaced meanwhile, already handled
+            self.cancel_start_timer()
+            self.failed(failure)
+
+    def timed_out(self, advert) -> None:
+        self.start_timer = None
+        if advert is self.advert:
+            self.failed(
+                Failure(ConnectionTimeoutError(f"advertising on the LAN timed out after {self.config.timeout:g} s"))
+            )
+
+    def cancel_start_timer(self) -> None:
+        timer, self.start_timer = self.start_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def failed(self, failure: Failure) -> None:
         self.opening = None
@@ -469,6 +501,7 @@ class _PortCore:
     def close(self) -> Deferred:
         """Withdraw the advertisement and close the port (whichever are open); fires when both are."""
         self.accepting = False
+        self.cancel_start_timer()
         opening, self.opening = self.opening, None
         if opening is not None:
             opening.cancel()
