@@ -101,7 +101,11 @@ class Bench:
         self.streams: list[_Stream] = []
 
     def client(self, azure_url: str, delay: float) -> AutoClientEndpoint:
-        config = auto_config(key=self.key, azure=azure_url, vercel=self.vercel.url, delay=str(delay), timeout="10")
+        # Failover between the relays: the LAN path (the listener in this
+        # very process, found by mDNS) would win every race.
+        config = auto_config(
+            key=self.key, azure=azure_url, vercel=self.vercel.url, delay=str(delay), timeout="10", direct="off"
+        )
         return AutoClientEndpoint(self.reactor, replace(config, cache=PathCache()))
 
     async def connect(self, azure_url: str, delay: float, want: str) -> tuple[_Stream, float]:
@@ -135,7 +139,7 @@ async def main(reactor, args) -> dict:
         key = SyncKey.generate().to_text()
         bench = Bench(reactor, azure, vercel, key)
         listener = serverFromString(
-            reactor, f"auto:key={key}:azure={azure.escaped_url}:vercel={vercel.escaped_url}:timeout=10"
+            reactor, f"auto:key={key}:azure={azure.escaped_url}:vercel={vercel.escaped_url}:timeout=10:direct=off"
         )
         port = await listener.listen(Factory.forProtocol(Protocol))
         cleanups.addCleanup(port.stopListening)

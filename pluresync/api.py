@@ -31,8 +31,8 @@ from pluresync.session.stream import IRecordReceiver
 
 #: The seed's mode names, and the relay preset each one uses.
 RELAY_MODES = {"azure-relay": "azure", "vercel-relay": "vercel"}
-#: Modes the seed names that later releases implement.
-PLANNED_MODES = ("direct",)
+#: The seed's direct mode: the direct path alone (the LAN today), no relay.
+DIRECT_MODE = "direct"
 
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 DEFAULT_RECEIVE_BUFFER = 4 * 1024 * 1024
@@ -323,16 +323,18 @@ def create_transport(
     receive_buffer: int = DEFAULT_RECEIVE_BUFFER,
     resume: float | None = None,
     window: int | None = None,
+    direct: bool | None = None,
     reactor=None,
 ) -> ISyncTransport:
     """
     Make the seed's C{SyncTransport}.
 
-    @param mode: C{"auto"} (the default: both relays, the primary first with
-        a head start, listening on both), C{"azure-relay"} or
-        C{"vercel-relay"} (one relay); C{"direct"} arrives in a later release
-        and is refused for now. The keyword arguments of a seed config file
-        come from L{pluresync.config.load_config}.
+    @param mode: C{"auto"} (the default: the LAN path when the
+        C{pluresync[direct]} extra is installed, then both relays, each with
+        a head start over the next, listening on all), C{"azure-relay"} or
+        C{"vercel-relay"} (one relay), C{"direct"} (the LAN only, no relay).
+        The keyword arguments of a seed config file come from
+        L{pluresync.config.load_config}.
     @param sync_key: a L{SyncKey}, its text form, or a passphrase (stretched
         with Argon2id; slow once, on purpose).
     @param head_start: (auto) seconds each relay gets before the next is tried.
@@ -343,17 +345,19 @@ def create_transport(
         sessions could move).
     @param window: bytes the peer may send ahead of what this side has
         read (the session's credit, 16 MiB by default).
+    @param direct: (auto) C{False} leaves the LAN path out (a policy, e.g.
+        on a corporate laptop); C{True} requires it; by default it is
+        raced first when zeroconf is installed.
     @param reactor: the reactor to use; the global one if omitted (the one
         place pluresync reaches for it, so scripts stay short).
     """
-    if mode in PLANNED_MODES:
-        raise ConfigurationError(f"mode {mode!r} is not available yet; use 'auto', 'azure-relay' or 'vercel-relay'")
-    if mode != "auto" and mode not in RELAY_MODES:
-        raise ConfigurationError(f"unknown mode {mode!r}; use auto, {', '.join(RELAY_MODES)}")
+    if mode not in ("auto", DIRECT_MODE, *RELAY_MODES):
+        raise ConfigurationError(f"unknown mode {mode!r}; use auto, {', '.join(RELAY_MODES)} or {DIRECT_MODE}")
     if reactor is None:
         from twisted.internet import reactor
     from pluresync.endpoints.auto import AutoClientEndpoint, AutoServerEndpoint
-    from pluresync.endpoints.parsers import auto_config
+    from pluresync.endpoints.direct import DirectClientEndpoint, DirectServerEndpoint
+    from pluresync.endpoints.parsers import DIRECT_PARAMETERS, auto_config, direct_config
     from pluresync.endpoints.relay import RelayClientEndpoint, RelayServerEndpoint
 
     key = _sync_key(sync_key)
@@ -372,12 +376,24 @@ def create_transport(
         params["resume"] = str(resume)
     if window is not None:
         params["window"] = str(window)
+    options = dict(max_message_size=max_message_size, receive_buffer=receive_buffer)
+    if mode == DIRECT_MODE:
+        lan = direct_config(**{k: v for k, v in params.items() if k in DIRECT_PARAMETERS})
+        if isinstance(identity, PeerIdentity):
+            lan = replace(lan, identity=identity)
+
+        def direct_client(peer: bytes | None):
+            return DirectClientEndpoint(reactor, lan if peer is None else replace(lan, peer=peer))
+
+        return EndpointTransport(mode, direct_client, DirectServerEndpoint(reactor, lan), **options)
     if mode != "auto":
         params["relays"] = RELAY_MODES[mode]
+        params["direct"] = "off"
+    elif direct is not None:
+        params["direct"] = "on" if direct else "off"
     config = auto_config(**params)
     if isinstance(identity, PeerIdentity):
         config = replace(config, paths=tuple(replace(path, identity=identity) for path in config.paths))
-    options = dict(max_message_size=max_message_size, receive_buffer=receive_buffer)
     if mode == "auto":
 
         def client(peer: bytes | None):

@@ -10,7 +10,9 @@ pluresync)::
       "syncRelay": "wss://relay.example.com",  # the primary relay (the "azure" slot)
       "syncRelayFallback": "wss://backup...",  # the backup relay (the "vercel" slot)
       "syncKey": "psk1-...",                   # a key's text, or a passphrase
-      "connectionTimeoutMs": 30000
+      "connectionTimeoutMs": 30000,
+      "syncDirect": false                      # auto without the LAN path (default: true
+                                               # when the pluresync[direct] extra is installed)
     }
 
 Precedence, highest first: an endpoint string's own parameters, then this
@@ -42,6 +44,8 @@ class SeedConfig:
     relay_fallback: str | None = None
     sync_key: str | None = None
     timeout: float | None = None
+    #: Whether C{auto} races the direct (LAN) path; C{None}: when it can.
+    direct: bool | None = None
 
     def with_environment(self, environ: Mapping[str, str] | None = None) -> SeedConfig:
         """Fill what the file left open from the environment."""
@@ -52,6 +56,7 @@ class SeedConfig:
             relay_fallback=self.relay_fallback or env.get(ENV_RELAY_FALLBACK) or None,
             sync_key=self.sync_key,
             timeout=self.timeout,
+            direct=self.direct,
         )
 
 
@@ -89,6 +94,7 @@ def read_config(path: str | os.PathLike[str]) -> SeedConfig:
         relay_fallback=_field(data, "syncRelayFallback", str, path),
         sync_key=_field(data, "syncKey", str, path),
         timeout=timeout_ms / 1000.0 if timeout_ms is not None else None,
+        direct=_field(data, "syncDirect", bool, path),
     )
 
 
@@ -109,4 +115,6 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         kwargs["sync_key"] = config.sync_key
     if config.timeout is not None:
         kwargs["connection_timeout"] = config.timeout
+    if config.direct is not None:
+        kwargs["direct"] = config.direct
     return kwargs

@@ -216,3 +216,10 @@ class LanConnectError(LanError):
 
 class LanConnectTimeoutError(LanConnectError, ConnectionTimeoutError):
     """The deadline passed before a TCP connection to any advertised address opened."""
+
+
+class LanNoPeerError(LanError):
+    """
+    Nobody answered a LAN search for this key and topic in time: no listener
+    runs on this network, or multicast (mDNS) does not reach it.
+    """

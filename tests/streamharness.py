@@ -473,6 +473,9 @@ class RelayPair:
             parts.append(f"vercel={self.vercel.escaped_url}")
         else:
             params.setdefault("relays", "azure")
+        # The streams under test run through the relays: a LAN path (this
+        # host's own listener, found by mDNS) would win every race.
+        params.setdefault("direct", "off")
         parts += [f"{name}={value}" for name, value in params.items()]
         return ":".join(parts) + SESSION_EXTRA
 

@@ -21,16 +21,13 @@ class CreateTransportTests(SynchronousTestCase):
     """Arguments of create_transport()."""
 
     def test_modes(self):
-        """The seed's modes are accepted (auto is the default); direct is not there yet."""
+        """The seed's modes are accepted (auto is the default)."""
         key = SyncKey.generate()
-        for mode in ("auto", "azure-relay", "vercel-relay"):
+        for mode in ("auto", "azure-relay", "vercel-relay", "direct"):
             transport = create_transport(mode, sync_key=key, reactor=object())
             self.assertTrue(verifyObject(ISyncTransport, transport))
             self.assertEqual(transport.name, mode)
         self.assertEqual(create_transport(sync_key=key, reactor=object()).name, "auto")
-        with self.assertRaises(ConfigurationError) as e:
-            create_transport("direct", sync_key=key, reactor=object())
-        self.assertIn("not available yet", str(e.exception))
         self.assertRaises(ConfigurationError, create_transport, "carrier-pigeon", sync_key=key, reactor=object())
 
     def test_sync_key_forms(self):
@@ -60,7 +57,27 @@ class CreateTransportTests(SynchronousTestCase):
         self.assertEqual(azure._server._config.relay.port, 1)
         self.assertEqual(vercel._server._config.relay.port, 2)
         self.assertEqual(vercel._server._config.name, "relay:vercel")
-        self.assertEqual([p.relay.port for p in auto._server._config.paths], [1, 2])
+        self.assertEqual([p.name for p in auto._server._config.paths], ["direct:lan", "relay:azure", "relay:vercel"])
+        self.assertEqual([p.relay.port for p in auto._server._config.paths[1:]], [1, 2])
+
+    def test_direct(self):
+        """
+        mode="direct" is the LAN path alone; the relay modes never race it;
+        direct=False leaves it out of auto (the seed config's syncDirect).
+        """
+        key = SyncKey.generate()
+        direct = create_transport("direct", sync_key=key, connection_timeout=7, resume=3, reactor=object())
+        self.assertEqual((direct._server._config.name, direct._server._config.timeout), ("direct:lan", 7.0))
+        self.assertEqual(direct._server._config.session.resume, 3.0)
+        peer = "ab" * 32
+        self.assertEqual(direct._client(bytes.fromhex(peer))._config.peer, bytes.fromhex(peer))
+        azure = create_transport("azure-relay", sync_key=key, reactor=object())
+        self.assertEqual(azure._server._config.name, "relay:azure")
+        auto = create_transport(sync_key=key, direct=False, reactor=object())
+        self.assertEqual([p.name for p in auto._server._config.paths], ["relay:azure", "relay:vercel"])
+        identity = PeerIdentity.generate()
+        auto = create_transport(sync_key=key, identity=identity, reactor=object())
+        self.assertEqual({p.identity for p in auto._server._config.paths}, {identity})
 
 
 class MessageAPITests(TestCase):

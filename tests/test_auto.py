@@ -342,10 +342,11 @@ class AutoStringTests(SynchronousTestCase):
 
         os.environ["PLURESYNC_KEY"] = self.keyfile
         self.addCleanup(os.environ.pop, "PLURESYNC_KEY", None)
-        self.assertEqual(len(clientFromString(self.reactor, "auto:")._config.paths), 2)
+        self.assertEqual(len(clientFromString(self.reactor, "auto:")._config.paths), 3)
         endpoint = clientFromString(self.reactor, f"auto:keyfile={self.keyfile}")
         config = endpoint._config
-        self.assertEqual([p.name for p in config.paths], ["relay:azure", "relay:vercel"])
+        # The LAN path first (tests/test_direct_endpoints.py), then the relays.
+        self.assertEqual([p.name for p in config.paths], ["direct:lan", "relay:azure", "relay:vercel"])
         self.assertEqual(len({p.identity.public for p in config.paths}), 1)
         self.assertEqual((config.delay, config.timeout), (0.5, 30.0))
 
@@ -354,7 +355,7 @@ class AutoStringTests(SynchronousTestCase):
         endpoint = clientFromString(
             self.reactor,
             f"auto:keyfile={self.keyfile}:azure=ws\\://127.0.0.1\\:1:vercel=ws\\://127.0.0.1\\:2"
-            ":relays=vercel,azure:delay=0.1:timeout=5",
+            ":relays=vercel,azure:delay=0.1:timeout=5:direct=off",
         )
         config = endpoint._config
         self.assertEqual([p.relay.port for p in config.paths], [2, 1])
@@ -369,11 +370,13 @@ class AutoStringTests(SynchronousTestCase):
             syncKey=self.key.to_text(),
             connectionTimeoutMs=12000,
         )
-        config = clientFromString(self.reactor, f"auto:config={path}")._config
+        config = clientFromString(self.reactor, f"auto:config={path}:direct=off")._config
         self.assertEqual([p.relay.port for p in config.paths], [7001, 7002])
         self.assertEqual(config.timeout, 12.0)
         self.assertEqual(config.paths[0].topic, self.key.topic())
-        config = clientFromString(self.reactor, f"auto:config={path}:azure=ws\\://127.0.0.1\\:9:timeout=3")._config
+        config = clientFromString(
+            self.reactor, f"auto:config={path}:azure=ws\\://127.0.0.1\\:9:timeout=3:direct=off"
+        )._config
         self.assertEqual((config.paths[0].relay.port, config.timeout), (9, 3.0))
 
     def test_environment_under_config(self):
@@ -382,9 +385,9 @@ class AutoStringTests(SynchronousTestCase):
 
         os.environ["PLURESYNC_RELAY"] = "ws://127.0.0.1:7777"
         self.addCleanup(os.environ.pop, "PLURESYNC_RELAY", None)
-        config = clientFromString(self.reactor, f"auto:keyfile={self.keyfile}")._config
+        config = clientFromString(self.reactor, f"auto:keyfile={self.keyfile}:direct=off")._config
         self.assertEqual(config.paths[0].relay.port, 7777)
-        path = self.config_file(syncRelay="ws://127.0.0.1:7001")
+        path = self.config_file(syncRelay="ws://127.0.0.1:7001", syncDirect=False)
         config = clientFromString(self.reactor, f"auto:keyfile={self.keyfile}:config={path}")._config
         self.assertEqual(config.paths[0].relay.port, 7001)
 

@@ -173,12 +173,13 @@ class WithIdentityTests(SynchronousTestCase):
         return base / "identity"
 
     def test_added_escaped(self):
-        """relay: and auto: strings without identity= get it (created now), with : and \\ escaped."""
+        """relay:, direct: and auto: strings without identity= get it (created now), with : and \\ escaped."""
         path = self.identity("a:b")
         quoted = str(path).replace(":", "\\:")
         self.assertEqual(with_identity("relay:azure:keyfile=k", path), f"relay:azure:keyfile=k:identity={quoted}")
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.assertEqual(with_identity("auto:keyfile=k", path), f"auto:keyfile=k:identity={quoted}")
+        self.assertEqual(with_identity("direct:keyfile=k", path), f"direct:keyfile=k:identity={quoted}")
         self.assertEqual(os.listdir(path.parent), ["identity"])  # no temporary file left behind
 
     def test_left_alone(self):

@@ -88,6 +88,9 @@ class FailoverTests(unittest.TestCase):
     # -- helpers ----------------------------------------------------------------
 
     def auto(self, azure: str, vercel: str, **params: Any) -> str:
+        # Failover between relays: a LAN path (this host's own listener,
+        # found by mDNS) would win every race.
+        params.setdefault("direct", "off")
         extra = "".join(f":{name}={value}" for name, value in params.items())
         return f"auto:key={self.key}:azure={azure}:vercel={vercel}{extra}"
 

@@ -98,9 +98,11 @@ class WheelTests(SynchronousTestCase):
         self.assertFalse([n for n in names if n.endswith("dropin.cache")])
 
     def test_plugins_found(self):
-        """getPlugins finds the relay parsers (once each) and the relay service maker."""
+        """getPlugins finds the endpoint parsers (once each) and the relay service maker."""
         out = self.run_python("-c", _PROBE.format(target=str(self.target))).splitlines()
-        self.assertEqual(out, ["['auto', 'relay']", "['auto', 'relay']", "['pluresync-relay']"])
+        self.assertEqual(
+            out, ["['auto', 'direct', 'relay']", "['auto', 'direct', 'relay']", "['pluresync-relay']"]
+        )
 
     def test_twist_help(self):
         """`twist --help` lists pluresync-relay."""

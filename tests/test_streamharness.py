@@ -200,9 +200,11 @@ class StringsTests(unittest.TestCase):
 
         azure, vercel = RelayProcess(port=7001), RelayProcess(port=7002)
         both = RelayPair("psk1-x", azure, vercel).endpoint(ping=1)
-        self.assertEqual(both, "auto:key=psk1-x:azure=ws\\://127.0.0.1\\:7001:vercel=ws\\://127.0.0.1\\:7002:ping=1")
+        self.assertEqual(
+            both, "auto:key=psk1-x:azure=ws\\://127.0.0.1\\:7001:vercel=ws\\://127.0.0.1\\:7002:ping=1:direct=off"
+        )
         one = RelayPair("psk1-x", azure).endpoint()
-        self.assertEqual(one, "auto:key=psk1-x:azure=ws\\://127.0.0.1\\:7001:relays=azure")
+        self.assertEqual(one, "auto:key=psk1-x:azure=ws\\://127.0.0.1\\:7001:relays=azure:direct=off")
         self.assertIs(RelayPair("k", azure, vercel).relay("relay:vercel"), vercel)
         self.assertRaises(AssertionError, RelayPair("k", azure).relay, "relay:vercel")
         self.assertEqual(RelayPair("k", azure).server_endpoint(), RelayPair("k", azure).client_endpoint())

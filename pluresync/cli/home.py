@@ -4,7 +4,7 @@ This machine's pluresync directory and its stable identity.
 Without an C{identity=} parameter every parsed endpoint string gets a fresh
 random identity, so a listener would have a new peer id each time it
 starts and nobody could address it with C{peer=}. The command line therefore
-gives every C{relay:}/C{auto:} endpoint the machine's identity file
+gives every C{relay:}/C{direct:}/C{auto:} endpoint the machine's identity file
 (C{$PLURESYNC_HOME/identity}, default C{~/.pluresync/identity}) unless the
 string names one itself; C{pluresync peer-id} shows the id that file proves.
 """
@@ -24,7 +24,7 @@ DEFAULT_HOME = "~/.pluresync"
 IDENTITY_FILE = "identity"
 
 #: Endpoint types that take C{identity=}; any other string is passed on untouched.
-_IDENTITY_PREFIXES = frozenset({"relay", "auto"})
+_IDENTITY_PREFIXES = frozenset({"relay", "direct", "auto"})
 
 
 def home(environ: Mapping[str, str] | None = None) -> Path:
@@ -97,7 +97,7 @@ def _split(description: str) -> list[str]:
 def with_identity(description: str, path: Path | None = None, environ: Mapping[str, str] | None = None) -> str:
     """
     C{description} with C{:identity=<the machine's identity file>} added, if
-    it is a C{relay:} or C{auto:} string without an C{identity=} of its own;
+    it is a C{relay:}, C{direct:} or C{auto:} string without an C{identity=} of its own;
     any other string is returned as it is (C{tcp:} takes no identity).
     """
     pieces = _split(description)

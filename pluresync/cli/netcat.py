@@ -260,10 +260,10 @@ class NetcatOptions(EndpointArgument, BaseOptions):
 class ListenOptions(NetcatOptions):
     synopsis = "[--keep-open] [--progress] ENDPOINT"
     longdesc = (
-        "Wait for a peer on ENDPOINT (a server endpoint string: relay:..., auto:..., "
+        "Wait for a peer on ENDPOINT (a server endpoint string: relay:..., direct:..., auto:..., "
         "or any Twisted one such as tcp:2222:interface=127.0.0.1), then copy stdin to it "
         "and what it sends to stdout, byte for byte. Serves one connection and exits "
-        "when it is over (0 if it ended cleanly, 1 if it was cut). relay:/auto: "
+        "when it is over (0 if it ended cleanly, 1 if it was cut). relay:/direct:/auto: "
         "endpoints use this machine's identity (see peer-id) unless they give identity=."
     )
     optFlags = [["keep-open", "k", "After a connection, wait for the next one (one at a time) instead of exiting."]]
@@ -272,7 +272,7 @@ class ListenOptions(NetcatOptions):
 class ConnectOptions(NetcatOptions):
     synopsis = "[--progress] ENDPOINT"
     longdesc = (
-        "Connect to the peer at ENDPOINT (a client endpoint string: relay:..., auto:..., "
+        "Connect to the peer at ENDPOINT (a client endpoint string: relay:..., direct:..., auto:..., "
         "tcp:HOST:PORT, ...), copy stdin to it and what it sends to stdout, byte for byte. "
         "The end of stdin is sent as a half-close; exits 0 when both directions are done, "
         "1 with one line on stderr if connecting failed or the connection was cut."

@@ -46,9 +46,12 @@ def _parse_paths(prefix: str, args: list[str], kwargs: dict[str, str]) -> list:
     if prefix == "relay":
         return [relay_config(*args, **kwargs)]
     if prefix == "auto":
-        return list(auto_config(*args, **kwargs).paths)
+        from pluresync.endpoints.relay import RelayConfig
+
+        # The relays only: the doctor has no checks of the LAN path yet.
+        return [path for path in auto_config(*args, **kwargs).paths if isinstance(path, RelayConfig)]
     if prefix == "direct":
-        raise ConfigurationError("direct: (hole punching) does not exist yet; the doctor checks relay: and auto:")
+        raise ConfigurationError("the doctor does not check direct: (the LAN) yet; it checks relay: and auto:'s relays")
     raise ConfigurationError(f"the doctor checks relay: and auto: endpoints, not {prefix}:")
 
 

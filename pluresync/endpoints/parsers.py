@@ -82,15 +82,15 @@ def relay_token(token: str | None, tokenfile: str | None, environ) -> str | None
     return value
 
 
-def _number(name: str, value: str | None, default: float, minimum: float = 0.0) -> float:
+def _number(name: str, value: str | None, default: float, minimum: float = 0.0, *, endpoint: str = "relay") -> float:
     if value is None:
         return default
     try:
         number = float(value)
     except ValueError:
-        raise ConfigurationError(f"relay endpoint: {name}= must be a number of seconds, got {value!r}") from None
+        raise ConfigurationError(f"{endpoint} endpoint: {name}= must be a number of seconds, got {value!r}") from None
     if not (number >= minimum) or number == float("inf"):
-        raise ConfigurationError(f"relay endpoint: {name}= must be at least {minimum:g}, got {value!r}")
+        raise ConfigurationError(f"{endpoint} endpoint: {name}= must be at least {minimum:g}, got {value!r}")
     return number
 
 
@@ -180,7 +180,7 @@ def relay_config(*args: str, **kwargs: str):
     )
 
 
-def _session_params(kwargs: dict):
+def _session_params(kwargs: dict, endpoint: str = "relay"):
     """The session's knobs; C{ping=} paces both the WebSocket's and the session's keepalive."""
     from pluresync.session.params import DEFAULT_WINDOW, MAX_WINDOW, MIN_WINDOW, SessionParams
 
@@ -192,18 +192,24 @@ def _session_params(kwargs: dict):
         try:
             size = int(window)
         except ValueError:
-            raise ConfigurationError(f"relay endpoint: window= must be a number of bytes, got {window!r}") from None
+            raise ConfigurationError(
+                f"{endpoint} endpoint: window= must be a number of bytes, got {window!r}"
+            ) from None
         if not MIN_WINDOW <= size <= MAX_WINDOW:
             raise ConfigurationError(
-                f"relay endpoint: window= must be between {MIN_WINDOW} and {MAX_WINDOW} bytes, got {window!r}"
+                f"{endpoint} endpoint: window= must be between {MIN_WINDOW} and {MAX_WINDOW} bytes, got {window!r}"
             )
     ping = kwargs.get("ping")
+
+    def seconds(name: str, value, default: float, minimum: float = 0.0) -> float:
+        return _number(name, value, default, minimum, endpoint=endpoint)
+
     return SessionParams(
-        resume=_number("resume", kwargs.get("resume"), defaults.resume),
+        resume=seconds("resume", kwargs.get("resume"), defaults.resume),
         window=size,
-        stall=_number("stall", kwargs.get("stall"), defaults.stall, minimum=0.01),
-        ping=_number("ping", ping, defaults.ping, minimum=0.01) if ping not in (None, "0") else defaults.ping,
-        rotate=_number("rotate", kwargs.get("rotate"), defaults.rotate),
+        stall=seconds("stall", kwargs.get("stall"), defaults.stall, minimum=0.01),
+        ping=seconds("ping", ping, defaults.ping, minimum=0.01) if ping not in (None, "0") else defaults.ping,
+        rotate=seconds("rotate", kwargs.get("rotate"), defaults.rotate),
     )
 
 
@@ -232,7 +238,169 @@ class RelayServerParser:
         return RelayServerEndpoint(reactor, relay_config(*args, **kwargs))
 
 
-_AUTO_PARAMETERS = (RELAY_PARAMETERS - {"url"}) | {"azure", "vercel", "relays", "delay", "config"}
+#: Every parameter a C{direct:} string takes (docs/endpoints.md documents each).
+DIRECT_PARAMETERS = frozenset(
+    {"keyfile", "key", "topic", "peer", "identity", "wait", "timeout", "ping"}
+    | {"resume", "window", "stall", "rotate"}
+    | {"lan", "port"}
+)
+
+_SERVER_ONLY = ("port",)
+
+#: What to install for the direct path (zeroconf is LGPL, so it is an extra).
+DIRECT_EXTRA = "pip install 'pluresync[direct]'"
+
+
+def _refuse_server_only(prefix: str, kwargs: dict) -> None:
+    misplaced = [name for name in _SERVER_ONLY if name in kwargs]
+    if misplaced:
+        raise ConfigurationError(
+            f"{prefix} endpoint: {', '.join(p + '=' for p in misplaced)} only apply to listening (server) endpoints"
+        )
+
+
+def zeroconf_installed() -> bool:
+    """Whether the direct path's LAN discovery can run here (found without importing it)."""
+    from importlib.util import find_spec
+
+    return find_spec("zeroconf") is not None
+
+
+def _lan_address(value: str | None, prefix: str) -> str | None:
+    if value is None:
+        return None
+    from pluresync.direct.lanadvert import usable_address
+
+    value = value.strip()
+    if not usable_address(value):
+        raise ConfigurationError(
+            f"{prefix} endpoint: lan= is the IPv4 address of this host's LAN interface (e.g. 192.168.1.20), "
+            f"got {value!r}"
+        )
+    return value
+
+
+def _tcp_port(value: str | None, prefix: str) -> int:
+    if value is None:
+        return 0
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ConfigurationError(f"{prefix} endpoint: port= is a TCP port from 0 (any) to 65535, got {value!r}")
+    return port
+
+
+def direct_config(*args: str, **kwargs: str):
+    """
+    Build a L{pluresync.endpoints.direct.DirectConfig} from an endpoint
+    string's arguments: C{direct:keyfile=...:topic=...:lan=ADDRESS:port=N}.
+    """
+    from pluresync.endpoints.direct import DirectConfig
+    from pluresync.keys import PeerIdentity, load_sync_key, parse_peer_id
+
+    unknown = sorted(set(kwargs) - DIRECT_PARAMETERS)
+    if unknown:
+        raise ConfigurationError(
+            f"direct endpoint: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(DIRECT_PARAMETERS))}"
+        )
+    args = tuple(arg for arg in args if arg)  # "direct:" alone parses as one empty argument
+    if args:
+        raise ConfigurationError(f"direct endpoint: takes only name=value parameters, got {':'.join(args)!r}")
+    if not zeroconf_installed():
+        raise ConfigurationError(
+            "direct endpoint: finding peers on the LAN needs the zeroconf package, which pluresync does not "
+            f"install by default: {DIRECT_EXTRA}"
+        )
+    sync_key = load_sync_key(keyfile=kwargs.get("keyfile"), key=kwargs.get("key"))
+    peer = kwargs.get("peer")
+    try:
+        peer_bytes = parse_peer_id(peer) if peer is not None else None
+    except ValueError as e:
+        raise ConfigurationError(f"direct endpoint: peer= {e}") from None
+    identity_path = kwargs.get("identity")
+    identity = PeerIdentity.from_file(identity_path, create=True) if identity_path else PeerIdentity.generate()
+    return DirectConfig(
+        topic=sync_key.topic(kwargs.get("topic", "")),
+        identity=identity,
+        peer=peer_bytes,
+        wait=_number("wait", kwargs.get("wait"), 30.0, endpoint="direct"),
+        timeout=_number("timeout", kwargs.get("timeout"), 30.0, minimum=0.001, endpoint="direct"),
+        lan=_lan_address(kwargs.get("lan"), "direct"),
+        port=_tcp_port(kwargs.get("port"), "direct"),
+        session=_session_params(kwargs, "direct"),
+    )
+
+
+@implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
+class DirectClientParser:
+    """C{direct:} client endpoints: find the peer on the LAN and connect with no relay."""
+
+    prefix = "direct"
+
+    def parseStreamClient(self, reactor, *args, **kwargs):
+        from pluresync.endpoints.direct import DirectClientEndpoint
+
+        _refuse_server_only("direct", kwargs)
+        return DirectClientEndpoint(reactor, direct_config(*args, **kwargs))
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class DirectServerParser:
+    """C{direct:} server endpoints: listen on the LAN and advertise it."""
+
+    prefix = "direct"
+
+    def parseStreamServer(self, reactor, *args, **kwargs):
+        from pluresync.endpoints.direct import DirectServerEndpoint
+
+        _refuse_client_only("direct", kwargs)
+        return DirectServerEndpoint(reactor, direct_config(*args, **kwargs))
+
+
+#: Every parameter an C{auto:} string takes: C{relay:}'s but C{url=}, its own, and the LAN path's.
+_AUTO_PARAMETERS = (
+    (RELAY_PARAMETERS - {"url"}) | {"azure", "vercel", "relays", "delay", "config"} | {"direct", "lan", "port"}
+)
+
+
+def auto_parameters() -> frozenset[str]:
+    """Every parameter an C{auto:} string takes (docs/endpoints.md documents each)."""
+    return frozenset(_AUTO_PARAMETERS)
+
+
+#: C{direct=}'s values.
+_SWITCH = {"on": True, "off": False}
+_lan_skipped: list[bool] = []
+
+
+def _direct_wanted(value: str | None, seed_direct: bool | None) -> bool:
+    """
+    Whether C{auto:} races the LAN path: C{direct=} if given, else the
+    config file's C{syncDirect}, else whenever zeroconf is installed.
+    """
+    if value is not None:
+        if value.strip().lower() not in _SWITCH:
+            raise ConfigurationError(f"auto endpoint: direct= is on or off, got {value!r}")
+        wanted = _SWITCH[value.strip().lower()]
+    else:
+        wanted = seed_direct
+    if wanted is None:
+        if zeroconf_installed():
+            return True
+        if not _lan_skipped:
+            from twisted.logger import Logger
+
+            _lan_skipped.append(True)
+            Logger().debug("auto: the LAN path is off: the zeroconf package is not installed ({how})", how=DIRECT_EXTRA)
+        return False
+    if wanted and not zeroconf_installed():
+        raise ConfigurationError(
+            "auto endpoint: direct=on needs the zeroconf package, which pluresync does not install by default: "
+            f"{DIRECT_EXTRA}"
+        )
+    return wanted
 
 
 def auto_config(*args: str, **kwargs: str):
@@ -240,8 +408,9 @@ def auto_config(*args: str, **kwargs: str):
     Build a L{pluresync.endpoints.auto.AutoConfig} from an endpoint string's
     arguments: C{auto:keyfile=...:azure=URL:vercel=URL:timeout=...:delay=...},
     C{auto:config=PATH} (the seed's JSON config), C{relays=vercel,azure} to
-    choose and order the relays. Precedence: the string, then the config
-    file, then the environment.
+    choose and order the relays, C{direct=off} to leave out the LAN path
+    (which comes first when zeroconf is installed). Precedence: the string,
+    then the config file, then the environment.
     """
     from dataclasses import replace
 
@@ -287,6 +456,12 @@ def auto_config(*args: str, **kwargs: str):
         paths.append(replace(path, identity=identity))
     if not isinstance(identity, PeerIdentity):
         raise ConfigurationError("auto endpoint: no paths configured")
+    if _direct_wanted(kwargs.get("direct"), seed.direct):
+        # First: on a LAN it is the fastest path, and where there is none it
+        # fails or waits only its head start before the relays begin.
+        lan = {k: common[k] for k in DIRECT_PARAMETERS if k in common}
+        lan.update({k: kwargs[k] for k in ("lan", "port") if k in kwargs})
+        paths.insert(0, replace(direct_config(**lan), identity=identity))
     return AutoConfig(
         paths=tuple(paths),
         delay=_number("delay", kwargs.get("delay"), DEFAULT_DELAY),
@@ -303,6 +478,7 @@ class AutoClientParser:
     def parseStreamClient(self, reactor, *args, **kwargs):
         from pluresync.endpoints.auto import AutoClientEndpoint
 
+        _refuse_server_only("auto", kwargs)
         return AutoClientEndpoint(reactor, auto_config(*args, **kwargs))
 
 
