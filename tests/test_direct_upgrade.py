@@ -308,3 +308,44 @@ class UpgradeTests(TestCase):
         upgrade = DirectUpgrade(reactor, session, FAST, identity=PeerIdentity.generate(), topic=None)
         verifyObject(IControlReceiver, upgrade)
         upgrade.stop()
+
+
+class AutoConfigTests(TestCase):
+    """How an C{auto:} string turns the upgrade on, off, and where it asks for its public address."""
+
+    KEY = SyncKey.generate().to_text()
+
+    def test_on_by_default_with_the_extra(self):
+        from pluresync.endpoints.parsers import auto_config
+
+        config = auto_config(key=self.KEY)
+        self.assertEqual(config.upgrade, DirectParams())
+        self.assertTrue(config.session.direct)
+        self.assertIsNotNone(config.on_session(reactor))
+
+    def test_off(self):
+        from pluresync.endpoints.parsers import auto_config
+
+        config = auto_config(key=self.KEY, direct="off")
+        self.assertIsNone(config.upgrade)
+        self.assertFalse(config.session.direct)
+        self.assertIsNone(config.on_session(reactor))
+
+    def test_stun_servers(self):
+        from pluresync.endpoints.parsers import auto_config
+
+        config = auto_config(key=self.KEY, stun="relay.example.com:3478, 192.0.2.1:3479")
+        self.assertEqual(config.upgrade.stun, (("relay.example.com", 3478), ("192.0.2.1", 3479)))
+        self.assertEqual(auto_config(key=self.KEY, stun="none").upgrade.stun, ())
+
+    def test_bad_stun(self):
+        from pluresync.endpoints.parsers import auto_config
+        from pluresync.errors import ConfigurationError
+
+        for value in ("relay.example.com", "host:0", "host:99999", ":3478"):
+            with self.assertRaises(ConfigurationError) as caught:
+                auto_config(key=self.KEY, stun=value)
+            self.assertIn("stun=", str(caught.exception))
+        with self.assertRaises(ConfigurationError) as caught:
+            auto_config(key=self.KEY, stun="host:3478", direct="off")
+        self.assertIn("direct=off", str(caught.exception))

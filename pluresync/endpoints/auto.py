@@ -28,7 +28,7 @@ be one more L{IPath} in front of them, with no change here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail
 from twisted.internet.error import ConnectingCancelledError
@@ -82,6 +82,9 @@ class AutoConfig:
     delay: float = DEFAULT_DELAY
     timeout: float = 30.0
     cache: pathcache.PathCache = field(default_factory=lambda: pathcache.shared, compare=False)
+    #: how sessions look for a direct (punched UDP) path once they run
+    #: (L{pluresync.direct.upgrade.DirectParams}); C{None}: they never do
+    upgrade: object | None = None
 
     @property
     def identity(self):
@@ -93,7 +96,21 @@ class AutoConfig:
 
     @property
     def session(self):
-        return self.paths[0].session
+        # A side that looks for direct paths says so in its hello or READY.
+        return replace(self.paths[0].session, direct=self.upgrade is not None)
+
+    def on_session(self, reactor):
+        """What each new session is handed to (a L{DirectUpgrade}), or C{None}."""
+        if self.upgrade is None:
+            return None
+        from pluresync.direct.upgrade import DirectUpgrade
+
+        params, identity, topic = self.upgrade, self.identity, self.paths[0].topic
+
+        def upgrade(session) -> None:
+            DirectUpgrade(reactor, session, params, identity=identity, topic=topic)
+
+        return upgrade
 
 
 def _why(failure: Failure) -> str:
@@ -234,6 +251,7 @@ class AutoClientEndpoint:
             params=params,
             local_id=self._config.identity.peer_id,
             reconnect=self._resume if params.resume > 0 else None,
+            on_session=self._config.on_session(self._reactor),
         )
 
     def _resume(self, hello) -> Deferred:
@@ -268,7 +286,9 @@ class AutoListeningPort:
 
     def __init__(self, reactor, config: AutoConfig, factory) -> None:
         self._config = config
-        sessions = attach.SessionTable(reactor, factory, config.session, config.identity.peer_id)
+        sessions = attach.SessionTable(
+            reactor, factory, config.session, config.identity.peer_id, on_session=config.on_session(reactor)
+        )
         self._ports: dict[str, IPathListener] = {
             path.name: path.listener(reactor, factory, sessions) for path in config.paths
         }

@@ -361,7 +361,7 @@ class DirectServerParser:
 
 #: Every parameter an C{auto:} string takes: C{relay:}'s but C{url=}, its own, and the LAN path's.
 _AUTO_PARAMETERS = (
-    (RELAY_PARAMETERS - {"url"}) | {"azure", "vercel", "relays", "delay", "config"} | {"direct", "lan", "port"}
+    (RELAY_PARAMETERS - {"url"}) | {"azure", "vercel", "relays", "delay", "config"} | {"direct", "lan", "port", "stun"}
 )
 
 
@@ -456,17 +456,47 @@ def auto_config(*args: str, **kwargs: str):
         paths.append(replace(path, identity=identity))
     if not isinstance(identity, PeerIdentity):
         raise ConfigurationError("auto endpoint: no paths configured")
+    upgrade = None
+    stun = _stun_servers(kwargs.get("stun"))
     if _direct_wanted(kwargs.get("direct"), seed.direct):
         # First: on a LAN it is the fastest path, and where there is none it
         # fails or waits only its head start before the relays begin.
         lan = {k: common[k] for k in DIRECT_PARAMETERS if k in common}
         lan.update({k: kwargs[k] for k in ("lan", "port") if k in kwargs})
         paths.insert(0, replace(direct_config(**lan), identity=identity))
+        # And a session that runs over a relay looks for a punched UDP path.
+        from pluresync.direct.upgrade import DirectParams
+
+        upgrade = DirectParams(stun=stun)
+    elif "stun" in kwargs:
+        raise ConfigurationError("auto endpoint: stun= only serves direct paths, and direct=off turns them off")
     return AutoConfig(
         paths=tuple(paths),
         delay=_number("delay", kwargs.get("delay"), DEFAULT_DELAY),
         timeout=paths[0].timeout,
+        upgrade=upgrade,
     )
+
+
+def _stun_servers(value: str | None) -> tuple[tuple[str, int], ...]:
+    """
+    C{stun=HOST:PORT,HOST:PORT} (e.g. a relay host's C{--udp-port} N and
+    N+1), or C{none} (the default): who tells a peer its public address.
+    Colons inside an endpoint string are escaped (C{host\\:3478}).
+    """
+    if value is None or value.strip().lower() in ("", "none"):
+        return ()
+    servers = []
+    for item in value.split(","):
+        host, _, port = item.strip().rpartition(":")
+        try:
+            number = int(port)
+        except ValueError:
+            number = 0
+        if not host or not 0 < number < 65536:
+            raise ConfigurationError(f"auto endpoint: stun= lists HOST:PORT servers, got {item.strip()!r}")
+        servers.append((host.strip("[]"), number))
+    return tuple(servers)
 
 
 @implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
