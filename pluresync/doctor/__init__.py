@@ -118,11 +118,14 @@ async def run_doctor(reactor, endpoint: str | None, config: str | None, timeout:
         out.write(f"pluresync doctor: configuration error: {e}\n")
         out.write("overall: FAIL: fix the configuration first (see docs/endpoints.md)\n")
         return 1
-    sections: list[Section] = await gatherResults(
-        [Deferred.fromCoroutine(diagnose(reactor, path, timeout)) for path in found.paths]
-    )
+    checks = [Deferred.fromCoroutine(diagnose(reactor, path, timeout)) for path in found.paths]
+    if found.stun is not None:
+        from pluresync.doctor.direct import diagnose_direct
+
+        checks.append(Deferred.fromCoroutine(diagnose_direct(reactor, found.stun, timeout)))
+    sections: list[Section] = await gatherResults(checks)
     colour = bool(getattr(out, "isatty", lambda: False)())
-    text, code = format_report(_header(found.source, len(sections), timeout), sections, colour, found.notes)
+    text, code = format_report(_header(found.source, len(found.paths), timeout), sections, colour, found.notes)
     out.write(text)
     flush = getattr(out, "flush", None)
     if flush is not None:

@@ -45,6 +45,9 @@ class Section:
     where: str
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: advice about a path rather than a transport to use (the direct
+    #: path's UDP and NAT): not counted in the overall verdict
+    advice: bool = False
 
     @property
     def works(self) -> bool:
@@ -74,7 +77,10 @@ def _paint(text: str, verdict: str, colour: bool) -> str:
 
 def format_section(section: Section, colour: bool = False) -> list[str]:
     """The lines of one transport's table, its notes and fixes."""
-    status = "works" if section.works else "does not work"
+    if section.advice:
+        status = "advice"
+    else:
+        status = "works" if section.works else "does not work"
     lines = [f"{section.name}  {section.where}  [{status}]"]
     lines += [f"  note: {note}" for note in section.notes]
     header = ("check", "verdict", "time", "detail")
@@ -92,6 +98,7 @@ def format_section(section: Section, colour: bool = False) -> list[str]:
 
 def overall(sections: Sequence[Section]) -> tuple[str, int]:
     """The overall verdict line and the exit code (0: at least one transport works)."""
+    sections = [s for s in sections if not s.advice]
     working = [s.name for s in sections if s.works]
     total = len(sections)
     if working:

@@ -30,6 +30,8 @@ class Targets:
     paths: list = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     source: str = ""
+    #: the STUN servers of C{auto:}'s direct path (C{stun=}); C{None}: no direct path to look at
+    stun: tuple | None = None
 
 
 def _split(description: str) -> tuple[str, list[str], dict[str, str]]:
@@ -40,16 +42,19 @@ def _split(description: str) -> tuple[str, list[str], dict[str, str]]:
     return str(prefix), [str(a) for a in rest], {str(k): str(v) for k, v in kwargs.items()}
 
 
-def _parse_paths(prefix: str, args: list[str], kwargs: dict[str, str]) -> list:
+def _parse_paths(prefix: str, args: list[str], kwargs: dict[str, str]) -> tuple[list, tuple | None]:
     from pluresync.endpoints.parsers import auto_config, relay_config
 
     if prefix == "relay":
-        return [relay_config(*args, **kwargs)]
+        return [relay_config(*args, **kwargs)], None
     if prefix == "auto":
         from pluresync.endpoints.relay import RelayConfig
 
-        # The relays only: the doctor has no checks of the LAN path yet.
-        return [path for path in auto_config(*args, **kwargs).paths if isinstance(path, RelayConfig)]
+        # The relays, each checked end to end; the direct path's UDP and NAT
+        # as advice (the LAN path has no checks yet).
+        config = auto_config(*args, **kwargs)
+        stun = config.upgrade.stun if config.upgrade is not None else None
+        return [path for path in config.paths if isinstance(path, RelayConfig)], stun
     if prefix == "direct":
         raise ConfigurationError("the doctor does not check direct: (the LAN) yet; it checks relay: and auto:'s relays")
     raise ConfigurationError(f"the doctor checks relay: and auto: endpoints, not {prefix}:")
@@ -79,7 +84,7 @@ def targets(endpoint: str | None = None, config: str | None = None) -> Targets:
         kwargs["config"] = config
     result = Targets(source=source)
     try:
-        result.paths = _parse_paths(prefix, args, kwargs)
+        result.paths, result.stun = _parse_paths(prefix, args, kwargs)
     except KeyFileError as e:
         if "key" in kwargs or "keyfile" in kwargs:
             # The user named a key and it is wrong: that is for them to fix
@@ -92,5 +97,5 @@ def targets(endpoint: str | None = None, config: str | None = None) -> Targets:
             f"sync key: {e}; the checks below use a throwaway key, but your programs will need a key to connect"
         )
         kwargs = dict(kwargs, key=SyncKey.generate().to_text())
-        result.paths = _parse_paths(prefix, args, kwargs)
+        result.paths, result.stun = _parse_paths(prefix, args, kwargs)
     return result
