@@ -194,6 +194,8 @@ class IPath(Interface):
     """
 
     name = Attribute("The path's name, e.g. 'relay:azure'.")
+    # Optional: head_start, seconds before auto: starts the next path (less
+    # than its delay= only); without it, delay= applies.
     identity = Attribute("Our PeerIdentity on this path.")
     session = Attribute("The SessionParams of the sessions it carries.")
     cache_key = Attribute("What identifies the peer we reach, before connecting (for the path cache).")

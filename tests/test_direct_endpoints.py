@@ -687,24 +687,26 @@ class AutoTests(LanTestCase):
     def connect(self) -> Deferred:
         return AutoClientEndpoint(self.reactor, self.auto).connect(Builds())
 
-    def test_nobody_on_the_lan_costs_one_head_start(self) -> None:
+    def test_nobody_on_the_lan_costs_nothing(self) -> None:
         """
-        The LAN is tried first; with nobody answering, the primary relay
-        starts after delay= exactly as the backup does after it today, and
-        its win ends the LAN search.
+        The LAN search starts first and the primary relay in the same turn
+        (the LAN path's head start is 0): the relays connect as fast as
+        before there was a LAN path; the backup follows after delay= as
+        before, and the relay's win ends the LAN search.
         """
         d = self.connect()
         self.assertEqual(len(self.lan.searches), 1)
-        self.assertEqual(len(self.azure.attempts), 0)
-        self.reactor.advance(0.49)
-        self.assertEqual(len(self.azure.attempts), 0)
-        self.reactor.advance(0.01)
         self.assertEqual(len(self.azure.attempts), 1)
+        self.assertEqual(self.reactor.seconds(), 0)
+        self.reactor.advance(0.49)
+        self.assertEqual(len(self.vercel.attempts), 0)
+        self.reactor.advance(0.01)
+        self.assertEqual(len(self.vercel.attempts), 1)
         self.assertFalse(self.lan.searches[0].cancelled)
         self.azure.attempts[0].d.callback(FakeLink())
         self.successResultOf(d)
         self.assertTrue(self.lan.searches[0].cancelled)
-        self.assertEqual(len(self.vercel.attempts), 0)
+        self.assertTrue(self.vercel.attempts[0].cancelled)
 
     def test_no_mdns_hands_over_at_once(self) -> None:
         """Where mDNS cannot run, the relays start at once, as if there were no LAN path."""
@@ -716,15 +718,20 @@ class AutoTests(LanTestCase):
         self.successResultOf(d)
 
     def test_lan_wins(self) -> None:
-        """A peer on the LAN connects within the head start: the relays are never tried, and the LAN is remembered."""
+        """
+        A peer on the LAN that answers before the primary relay wins: the
+        relay attempt started beside it is cancelled, the backup never
+        starts, and the LAN is remembered.
+        """
         self.listening()
         d = self.connect()
         self.lan.searches[0].find("10.0.0.1")
         self.pump()
         protocol = self.successResultOf(d)
         self.assertEqual(protocol.transport.getPeer().transport, "direct:lan")
+        self.assertTrue(self.azure.attempts[0].cancelled)
         self.reactor.advance(1)
-        self.assertEqual((len(self.azure.attempts), len(self.vercel.attempts)), (0, 0))
+        self.assertEqual((len(self.azure.attempts), len(self.vercel.attempts)), (1, 0))
         self.assertEqual(
             self.cache.order(["direct:lan", "relay:azure"], self.config.cache_key, self.reactor.seconds())[0],
             "direct:lan",

@@ -160,9 +160,20 @@ class _Race:
         client: IPathClient = path.client(self._reactor)
         d = client.secure(self._hello)
         self._attempts[path.name] = d
+        started = self._next
         d.addCallbacks(self._won, self._lost, callbackArgs=(path,), errbackArgs=(path,))
+        if self._next != started or self._done:
+            return  # it failed at once and handed its turn on already (or won)
         if self._next < len(self._order):
-            self._head_start = self._reactor.callLater(self._config.delay, self._startNext)
+            # A path may ask for less than the configured head start (the
+            # LAN: it must never make the relays start later than they did
+            # before it existed).
+            delay = getattr(path, "head_start", None)
+            delay = self._config.delay if delay is None else min(delay, self._config.delay)
+            if delay <= 0 and not self._done:
+                self._startNext()
+            else:
+                self._head_start = self._reactor.callLater(delay, self._startNext)
 
     def _won(self, link, path: IPath) -> None:
         self._attempts.pop(path.name, None)
