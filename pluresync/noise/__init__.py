@@ -1,5 +1,5 @@
 """
-The Noise Protocol Framework (revision 34) for 25519, ChaChaPoly and BLAKE2b.
+The Noise Protocol Framework (revision 34) for 25519, ChaChaPoly or AESGCM, and BLAKE2b.
 
 Only the patterns pluresync uses (NN, IK, XX and their psk variants) are
 supported; anything else is refused by name rather than half-implemented.

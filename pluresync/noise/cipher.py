@@ -18,7 +18,7 @@ import hmac
 import struct
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from pluresync.noise.errors import NoiseError
 
@@ -34,6 +34,13 @@ MAX_NONCE = 2**64 - 1
 # ChaChaPoly's nonce: 32 zero bits then the counter, little-endian.
 _pack_nonce = struct.Struct("<4xQ").pack
 
+#: Noise's cipher functions (section 12): the AEAD, and how a counter
+#: becomes its nonce (AESGCM's is 32 zero bits then the counter big-endian).
+CIPHERS = {
+    "ChaChaPoly": (ChaCha20Poly1305, _pack_nonce),
+    "AESGCM": (AESGCM, struct.Struct(">4xQ").pack),
+}
+
 
 class CipherState:
     """
@@ -44,13 +51,14 @@ class CipherState:
         advance it, so a forged record cannot desynchronise the stream.
     """
 
-    __slots__ = ("_key", "_aead", "nonce")
+    __slots__ = ("_key", "_aead", "_kind", "_pack", "nonce")
 
-    def __init__(self, key: bytes, nonce: int = 0) -> None:
+    def __init__(self, key: bytes, nonce: int = 0, cipher: str = "ChaChaPoly") -> None:
         if len(key) != KEY_LENGTH:
             raise ValueError(f"cipher key must be {KEY_LENGTH} bytes")
+        self._kind, self._pack = CIPHERS[cipher]
         self._key = bytes(key)
-        self._aead = ChaCha20Poly1305(self._key)
+        self._aead = self._kind(self._key)
         self.nonce = nonce
 
     def __repr__(self) -> str:
@@ -73,7 +81,7 @@ class CipherState:
                 f"plaintext of {len(plaintext)} bytes exceeds the Noise limit "
                 f"of {MAX_PLAINTEXT_LENGTH}; split it into smaller records"
             )
-        ciphertext = self._aead.encrypt(_pack_nonce(n), plaintext, ad)
+        ciphertext = self._aead.encrypt(self._pack(n), plaintext, ad)
         self.nonce = n + 1
         return ciphertext
 
@@ -93,7 +101,7 @@ class CipherState:
                 f"Noise's {TAG_LENGTH}..{MAX_MESSAGE_LENGTH} byte range"
             )
         try:
-            plaintext = self._aead.decrypt(_pack_nonce(n), ciphertext, ad)
+            plaintext = self._aead.decrypt(self._pack(n), ciphertext, ad)
         except InvalidTag:
             raise NoiseError(
                 "message failed authentication: it was tampered with, reordered, or the peer uses a different key"
@@ -108,8 +116,8 @@ class CipherState:
         Lets long sessions forget old keys without a new handshake; the
         nonce is kept, as the spec requires.
         """
-        self._key = self._aead.encrypt(_pack_nonce(MAX_NONCE), bytes(KEY_LENGTH), None)[:KEY_LENGTH]
-        self._aead = ChaCha20Poly1305(self._key)
+        self._key = self._aead.encrypt(self._pack(MAX_NONCE), bytes(KEY_LENGTH), None)[:KEY_LENGTH]
+        self._aead = self._kind(self._key)
 
 
 def _exhausted() -> NoiseError:
@@ -144,7 +152,8 @@ class SymmetricState:
     keeping that case out of L{CipherState} keeps the hot path branch-free.
     """
 
-    def __init__(self, protocol_name: bytes) -> None:
+    def __init__(self, protocol_name: bytes, cipher: str = "ChaChaPoly") -> None:
+        self._cipher_name = cipher
         if len(protocol_name) <= HASHLEN:
             self._h = protocol_name.ljust(HASHLEN, b"\0")
         else:
@@ -165,7 +174,7 @@ class SymmetricState:
     def mix_key(self, ikm: bytes) -> None:
         """Fold a DH result (or, in psk handshakes, an ephemeral) into the keys."""
         self._ck, temp_k = _hkdf(self._ck, ikm, 2)
-        self._cipher = CipherState(temp_k[:KEY_LENGTH])
+        self._cipher = CipherState(temp_k[:KEY_LENGTH], cipher=self._cipher_name)
 
     def mix_hash(self, data: bytes) -> None:
         """Bind C{data} into the transcript so later ciphertexts depend on it."""
@@ -175,7 +184,7 @@ class SymmetricState:
         """Fold a psk into both the keys and the transcript."""
         self._ck, temp_h, temp_k = _hkdf(self._ck, ikm, 3)
         self.mix_hash(temp_h)
-        self._cipher = CipherState(temp_k[:KEY_LENGTH])
+        self._cipher = CipherState(temp_k[:KEY_LENGTH], cipher=self._cipher_name)
 
     def encrypt_and_hash(self, plaintext: bytes) -> bytes:
         """Encrypt (if keyed) with the transcript as associated data, then hash."""
@@ -204,4 +213,5 @@ class SymmetricState:
         temp_k1, temp_k2 = _hkdf(self._ck, b"", 2)
         self._ck = b""
         self._cipher = None
-        return CipherState(temp_k1[:KEY_LENGTH]), CipherState(temp_k2[:KEY_LENGTH])
+        name = self._cipher_name
+        return CipherState(temp_k1[:KEY_LENGTH], cipher=name), CipherState(temp_k2[:KEY_LENGTH], cipher=name)

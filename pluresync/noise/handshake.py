@@ -15,7 +15,7 @@ from pluresync.noise.cipher import (
 )
 from pluresync.noise.errors import NoiseError
 from pluresync.noise.keys import DHLEN, check_key, dh, generate_private_key, public_key
-from pluresync.noise.patterns import HandshakePattern, parse_protocol_name
+from pluresync.noise.patterns import HandshakePattern, cipher_of, parse_protocol_name
 
 _DH_TOKENS = frozenset({"ee", "es", "se", "ss"})
 
@@ -67,7 +67,7 @@ class HandshakeState:
         self._psks = iter(psks)
         self._check_keys_fit(pattern)
 
-        self._symmetric = SymmetricState(protocol_name.encode("ascii"))
+        self._symmetric = SymmetricState(protocol_name.encode("ascii"), cipher_of(protocol_name))
         self._symmetric.mix_hash(bytes(prologue))
         # Initiator's pre-message keys are hashed first, whoever we are.
         for tokens, sender_is_initiator in (

@@ -18,7 +18,7 @@ _BASE_PATTERNS: dict[str, tuple[_Tokens, _Tokens, tuple[_Tokens, ...]]] = {
     "IK": ((), ("s",), (("e", "es", "s", "ss"), ("e", "ee", "se"))),
 }
 
-_PRIMITIVES = {"DH": "25519", "cipher": "ChaChaPoly", "hash": "BLAKE2b"}
+_PRIMITIVES = {"DH": ("25519",), "cipher": ("ChaChaPoly", "AESGCM"), "hash": ("BLAKE2b",)}
 
 # The base name is upper case (and digits, for deferred patterns); modifiers
 # start lower case and are joined by "+".
@@ -60,9 +60,14 @@ def parse_protocol_name(protocol_name: str) -> HandshakePattern:
     if len(parts) != 5 or parts[0] != "Noise":
         raise ValueError(f"{protocol_name!r} is not a Noise protocol name (expected Noise_PATTERN_DH_CIPHER_HASH)")
     for (kind, wanted), got in zip(_PRIMITIVES.items(), parts[2:], strict=False):
-        if got != wanted:
-            raise ValueError(f"unsupported Noise {kind} function {got!r}: only {wanted} is supported")
+        if got not in wanted:
+            raise ValueError(f"unsupported Noise {kind} function {got!r}: supported: {', '.join(wanted)}")
     return _parse_pattern(parts[1])
+
+
+def cipher_of(protocol_name: str) -> str:
+    """The cipher function a (valid) protocol name names: C{ChaChaPoly} or C{AESGCM}."""
+    return protocol_name.split("_")[3]
 
 
 def _parse_pattern(name: str) -> HandshakePattern:
