@@ -267,7 +267,6 @@ class DirectUpgrade:
         if attempt is not None:
             # The socket lives as long as the direct pipe; once it is gone
             # (the session moved back to a relay), look again later.
-            attempt.pipe = pipe
             self._live.append(attempt)
             pipe.finished.addBoth(lambda _: self._directEnded(attempt))
 
@@ -295,10 +294,11 @@ class DirectUpgrade:
         self._stopped = True
         if self._call is not None and self._call.active():
             self._call.cancel()
+        # Ours to release (and to wait for), not the cancelled attempt's callback's.
+        current, self._current = self._current, None
         if self._running is not None:
             self._running.cancel()
-        releasing = [attempt.release() for attempt in [self._current, *self._live] if attempt is not None]
-        self._current = None
+        releasing = [attempt.release() for attempt in [current, *self._live] if attempt is not None]
         self._live = []
         if self._session.signals is self:
             self._session.signals = None
@@ -477,7 +477,7 @@ class DirectUpgrade:
             strategy=path.strategy,
             ms=path.seconds * 1000,
         )
-        return await connect(
+        pipe = await connect(
             self._reactor,
             socket,
             path.peer,
@@ -485,6 +485,8 @@ class DirectUpgrade:
             peer_fingerprint=peer.fingerprint,
             params=self._params.quic,
         )
+        attempt.pipe = pipe  # from here a failed attempt stops it too
+        return pipe
 
     def _resolve(self, hello, secured) -> ReadyAnswer:
         """(responder) a link on the direct pipe may only resume this session, from its peer."""
