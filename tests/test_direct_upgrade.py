@@ -350,3 +350,140 @@ class AutoConfigTests(TestCase):
         with self.assertRaises(ConfigurationError) as caught:
             auto_config(key=self.KEY, stun="host:3478", direct="off")
         self.assertIn("direct=off", str(caught.exception))
+
+
+class DirectOnlyTests(TestCase):
+    """
+    C{direct:} with C{relay=}: the relay only introduces the peers; the
+    application sees the connection once a direct path carries it, or a
+    clear error. A real relay on 127.0.0.1; the LAN path is left out, so
+    what carries the stream is the punched UDP path.
+    """
+
+    timeout = 60
+
+    def config(self, relay, key, identity, params: DirectParams):
+        from dataclasses import replace
+
+        from pluresync.endpoints.auto import AutoConfig
+        from pluresync.endpoints.parsers import relay_config
+
+        path = relay_config(url=relay.url, key=key.to_text(), timeout="10")
+        path = replace(path, identity=identity, session=SessionParams(direct=True))
+        return AutoConfig(paths=(path,), delay=0.5, timeout=10.0, upgrade=params, direct_only=True)
+
+    async def pair(self, params: DirectParams):
+        from pluresync.endpoints.auto import AutoClientEndpoint, AutoServerEndpoint
+
+        # Keep every upgrade made, to wait for its sockets at the end.
+        self.made = []
+        made = self.made
+        original = DirectUpgrade.__init__
+
+        def recording(upgrade, *args, **kwargs):
+            original(upgrade, *args, **kwargs)
+            made.append(upgrade)
+
+        self.patch(DirectUpgrade, "__init__", recording)
+
+        from .localrelay import LocalRelay
+
+        relay = LocalRelay(self)
+        key = SyncKey.generate()
+        self.sink = Sink(4 * MiB)
+        listening = await AutoServerEndpoint(reactor, self.config(relay, key, PeerIdentity.generate(), params)).listen(
+            Factory.forProtocol(lambda: self.sink)
+        )
+        self.addCleanup(listening.stopListening)
+        source = Source(4 * MiB)
+        client = AutoClientEndpoint(reactor, self.config(relay, key, PeerIdentity.generate(), params))
+        return relay, client, source
+
+    async def test_the_application_sees_only_the_direct_path(self):
+        """connect() fires once the session runs direct; every byte then goes direct, none through the relay."""
+        relay, client, source = await self.pair(DirectParams(**{**FAST.__dict__, "required": True}))
+        protocol = await client.connect(Factory.forProtocol(lambda: source))
+        self.assertIs(protocol, source)
+        self.assertEqual(source.transport.getPeer().transport, PATH_NAME)
+        relayed = len(relay.tapped)
+        source.start()
+        self.assertEqual(await self.sink.done, 4 * MiB)
+        self.assertEqual(self.sink.digest.hexdigest(), source.digest.hexdigest())
+        self.assertEqual(self.sink.made, 1)
+        self.assertEqual(self.sink.transport.getPeer().transport, PATH_NAME)
+        self.assertLess(len(relay.tapped) - relayed, 64 * 1024, "the stream's bytes went through the relay")
+        await self.teardown(source.transport.session, self.sink.transport.session)
+
+    async def teardown(self, *sessions):
+        """End both sessions and wait until their direct paths let go of every socket and timer."""
+        for session in sessions:
+            session.abort()
+        await DeferredList([s.whenEnded() for s in sessions], consumeErrors=True)
+        await DeferredList([s_upgrade.stop() for s_upgrade in self.upgrades(sessions)], consumeErrors=True)
+
+    def upgrades(self, sessions):
+        return self.made
+
+    @property
+    def live(self):
+        """Upgrades whose session has not ended yet."""
+        from pluresync.session.session import Phase
+
+        return [u for u in self.made if u._session.phase is not Phase.ENDED]
+
+    async def test_no_direct_path_is_an_error_not_the_relay(self):
+        """
+        Where no direct path opens (here: each side offers an address where
+        nobody listens, 127.0.0.2: a candidate list that lies), connect() fails with
+        why, nothing is built, and nothing is left running.
+        """
+        params = DirectParams(
+            **{**FAST.__dict__, "hosts": ("127.0.0.2",), "punch": 1.0, "timeout": 5.0, "required": True}
+        )
+        relay, client, source = await self.pair(params)
+        from pluresync.errors import DirectPathError
+
+        with self.assertRaises(DirectPathError) as caught:
+            await client.connect(Factory.forProtocol(lambda: source))
+        self.assertIn("no direct path to the peer", str(caught.exception))
+        self.assertEqual(self.sink.made, 0)
+        await until(lambda: not self.live)
+        await DeferredList([upgrade.stop() for upgrade in self.made], consumeErrors=True)
+
+
+class DirectRelayParserTests(TestCase):
+    """direct:...:relay= builds an auto: of the LAN and that relay whose sessions must go direct."""
+
+    KEY = SyncKey.generate().to_text()
+
+    def test_client_and_server(self):
+        from twisted.internet.endpoints import clientFromString, serverFromString
+
+        from pluresync.endpoints.auto import AutoClientEndpoint, AutoServerEndpoint
+
+        client = clientFromString(reactor, f"direct:key={self.KEY}:relay=azure:stun=192.0.2.7\\:3478")
+        self.assertIsInstance(client, AutoClientEndpoint)
+        config = client._config
+        self.assertTrue(config.direct_only)
+        self.assertTrue(config.upgrade.required)
+        self.assertEqual(config.upgrade.stun, (("192.0.2.7", 3478),))
+        self.assertEqual([p.name for p in config.paths], ["direct:lan", "relay:azure"])
+        self.assertEqual(config.paths[0].identity, config.paths[1].identity)
+        self.assertTrue(config.session.direct)
+        server = serverFromString(reactor, f"direct:key={self.KEY}:relay=wss\\://relay.example.net")
+        self.assertIsInstance(server, AutoServerEndpoint)
+        self.assertEqual(server._config.paths[1].name, "relay:relay.example.net")
+
+    def test_bad_relay_and_misplaced_parameters(self):
+        from twisted.internet.endpoints import clientFromString
+
+        from pluresync.errors import ConfigurationError
+
+        for text, words in [
+            (f"direct:key={self.KEY}:relay=nowhere", "relay= is azure, vercel or a relay's URL"),
+            (f"direct:key={self.KEY}:relay=azure:bogus=1", "unknown parameter(s) bogus"),
+            (f"direct:key={self.KEY}:stun=192.0.2.7\\:3478", "unknown parameter(s) stun"),
+        ]:
+            with self.assertRaises(ConfigurationError) as caught:
+                clientFromString(reactor, text)
+            self.assertIn(words, str(caught.exception))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pluresync.endpoints.parsers import DIRECT_PARAMETERS, RELAY_PARAMETERS, auto_parameters
+from pluresync.endpoints.parsers import DIRECT_PARAMETERS, DIRECT_RELAY_PARAMETERS, RELAY_PARAMETERS, auto_parameters
 from pluresync.keys import SyncKey
 
 from .localrelay import LocalRelay
@@ -135,7 +135,7 @@ class DocumentTests(SynchronousTestCase):
     def test_every_endpoint_parameter_is_documented(self):
         """Each parameter the relay:, direct: and auto: parsers accept appears in docs/endpoints.md as `name=`."""
         text = (DOCS / "endpoints.md").read_text("utf-8")
-        every = RELAY_PARAMETERS | DIRECT_PARAMETERS | auto_parameters()
+        every = RELAY_PARAMETERS | DIRECT_PARAMETERS | DIRECT_RELAY_PARAMETERS | auto_parameters()
         missing = sorted(name for name in every if f"`{name}=" not in text)
         self.assertEqual(missing, [])
 

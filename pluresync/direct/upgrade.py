@@ -92,6 +92,10 @@ class DirectParams:
     punch: float = 10.0
     stun_deadline: float = 3.0
     quic: QuicParams = field(default_factory=QuicParams)
+    #: the session is only for a direct path (C{direct:} with C{relay=}):
+    #: the initiator's first failed attempt fails L{DirectUpgrade.whenDirect}
+    #: (and so the connection) instead of leaving it on the relay
+    required: bool = False
 
 
 class _Refused(DirectPathError):
@@ -195,6 +199,8 @@ class DirectUpgrade:
         self._call = None
         self._stopped = False
         self._live: list[_Attempt] = []  # attempts whose direct pipe carries (or carried) the session
+        self._waiters: list[Deferred] = []
+        self._stopping: Deferred | None = None
         self.successes = 0
         self.failures = 0
         self.last_error: str | None = None
@@ -202,6 +208,25 @@ class DirectUpgrade:
         session.whenEnded().addBoth(self._sessionEnded)
         if session.initiator:
             self._later(params.first)
+
+    def whenDirect(self) -> Deferred:
+        """
+        Fires once a direct path carries the session; fails when the session
+        ends first, or (C{required}, initiator) when the first attempt fails.
+        """
+        if self.successes:
+            return succeed(None)
+        d = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def _tell(self, failure: Failure | None) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if failure is None:
+                d.callback(None)
+            else:
+                d.errback(failure)
 
     @property
     def _sid(self) -> str:
@@ -249,6 +274,9 @@ class DirectUpgrade:
                 attempt.release()
             self.failures += 1
             self.last_error = self._words(result)
+            if self._params.required and self._session.initiator and not self.successes:
+                self._tell(Failure(DirectPathError(f"no direct path to the peer: {self.last_error}", "failed")))
+                return
             if not self._stopped:
                 self._log.info(
                     "session {sid}: no direct path ({why}); staying on {path}",
@@ -262,6 +290,7 @@ class DirectUpgrade:
             return
         self.successes += 1
         self.last_error = None
+        self._tell(None)
         self._retry = self._params.retry
         pipe = result
         if attempt is not None:
@@ -283,14 +312,20 @@ class DirectUpgrade:
             return f"gave up after {self._params.timeout:g} s"
         return failure.getErrorMessage()
 
-    def _sessionEnded(self, _):
+    def _sessionEnded(self, result):
+        self._tell(Failure(DirectPathError("the session ended before a direct path carried it", "ended")))
         self.stop()
-        return _
+        return result
 
     def stop(self) -> Deferred:
         """Stop looking and let go of everything (the session ended); fires once the sockets are closed."""
-        if self._stopped:
-            return succeed(None)
+        if self._stopping is None:
+            self._stopping = self._stop()
+        d = Deferred()
+        self._stopping.addBoth(lambda result: (d.callback(None), result)[1])
+        return d
+
+    def _stop(self) -> Deferred:
         self._stopped = True
         if self._call is not None and self._call.active():
             self._call.cancel()
@@ -358,9 +393,12 @@ class DirectUpgrade:
         local = attempt.port.getHost()
         nat = NatClass.UNKNOWN
         candidates = []
-        hosts = list(params.hosts) if params.hosts is not None else list(self._hosts())
-        if params.interface and params.interface not in ("0.0.0.0", "::"):
-            hosts = [params.interface]
+        if params.hosts is not None:
+            hosts = list(params.hosts)
+        elif params.interface and params.interface not in ("0.0.0.0", "::"):
+            hosts = [params.interface]  # bound to one address: the only one it can be reached on
+        else:
+            hosts = list(self._hosts())
         for host in hosts:
             candidates.append(Candidate(CandidateKind.HOST, host, local.port))
         if params.stun:

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.logger import Logger
@@ -85,6 +85,9 @@ class AutoConfig:
     #: how sessions look for a direct (punched UDP) path once they run
     #: (L{pluresync.direct.upgrade.DirectParams}); C{None}: they never do
     upgrade: object | None = None
+    #: (C{direct:} with C{relay=}) a session reaches the application only
+    #: once a direct path carries it: the relays serve to meet and signal
+    direct_only: bool = False
 
     @property
     def identity(self):
@@ -111,6 +114,18 @@ class AutoConfig:
             DirectUpgrade(reactor, session, params, identity=identity, topic=topic)
 
         return upgrade
+
+    def until(self):
+        """(C{direct_only}) when a session may reach the application: once it runs direct."""
+        if not self.direct_only:
+            return None
+
+        def direct(session) -> Deferred:
+            if (session.path or "").startswith("direct:"):
+                return succeed(None)  # the LAN: direct from the start
+            return session.signals.whenDirect()
+
+        return direct
 
 
 def _why(failure: Failure) -> str:
@@ -263,6 +278,7 @@ class AutoClientEndpoint:
             local_id=self._config.identity.peer_id,
             reconnect=self._resume if params.resume > 0 else None,
             on_session=self._config.on_session(self._reactor),
+            until=self._config.until(),
         )
 
     def _resume(self, hello) -> Deferred:
@@ -298,7 +314,12 @@ class AutoListeningPort:
     def __init__(self, reactor, config: AutoConfig, factory) -> None:
         self._config = config
         sessions = attach.SessionTable(
-            reactor, factory, config.session, config.identity.peer_id, on_session=config.on_session(reactor)
+            reactor,
+            factory,
+            config.session,
+            config.identity.peer_id,
+            on_session=config.on_session(reactor),
+            until=config.until(),
         )
         self._ports: dict[str, IPathListener] = {
             path.name: path.listener(reactor, factory, sessions) for path in config.paths

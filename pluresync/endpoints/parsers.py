@@ -244,6 +244,9 @@ DIRECT_PARAMETERS = frozenset(
     | {"resume", "window", "stall", "rotate"}
     | {"lan", "port"}
 )
+#: What C{direct:} takes beside those when it meets its peer through a relay
+#: (C{relay=}): where its public address comes from, and how to reach the relay.
+DIRECT_RELAY_PARAMETERS = frozenset({"relay", "stun", "ca", "proxy", "token", "tokenfile", "delay"})
 
 _SERVER_ONLY = ("port",)
 
@@ -343,6 +346,10 @@ class DirectClientParser:
         from pluresync.endpoints.direct import DirectClientEndpoint
 
         _refuse_server_only("direct", kwargs)
+        if "relay" in kwargs:
+            from pluresync.endpoints.auto import AutoClientEndpoint
+
+            return AutoClientEndpoint(reactor, direct_via_relay_config(*args, **kwargs))
         return DirectClientEndpoint(reactor, direct_config(*args, **kwargs))
 
 
@@ -356,7 +363,53 @@ class DirectServerParser:
         from pluresync.endpoints.direct import DirectServerEndpoint
 
         _refuse_client_only("direct", kwargs)
+        if "relay" in kwargs:
+            from pluresync.endpoints.auto import AutoServerEndpoint
+
+            return AutoServerEndpoint(reactor, direct_via_relay_config(*args, **kwargs))
         return DirectServerEndpoint(reactor, direct_config(*args, **kwargs))
+
+
+def direct_via_relay_config(*args: str, **kwargs: str):
+    """
+    C{direct:...:relay=azure|vercel|URL[:stun=...]}: a peer anywhere, met
+    through a relay that carries only the signals (candidates, certificates)
+    until a punched UDP path or the LAN carries the stream; the application
+    sees the connection only once it runs direct, and a connection whose
+    direct path cannot be opened fails (C{DirectPathError}) instead of
+    staying on the relay.  Built as an C{auto:} of the LAN and that relay.
+    """
+    from dataclasses import replace
+
+    from pluresync.direct.upgrade import DirectParams
+    from pluresync.endpoints.auto import DEFAULT_DELAY, AutoConfig
+    from pluresync.endpoints.relay import PRESETS
+
+    known = DIRECT_PARAMETERS | DIRECT_RELAY_PARAMETERS
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ConfigurationError(
+            f"direct endpoint: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    relay = kwargs["relay"].strip()
+    common = {k: kwargs[k] for k in RELAY_PARAMETERS - {"url"} if k in kwargs}
+    if relay in PRESETS:
+        signal = relay_config(relay, **common)
+    else:
+        if "://" not in relay:
+            raise ConfigurationError(
+                f"direct endpoint: relay= is azure, vercel or a relay's URL (wss\\://host), got {relay!r}"
+            )
+        signal = relay_config(url=relay, **common)
+    lan = direct_config(*args, **{k: kwargs[k] for k in DIRECT_PARAMETERS if k in kwargs})
+    signal = replace(signal, identity=lan.identity, session=lan.session)
+    return AutoConfig(
+        paths=(lan, signal),
+        delay=_number("delay", kwargs.get("delay"), DEFAULT_DELAY, endpoint="direct"),
+        timeout=lan.timeout,
+        upgrade=DirectParams(stun=_stun_servers(kwargs.get("stun")), first=0.05, required=True),
+        direct_only=True,
+    )
 
 
 #: Every parameter an C{auto:} string takes: C{relay:}'s but C{url=}, its own, and the LAN path's.

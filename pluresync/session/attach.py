@@ -25,7 +25,7 @@ from pluresync.errors import PluresyncError
 from pluresync.secure.handshake import Secured
 from pluresync.secure.link import Link
 from pluresync.session.params import SessionParams
-from pluresync.session.session import Session, session_id
+from pluresync.session.session import Phase, Session, session_id
 from pluresync.session.stream import Stream
 from pluresync.session.wire import AbortReason, Hello, Intent, ReadyAnswer, Status
 
@@ -57,6 +57,7 @@ def connect(
     local_id: str,
     reconnect: Callable[[Callable[[], Hello]], Deferred] | None,
     on_session: Callable[[Session], object] | None = None,
+    until: Callable[[Session], Deferred] | None = None,
 ):
     """
     (initiator) Choose C{link}, start a new session on it and connect the
@@ -67,9 +68,16 @@ def connect(
         link.
     @param on_session: called with the new session once it runs (e.g. to
         look for a direct path for it: L{pluresync.direct.upgrade}).
+    @param until: builds the user's protocol only once the Deferred it
+        returns for the session fires (C{direct:} with C{relay=}: once the
+        session runs on a direct path), holding what arrives meanwhile;
+        if it fails, the session is aborted and so is the connection.
+    @return: the protocol, or with C{until} a Deferred firing with it.
     @return: the protocol.
     @raise PluresyncError: the factory refused.
     """
+    if until is not None:
+        return _connect_later(link, factory, clock, params, local_id, reconnect, on_session, until)
     # The protocol first: if the factory refuses, the link is dropped before
     # USE, so the listener builds nothing for it either.
     protocol = factory.buildProtocol(PeerAddress(link.name, link.peer_id))
@@ -93,6 +101,48 @@ def connect(
     if on_session is not None:
         on_session(session)
     return protocol
+
+
+def _connect_later(link, factory, clock, params, local_id, reconnect, on_session, until) -> Deferred:
+    link.use()
+    session = Session(
+        clock,
+        initiator=True,
+        ident=session_id(link.handshake_hash),
+        peer_static=link.peer_static,
+        params=params if reconnect is not None else _no_resume(params),
+        peer_max=link.answer.max_offset,
+        reconnect=reconnect,
+    )
+    session.peer_caps = link.answer.caps
+    stream = Stream(session, 0, local_id)
+    session.pauseDelivery()  # the peer's bytes wait for the protocol (the credit bounds them)
+    session.addLink(link, link.answer.recv_next, link.answer.max_offset)
+    if on_session is not None:
+        on_session(session)
+    return _build_when(session, stream, until(session), factory, local_id)
+
+
+def _build_when(session: Session, stream: Stream, ready: Deferred, factory, local_id: str) -> Deferred:
+    def build(_):
+        if session.phase is Phase.ENDED:
+            raise session_ended(session)
+        protocol = factory.buildProtocol(stream.getPeer())
+        if protocol is None:
+            session.abort(why=AbortReason.REFUSED)
+            raise _refused()
+        stream.attach(protocol)
+        return protocol
+
+    def failed(failure):
+        session.abort(failure)
+        return failure
+
+    return ready.addCallbacks(build, failed)
+
+
+def session_ended(session: Session) -> PluresyncError:
+    return PluresyncError(f"the session ended before it could be used ({session.phase.name.lower()})")
 
 
 def _no_resume(params: SessionParams) -> SessionParams:
@@ -123,9 +173,11 @@ class SessionTable:
         params: SessionParams,
         local_id: str,
         on_session: Callable[[Session], object] | None = None,
+        until: Callable[[Session], Deferred] | None = None,
     ) -> None:
         self._clock = clock
         self._on_session = on_session
+        self._until = until
         self._factory = factory
         self.params = params
         self._local_id = local_id
@@ -182,11 +234,27 @@ class SessionTable:
         )
         session.peer_caps = hello.caps
         self._sessions[ident] = session
+        if self._until is not None:
+            stream = Stream(session, 0, self._local_id)
+            session.pauseDelivery()
+            session.addLink(link, 0, hello.max_offset)
+            if self._on_session is not None:
+                self._on_session(session)
+            built = _build_when(session, stream, self._until(session), self._factory, self._local_id)
+            built.addErrback(self._notBuilt, session)
+            return None
         session.addLink(link, 0, hello.max_offset)
         protocol = _build(session, self._factory, self._local_id)
         if self._on_session is not None:
             self._on_session(session)
         return protocol
+
+    def _notBuilt(self, failure, session: Session) -> None:
+        self._log.info(
+            "session {sid}: not handed to the application: {why}",
+            sid=session.ident.hex()[:8],
+            why=failure.getErrorMessage(),
+        )
 
     def _forget(self, session: Session) -> None:
         self._sessions.pop(session.ident, None)
