@@ -20,6 +20,7 @@ from pluresync.secure.frames import FrameDecoder, RecordType, frame
 from pluresync.secure.handshake import Handshake
 from pluresync.secure.link import Link
 from pluresync.session import wire
+from pluresync.session.wire import Hello, Intent
 
 from .memorypipe import connected_pipes, pump
 from .test_link import Pair, accept_all, against_raw_peer
@@ -90,6 +91,15 @@ class AbortNoticeTests(SynchronousTestCase):
         pair.pump()
         pair.failure("responder").trap(VersionError)
         self.assertNoticeThenClose(pair.b, 0x04)
+
+    def test_hello_of_another_version_is_0x04(self):
+        """A hello whose version byte is not 2 is answered "version", not "malformed"."""
+        hello = Hello(Intent.NEW, bytes(16), 0, 1 << 20).encode()
+        pair = Pair(payload=lambda: hello[:2] + b"\x03" + hello[3:])
+        pair.pump()
+        pair.failure("responder").trap(VersionError)
+        self.assertNoticeThenClose(pair.b, 0x04)
+        pair.failure("initiator").trap(VersionError)
 
     def test_no_notice_for_short_frames_or_a_bad_ready(self):
         """
