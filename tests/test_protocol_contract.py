@@ -14,7 +14,15 @@ import hashlib
 from twisted.internet.error import ConnectionDone
 from twisted.trial.unittest import SynchronousTestCase
 
-from pluresync.errors import HandshakeError, NotChosenError, PeerMismatchError, VersionError, WrongKeyError
+from pluresync.errors import (
+    HandshakeError,
+    NotChosenError,
+    PeerGoneError,
+    PeerMismatchError,
+    RecordError,
+    VersionError,
+    WrongKeyError,
+)
 from pluresync.keys import IDENTITY_PREFIX, KEY_PREFIX, PeerIdentity, SyncKey
 from pluresync.secure.frames import FrameDecoder, RecordType, frame
 from pluresync.secure.handshake import Handshake
@@ -216,6 +224,28 @@ class CloseRuleTests(SynchronousTestCase):
         left.lost.trap(ConnectionDone)
         right.lost.trap(ConnectionDone)
         self.assertNotIn(bytes([RecordType.CLOSE]), [bytes(p) for p in numbered(net.paths[0].server_sent)])
+
+
+class RecordRuleTests(SynchronousTestCase):
+    """ "Records": a record that decrypts but breaks the session's rules ends the session with ABORT(2)."""
+
+    def test_shutdown_without_its_stream_id(self):
+        net = Net(protocol=HalfCloser)
+        left, right = net.start(self)
+        net.client_session.send((bytes([RecordType.SHUTDOWN]), b""))
+        net.run()
+        right.lost.trap(RecordError)
+        self.assertEqual(right.read_lost, 0)
+        left.lost.trap(PeerGoneError)
+        self.assertIn("broke the protocol", str(left.lost.value))
+
+    def test_ready_after_the_handshake(self):
+        net = Net()
+        left, right = net.start(self)
+        net.paths[0].a.channel.sendRecord(bytes([RecordType.USE]))
+        net.run()
+        right.lost.trap(RecordError)
+        left.lost.trap(PeerGoneError)
 
 
 class MessageTests(SynchronousTestCase):
