@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 
+from nacl import bindings, pwhash
 from twisted.internet.error import ConnectionDone
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -24,6 +26,7 @@ from pluresync.errors import (
     WrongKeyError,
 )
 from pluresync.keys import IDENTITY_PREFIX, KEY_PREFIX, PeerIdentity, SyncKey
+from pluresync.relay.core.auth import mint_token, parse_secret_file
 from pluresync.secure.frames import FrameDecoder, RecordType, frame
 from pluresync.secure.handshake import Handshake
 from pluresync.secure.link import Link
@@ -295,3 +298,25 @@ class KeyTextTests(SynchronousTestCase):
         key = SyncKey(bytes(range(32)))
         expected = hashlib.blake2b(key.secret, digest_size=4, person=b"pluresync-check").hexdigest()
         self.assertEqual(key.fingerprint(), expected)
+
+    def test_passphrase_is_argon2id_version_0x13(self):
+        """Argon2id v1.3 (libsodium's, parallelism 1) over the UTF-8 passphrase, with the fixed BLAKE2b salt."""
+        ops, mem = pwhash.argon2id.OPSLIMIT_MIN, pwhash.argon2id.MEMLIMIT_MIN
+        salt = hashlib.blake2b(b"", digest_size=16, person=b"pluresync-salt").digest()
+        expected = bindings.crypto_pwhash_alg(
+            32, "pâss".encode(), salt, ops, mem, bindings.crypto_pwhash_ALG_ARGON2ID13
+        )
+        self.assertEqual(SyncKey.from_passphrase("pâss", opslimit=ops, memlimit=mem).secret, expected)
+
+
+class SignedTokenTests(SynchronousTestCase):
+    """ "Authentication": a signed token's HMAC key is the secret line's raw text, not its base64 decoding."""
+
+    def test_hmac_key_is_the_line_as_written(self):
+        line = base64.b64encode(bytes(range(32))).decode()
+        (secret,) = parse_secret_file(f"# made with head -c 32 /dev/urandom | base64\n\n  {line}  \n".encode())
+        self.assertEqual(secret, line.encode())
+        token = mint_token(secret, "acme", 60, 1_000_000)
+        prefix, payload, signature = token.split(".")
+        mac = hmac.new(line.encode("ascii"), f"{prefix}.{payload}".encode(), hashlib.sha256).digest()
+        self.assertEqual(signature, base64.urlsafe_b64encode(mac).rstrip(b"=").decode())
