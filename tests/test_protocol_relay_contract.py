@@ -145,3 +145,62 @@ class MessageSizeTests(TestCase):
         "issue 12 gap 2: the relay client (pluresync/pipes/websocket.py, becomePipe) still caps incoming "
         "messages at 262,144 bytes instead of the max_message the relay announced in paired"
     )
+
+
+class CarrierEndTests(TestCase):
+    """ "Ending a carrier", seen through a real relay by a raw peer."""
+
+    timeout = 60
+
+    async def raw_pair(self, listener_key: SyncKey, peer_key: SyncKey):
+        """A pluresync listener, and a raw initiator paired with it through a relay process."""
+        relay = await start_relay(self)
+        url = relay.url.replace(":", "\\:")
+        self.built: list[_Counter] = []
+
+        def build() -> _Counter:
+            self.built.append(_Counter(1, Deferred()))
+            self.built[-1].done.addErrback(lambda _: None)
+            return self.built[-1]
+
+        port = await serverFromString(reactor, f"relay:url={url}:key={listener_key.to_text()}").listen(
+            Factory.forProtocol(build)
+        )
+        self.addCleanup(port.stopListening)
+        self.addCleanup(self.abort_built)
+        socket = relay_socket(reactor, relay.port)
+        await socket.opened
+        self.addCleanup(socket.abort)
+        socket.send_json({"v": 1, "op": "connect", "rdv": listener_key.topic().rendezvous_id.hex(), "wait": 20})
+        self.assertEqual((await socket.next_json())["op"], "paired")
+        return socket, RawPeer(socket, peer_key)
+
+    def abort_built(self) -> None:
+        for protocol in self.built:  # end the listener's session now, not at its resume limit
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
+
+    async def test_notice_then_close_1000(self):
+        """A wrong key: the listener's notice 0x01 arrives, then the relay's 1000 (the listener closed, not aborted)."""
+        listener_key = SyncKey.generate()
+        socket, peer = await self.raw_pair(listener_key, SyncKey.generate())
+        # Paired on the listener's rendezvous id, the raw peer's psk is another key's.
+        (frame1,) = peer.handshake.start()
+        socket.send_bytes(frame(frame1))
+        out, _ = peer.handshake.receive(await peer.next_body())
+        socket.send_bytes(b"".join(frame(body) for body in out))
+        self.assertEqual(await peer.next_body(), b"\x01")
+        _, code, _ = await socket.closed
+        self.assertEqual(code, 1000)
+
+    async def test_record_error_aborts(self):
+        """A record that fails authentication on a link in use: the listener aborts, the relay says 4010."""
+        key = SyncKey.generate()
+        socket, peer = await self.raw_pair(key, key)
+        await peer.handshake_done()
+        socket.send_bytes(peer.seal(bytes([RecordType.USE])) + peer.seal(wire.start_record(0)))
+        tampered = bytearray(peer.seal(wire.data_record(RecordType.DATA, 0, b"x")))
+        tampered[-1] ^= 1
+        socket.send_bytes(bytes(tampered))
+        _, code, reason = await socket.closed
+        self.assertEqual((code, reason), (4010, "peer-gone"))
