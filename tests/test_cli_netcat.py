@@ -9,14 +9,17 @@ import hashlib
 import os
 from pathlib import Path
 
-from twisted.internet.endpoints import quoteStringArgument
+from twisted.internet import reactor
+from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pluresync.cli.netcat import SharedStdio, stdio_splice
 from pluresync.cli.splice import Splice, SpliceFailed
+from pluresync.endpoints import relaylistener
 from pluresync.errors import PeerGoneError
 from pluresync.keys import SyncKey
 
@@ -319,3 +322,48 @@ class NetcatProcessTests(TestCase):
         self.assertEqual(await listener.ended, 0, listener.err.decode())
         self.assertEqual((connector.out, listener.out), (b"it is me", b"who are you?"))
         self.assertIn(peer_id, listener.err.decode())
+
+    async def test_refused_peer_notice_and_close_leave_the_process(self):
+        """
+        connect with peer= naming another id than the listener proves exits
+        1 only after its refusal notice (0x02) and its WebSocket close 1000
+        have reached the relay, so the listener learns "refused", not a
+        dropped peer (issue 12's CLI bug: the process exited before they left).
+        """
+        # A listener that declares one peer id to the relay and proves another.
+        someone_else = "ab" * 32
+        declare = relaylistener.encode_listen
+        self.patch(relaylistener, "encode_listen", lambda rdv, peer: declare(rdv, someone_else))
+        endpoint = serverFromString(reactor, self.endpoint)
+        port = await endpoint.listen(Factory.forProtocol(Protocol))
+        self.addCleanup(port.stopListening)
+        connector = self.run_cli(["connect", f"{self.endpoint}:wait=20:peer={someone_else}"], self.homes[1], stdin=b"")
+        self.assertEqual(await connector.ended, 1)
+        self.assertIn("not the requested", connector.err.decode())
+        streams = [websocket_frames(stream) for stream in self.relay._tap.tapped]
+        (frames,) = [f for f in streams if f and b'"op":"connect"' in f[0][1]]
+        binary = [payload for opcode, payload in frames if opcode == 2]
+        closes = [payload for opcode, payload in frames if opcode == 8]
+        self.assertEqual(binary[-1], b"\x00\x01\x02", "the refusal notice is the connector's last message")
+        self.assertEqual([c[:2] for c in closes], [b"\x03\xe8"], "then a close 1000")
+
+
+def websocket_frames(stream: bytes) -> list[tuple[int, bytes]]:
+    """A client's WebSocket frames as the relay received them: (opcode, unmasked payload), after the upgrade."""
+    rest = bytes(stream).partition(b"\r\n\r\n")[2]
+    frames = []
+    i = 0
+    while i + 2 <= len(rest):
+        opcode, length = rest[i] & 0x0F, rest[i + 1] & 0x7F
+        i += 2
+        if length == 126:
+            length, i = int.from_bytes(rest[i : i + 2], "big"), i + 2
+        elif length == 127:
+            length, i = int.from_bytes(rest[i : i + 8], "big"), i + 8
+        mask, i = rest[i : i + 4], i + 4
+        payload = rest[i : i + length]
+        if len(payload) < length:
+            break
+        frames.append((opcode, bytes(b ^ mask[j % 4] for j, b in enumerate(payload))))
+        i += length
+    return frames

@@ -485,8 +485,12 @@ class NegotiationTests(SynchronousTestCase):
         self.assertTrue(pair_a.closed)
 
     def test_malformed_hello(self):
-        """A frame-3 payload that is not a hello is refused (MALFORMED); the initiator hears the peer gave up."""
-        for payload in (b"not a hello at all, but long enough to look like one", b"PS", b"PS\x03" + bytes(40)):
+        """
+        A frame-3 payload that is not a hello is refused (MALFORMED); the
+        initiator hears the peer gave up.  (A hello of another version is
+        answered VERSION: test_protocol_contract.)
+        """
+        for payload in (b"not a hello at all, but long enough to look like one", b"PS", b"XX\x02" + bytes(40)):
             with self.subTest(payload=payload):
                 pair = Pair(payload=lambda payload=payload: payload)
                 pair.pump()

@@ -106,6 +106,38 @@ def _report(failure: Failure, debug: bool) -> int:
     return 1
 
 
+#: How long a network command's exit waits for its connections to finish closing.
+DRAIN_SECONDS = 5.0
+_DRAIN_STEP = 0.01
+
+
+def _open_connections(reactor) -> list:
+    """This process's TCP connections the reactor still drives (stdio and listening ports are not connections)."""
+    from twisted.internet.tcp import Connection
+
+    return [s for s in {*reactor.getReaders(), *reactor.getWriters()} if isinstance(s, Connection)]
+
+
+async def drain(reactor, limit: float = DRAIN_SECONDS) -> None:
+    """
+    Let what the command handed its connections leave the process before it
+    exits, on every exit path: a refused handshake, for one, writes its
+    abort notice and a WebSocket close and fails at once, and stopping the
+    reactor then would drop both (the peer would hear its relay's
+    C{peer-gone} instead of the refusal).  A connection has finished
+    closing when the reactor stops driving it; one that does not within
+    C{limit} seconds (the relay pipes' own close-handshake timeout) is left
+    to the exit.  The reactor gives no event for "every connection is
+    gone", so this polls, a bounded number of times.
+    """
+    from twisted.internet.task import deferLater
+
+    for _ in range(int(limit / _DRAIN_STEP)):
+        if not _open_connections(reactor):
+            return
+        await deferLater(reactor, _DRAIN_STEP, lambda: None)
+
+
 def _run_network(name: str, options: Options) -> int:
     """Run a network command under C{react}; its result (or error) becomes the exit code."""
     from twisted.internet import task
@@ -124,6 +156,7 @@ def _run_network(name: str, options: Options) -> int:
         d.addCallbacks(
             lambda code: codes.append(0 if code is None else int(code)), lambda f: codes.append(_report(f, debug))
         )
+        d.addCallback(lambda _: Deferred.fromCoroutine(drain(reactor)))
         return d
 
     try:

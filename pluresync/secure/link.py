@@ -42,7 +42,7 @@ from pluresync.keys import format_peer_id
 from pluresync.noise import NoiseError
 from pluresync.secure.frames import LENGTH, SEQ, AbortReason, FrameDecoder, RecordType, split_record
 from pluresync.secure.handshake import Handshake, HandshakeAborted, Secured, abort_error
-from pluresync.session.wire import Hello, ReadyAnswer, Status, WireError, parse_hello, parse_ready
+from pluresync.session.wire import Hello, ReadyAnswer, Status, VersionMismatch, WireError, parse_hello, parse_ready
 
 #: Records per pipe write at most: two full records (128 KiB) stay under the
 #: relay's and our 256 KiB WebSocket message limit.
@@ -232,6 +232,10 @@ class Link:
         """(responder) frame 3 arrived: answer its hello in READY, then wait to be chosen."""
         try:
             hello = parse_hello(secured.payload)
+        except VersionMismatch as e:
+            self._writeFrame(bytes([AbortReason.VERSION]))
+            self._failHandshake(VersionError(f"a peer running another pluresync tried to connect: {e}"))
+            return
         except WireError as e:
             self._writeFrame(bytes([AbortReason.MALFORMED]))
             self._failHandshake(HandshakeError(f"handshake failed: {e}"))

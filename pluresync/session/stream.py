@@ -145,6 +145,12 @@ class Stream:
             elif payload:
                 protocol.dataReceived(payload)
         elif kind == _SHUTDOWN:
+            if len(plaintext) < _HEAD:
+                self._session.abort(
+                    Failure(RecordError("the peer broke the session protocol: a SHUTDOWN without its stream id")),
+                    why=wire.AbortReason.PROTOCOL,
+                )
+                return
             self._peerShutdown()
 
     def _peerShutdown(self) -> None:

@@ -50,6 +50,14 @@ class WireError(ValueError):
     """A session record or negotiation payload that breaks the protocol."""
 
 
+class VersionMismatch(WireError):
+    """
+    A hello or answer of another end-to-end version: the peer is told
+    "version" (abort 0x04), not "malformed", so a later version's peer
+    reports an upgrade to make, not a broken peer.
+    """
+
+
 class Intent(IntEnum):
     """What the initiator wants from a new link (the hello's C{kind})."""
 
@@ -139,7 +147,7 @@ def parse_hello(payload: bytes) -> Hello | None:
         raise WireError("the handshake payload is not a pluresync hello")
     magic, version, kind, session_id, recv_next, max_offset, caps = _HELLO.unpack_from(payload)
     if version != VERSION:
-        raise WireError(f"the peer speaks end-to-end protocol version {version}, this side {VERSION}")
+        raise VersionMismatch(f"the peer speaks end-to-end protocol version {version}, this side {VERSION}")
     try:
         intent = Intent(kind)
     except ValueError:
