@@ -132,6 +132,7 @@ class Pair:
         firewall=None,
         resolver=accept_all,
         payload=None,
+        hello=new_hello,
     ) -> None:
         key = SyncKey.generate()
         self.initiator_id, self.responder_id = PeerIdentity.generate(), PeerIdentity.generate()
@@ -143,7 +144,7 @@ class Pair:
             expected_peer=expected_peer,
             payload=payload or (lambda: box[0].hello_payload()),
         )
-        self.initiator = Link(handshake, "test:a", hello=new_hello)
+        self.initiator = Link(handshake, "test:a", hello=hello)
         box.append(self.initiator)
         self.responder = Link(
             Handshake(False, self.responder_id, (responder_key or key).topic("t"), firewall=firewall),
@@ -697,3 +698,45 @@ class RecordTests(SynchronousTestCase):
         pair.pump()
         self.assertNotIn(secret[:12], b"".join(pair.a.tap))
         self.assertEqual(right.records, [(0, secret)])
+
+
+AES = wire.Caps.RESUME | wire.Caps.AESGCM
+
+
+class RecordCipherTests(SynchronousTestCase):
+    """
+    AES-GCM for records when both ends offer it (caps bit 2), in the
+    authenticated hello and READY; ChaChaPoly otherwise.
+    """
+
+    def opened(self, hello_caps: int, answer_caps: int) -> tuple[Pair, Owner, Owner]:
+        pair = Pair(
+            hello=lambda: Hello(Intent.NEW, bytes(wire.SESSION_ID_SIZE), 0, WINDOW, hello_caps),
+            resolver=lambda hello, secured: ReadyAnswer(Status.OK, 0, WINDOW, answer_caps),
+        )
+        pair.pump()
+        pair.initiator.use()
+        pair.pump()
+        left, right = Owner(), Owner()
+        pair.initiator.adopt(left)
+        pair.responder.adopt(right)
+        return pair, left, right
+
+    def test_both_offer(self):
+        """Both offer: every record after READY is AES-GCM, both ways, and arrives intact."""
+        pair, left, right = self.opened(AES, AES)
+        self.assertEqual((pair.initiator.cipher, pair.responder.cipher), ("AESGCM", "AESGCM"))
+        pair.initiator.sendRecords([b"\x00" + bytes(70000)[:65000], b"\x00two"])
+        pair.responder.sendRecord(b"\x00back")
+        pair.pump()
+        self.assertEqual([r[1][:3] for r in right.records], [bytes(3), b"two"])
+        self.assertEqual(left.records, [(0, b"back")])
+
+    def test_one_offers(self):
+        """Either side without it: ChaChaPoly, as with a peer that predates the bit."""
+        for hello_caps, answer_caps in ((AES, wire.Caps.RESUME), (wire.Caps.RESUME, AES)):
+            pair, left, right = self.opened(hello_caps, answer_caps)
+            self.assertEqual((pair.initiator.cipher, pair.responder.cipher), ("ChaChaPoly", "ChaChaPoly"))
+            pair.initiator.sendRecord(b"\x00hi")
+            pair.pump()
+            self.assertEqual(right.records, [(0, b"hi")])

@@ -387,3 +387,28 @@ class CipherStateTests(SynchronousTestCase):
         self.assertEqual(r_recv.decrypt(b"", i_send.encrypt(b"", b"up")), b"up")
         self.assertEqual(i_recv.decrypt(b"", r_send.encrypt(b"", b"down")), b"down")
         self.assertIs(initiator.split()[0], i_send)
+
+
+class SwitchedCipherTests(SynchronousTestCase):
+    """A direction continued with AES-GCM (the negotiated record cipher) keeps its nonce, not its key."""
+
+    def test_switched(self) -> None:
+        from pluresync.noise.cipher import CipherState
+
+        a, b = CipherState(bytes(range(32)), nonce=7), CipherState(bytes(range(32)), nonce=7)
+        a2, b2 = a.switched("AESGCM", b"pluresync-aes"), b.switched("AESGCM", b"pluresync-aes")
+        self.assertEqual((a2.cipher, a2.nonce), ("AESGCM", 7))
+        self.assertNotEqual(a2._key, a._key)
+        self.assertEqual(b2.decrypt(b"", a2.encrypt(b"", b"record")), b"record")
+        # The old key cannot open it: nothing was sealed with one key under two ciphers.
+        self.assertRaises(
+            NoiseError,
+            CipherState(bytes(range(32)), nonce=7, cipher="AESGCM").decrypt,
+            b"",
+            a.switched("AESGCM", b"pluresync-aes").encrypt(b"", b"x"),
+        )
+
+    def test_hardware_aes_is_a_yes_or_no(self) -> None:
+        from pluresync.noise.cipher import hardware_aes
+
+        self.assertIn(hardware_aes(), (True, False))

@@ -109,6 +109,20 @@ class CipherState:
         self.nonce = n + 1
         return plaintext
 
+    @property
+    def cipher(self) -> str:
+        """The cipher function's Noise name (C{ChaChaPoly} or C{AESGCM})."""
+        return next(name for name, (kind, _) in CIPHERS.items() if kind is self._kind)
+
+    def switched(self, cipher: str, person: bytes) -> "CipherState":
+        """
+        This direction continued with another cipher: a key derived from
+        this one (keyed BLAKE2b with C{person}, so no key is ever used with
+        two ciphers) and the same next nonce.
+        """
+        key = hashlib.blake2b(b"", key=self._key, digest_size=KEY_LENGTH, person=person).digest()
+        return CipherState(key, self.nonce, cipher)
+
     def rekey(self) -> None:
         """
         Replace the key by a one-way function of itself (Noise section 4.2).
@@ -118,6 +132,31 @@ class CipherState:
         """
         self._key = self._aead.encrypt(self._pack(MAX_NONCE), bytes(KEY_LENGTH), None)[:KEY_LENGTH]
         self._aead = self._kind(self._key)
+
+
+def hardware_aes() -> bool:
+    """
+    Whether this CPU has AES instructions (x86 AES-NI, the ARMv8 crypto
+    extension), where AES-GCM runs at several times ChaCha20-Poly1305's
+    speed; without them it runs slower, so only such peers offer it.
+    """
+    global _HARDWARE_AES
+    if _HARDWARE_AES is None:
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() in ("flags", "features") and "aes" in value.split():
+                        _HARDWARE_AES = True
+                        break
+                else:
+                    _HARDWARE_AES = False
+        except OSError:
+            _HARDWARE_AES = False  # not Linux: no way to tell here, so no AES-GCM
+    return _HARDWARE_AES
+
+
+_HARDWARE_AES: bool | None = None
 
 
 def _exhausted() -> NoiseError:

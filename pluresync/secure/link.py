@@ -42,13 +42,24 @@ from pluresync.keys import format_peer_id
 from pluresync.noise import NoiseError
 from pluresync.secure.frames import LENGTH, SEQ, AbortReason, FrameDecoder, RecordType, split_record
 from pluresync.secure.handshake import Handshake, HandshakeAborted, Secured, abort_error
-from pluresync.session.wire import Hello, ReadyAnswer, Status, VersionMismatch, WireError, parse_hello, parse_ready
+from pluresync.session.wire import (
+    Caps,
+    Hello,
+    ReadyAnswer,
+    Status,
+    VersionMismatch,
+    WireError,
+    parse_hello,
+    parse_ready,
+)
 
 #: Records per pipe write at most: two full records (128 KiB) stay under the
 #: relay's and our 256 KiB WebSocket message limit.
 RECORDS_PER_WRITE = 2
 
 _READY = RecordType.READY
+#: personalises the derivation of the AES-GCM record keys from the handshake's (keyed BLAKE2b)
+_AES_PERSON = b"pluresync-aes"
 _USE = bytes([RecordType.USE])
 _CLOSE = bytes([RecordType.CLOSE])
 
@@ -254,6 +265,8 @@ class Link:
         self.answer = self._resolver(hello, secured)
         self._state = _State.CHOOSING
         self.sendRecord(bytes([_READY]) + self.answer.encode())
+        if self.answer.status is Status.OK and hello.caps & self.answer.caps & Caps.AESGCM:
+            self._switchCipher()
         if self.answer.status is not Status.OK:
             self._state = _State.CLOSED
             self.pipe.close()
@@ -288,6 +301,8 @@ class Link:
         if answer.status is not Status.OK:
             self._failHandshake(LinkRefused(answer))
             return
+        if self.hello is not None and self.hello.caps & answer.caps & Caps.AESGCM:
+            self._switchCipher()
         self._state = _State.SECURED
         self.secured.callback(self)
 
@@ -304,6 +319,20 @@ class Link:
             self._failHandshake(NotChosenError("the peer chose another path for this connection"))
         else:
             self._failHandshake(HandshakeError("handshake failed: the peer sent records before choosing"))
+
+    def _switchCipher(self) -> None:
+        """
+        Both offered AES-GCM (caps bit 2, in the authenticated hello and
+        READY): every record after READY, both ways, is sealed with it
+        (docs/protocol.md, "Record cipher").
+        """
+        self._send = self._send.switched("AESGCM", _AES_PERSON)
+        self._receive = self._receive.switched("AESGCM", _AES_PERSON)
+
+    @property
+    def cipher(self) -> str:
+        """The record cipher in use now (C{ChaChaPoly} or C{AESGCM})."""
+        return self._send.cipher if self._send is not None else "none"
 
     def _keys(self, secured: Secured) -> None:
         self._send, self._receive = secured.send, secured.receive

@@ -45,11 +45,17 @@ class SessionParams:
     ack_delay: float = 0.01
     #: whether this side takes direct paths (tells the peer so: caps bit 1)
     direct: bool = False
+    #: whether this side offers AES-GCM for records (caps bit 2): C{None}
+    #: when this CPU has AES instructions (L{pluresync.noise.cipher.hardware_aes})
+    aes: bool | None = None
 
     @property
     def caps(self) -> int:
         """The capability bits this side's hello or READY carries."""
-        return Caps.RESUME | (Caps.DIRECT if self.direct else 0)
+        from pluresync.noise.cipher import hardware_aes
+
+        aes = hardware_aes() if self.aes is None else self.aes
+        return Caps.RESUME | (Caps.DIRECT if self.direct else 0) | (Caps.AESGCM if aes else 0)
 
     def __post_init__(self) -> None:
         if not MIN_WINDOW <= self.window <= MAX_WINDOW:

@@ -87,6 +87,7 @@ class Caps(IntEnum):
 
     RESUME = 1 << 0
     DIRECT = 1 << 1  #: understands CONTROL's direct-path signals (and may be offered one)
+    AESGCM = 1 << 2  #: has hardware AES: records after READY may be sealed with AES-GCM
 
 
 class ControlKind(IntEnum):
