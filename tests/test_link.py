@@ -740,3 +740,13 @@ class RecordCipherTests(SynchronousTestCase):
             pair.initiator.sendRecord(b"\x00hi")
             pair.pump()
             self.assertEqual(right.records, [(0, b"hi")])
+
+
+class ForgetTheHandshakeTests(SynchronousTestCase):
+    def test_the_handshake_is_dropped_once_done(self):
+        """A link in use keeps no handshake state (its ephemeral private key, a copy of the keys)."""
+        pair, _, _ = open_pair(self)
+        self.assertIsNone(pair.initiator._handshake)
+        self.assertIsNone(pair.responder._handshake)
+        self.assertTrue(pair.initiator.initiator)
+        self.assertFalse(pair.responder.initiator)

@@ -128,6 +128,7 @@ class Link:
         resolver: Resolver | None = None,
     ) -> None:
         self._handshake = handshake
+        self._initiator = handshake.initiator
         self.name = name
         self._make_hello = hello
         self._resolver = resolver
@@ -151,7 +152,7 @@ class Link:
 
     @property
     def initiator(self) -> bool:
-        return self._handshake.initiator
+        return self._initiator
 
     @property
     def usable(self) -> bool:
@@ -339,6 +340,10 @@ class Link:
         self.peer_static = secured.remote_static
         self.peer_id = format_peer_id(secured.remote_static)
         self.handshake_hash = secured.handshake_hash
+        # The handshake is over: let go of its state (its ephemeral private
+        # key, and a copy of the transport keys) rather than keep it for the
+        # link's life.
+        self._handshake = None
 
     def _failHandshake(self, error: HandshakeError) -> None:
         self._state = _State.CLOSED
