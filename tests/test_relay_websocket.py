@@ -481,7 +481,18 @@ class HealthAndShutdownTests(RelayTestCase):
         health = json.loads(body)
         self.assertEqual(
             set(health),
-            {"status", "version", "uptime", "ready", "checks", "connections", "listeners", "sessions", "pending"},
+            {
+                "status",
+                "version",
+                "uptime",
+                "ready",
+                "checks",
+                "connections",
+                "opening",
+                "listeners",
+                "sessions",
+                "pending",
+            },
         )
         self.assertEqual(health["status"], "ok")
         self.assertEqual(

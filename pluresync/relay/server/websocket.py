@@ -57,6 +57,7 @@ from pluresync.relay.core.wire import (
     encode_ready,
 )
 from pluresync.relay.server.metrics import RelayMetrics
+from pluresync.relay.server.opening import OpeningConnections
 from pluresync.relay.server.pair import Pair, TransportEnd
 from pluresync.wsframes import OP_BINARY, FastDataPath, FrameError
 
@@ -179,6 +180,9 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
     def onConnect(self, request: Any) -> str:
         if self.factory.shutting_down:
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "relay shutting down")
+        # Connections still reading their request hold slots too (opening.py).
+        if self.factory.opening.full(1):
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "relay at its connection limit")
         self._admit(request)
         # Before anything else: an unauthorised client learns nothing more.
         # The header is handed to the authenticator and never logged.
@@ -525,6 +529,15 @@ class RelayFactory(WebSocketServerFactory):
         )
         #: the C{limits} object of C{ready} and C{paired}
         self.announced_limits = rate.announced(limits.max_message)
+        #: TCP connections not upgraded yet (their deadline, their count: opening.py)
+        self.opening = OpeningConnections(
+            reactor,
+            limits.open_timeout,
+            limits.max_connections,
+            self.sockets.__len__,
+            self.connection_limiter,
+            rate.trusted_proxies,
+        )
         self.metrics = RelayMetrics(self.stats)
         self.shutting_down = False
         self._closed_waiters: list[Deferred[None]] = []
@@ -550,7 +563,7 @@ class RelayFactory(WebSocketServerFactory):
 
     def stats(self) -> dict[str, int]:
         """Live counts for C{/health} (never an id)."""
-        return {"connections": len(self.sockets), **self.registry.counts()}
+        return {"connections": len(self.sockets), "opening": self.opening.count, **self.registry.counts()}
 
     def socket_closed(self) -> None:
         if self.shutting_down and not self.sockets:
@@ -607,6 +620,9 @@ class RelayResource(WebSocketResource):
             # timeouts).
             channel.setTimeout(None)
             transport.unregisterProducer()
+        upgrading = getattr(channel, "upgrading", None)
+        if upgrading is not None:
+            upgrading()
         return super().render(request)
 
 
