@@ -28,6 +28,7 @@ from twisted.internet.protocol import Protocol
 from twisted.web.http import HTTPChannel
 
 from pluresync.relay.core.ratelimit import accept_address
+from pluresync.relay.server.logpolicy import RELAY_LIBRARY_LOG
 
 #: The largest request head (request line and headers) the relay reads; a
 #: pluresync upgrade is about 400 bytes, a relay token a few hundred more.
@@ -100,10 +101,18 @@ class OpeningChannel(HTTPChannel):
     totalHeadersSize = MAX_REQUEST_HEAD
     maxHeaders = 64
 
+    #: twisted.web's own lines, without client addresses (logpolicy.py).
+    _log = RELAY_LIBRARY_LOG
     opening: OpeningConnections
     _key: str | None = None
     _counted = False
     _deadline: Any = None
+
+    def counted_in(self, opening: OpeningConnections, key: str | None) -> None:
+        """This connection was counted by C{opening.admit} (C{key}: its per-address entry)."""
+        self.opening = opening
+        self._key = key
+        self._counted = True
 
     def connectionMade(self) -> None:
         super().connectionMade()

@@ -45,9 +45,7 @@ class RelaySite(Site):
         if status:
             return Refusal(status)
         channel = super().buildProtocol(addr)
-        channel.opening = opening
-        channel._key = key
-        channel._counted = True
+        channel.counted_in(opening, key)
         return channel
 
 

@@ -56,6 +56,7 @@ from pluresync.relay.core.wire import (
     ProtocolError,
     encode_ready,
 )
+from pluresync.relay.server.logpolicy import RELAY_LIBRARY_LOG
 from pluresync.relay.server.metrics import RelayMetrics
 from pluresync.relay.server.opening import OpeningConnections
 from pluresync.relay.server.pair import Pair, TransportEnd
@@ -140,6 +141,8 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
     """
 
     factory: RelayFactory
+    #: Autobahn's own lines, without client addresses (logpolicy.py).
+    log = RELAY_LIBRARY_LOG
     #: The authenticated tenant's name (C{None}: open relay), for logs.
     tenant: str | None = None
     #: Bytes of data frames read from this client while paired.
@@ -500,6 +503,7 @@ class RelayFactory(WebSocketServerFactory):
 
     protocol = RelayProtocol
     noisy = False
+    log = RELAY_LIBRARY_LOG
     #: the L{pluresync.relay.cluster.service.Cluster} when clustered (C{--redis})
     cluster: Any = None
 
