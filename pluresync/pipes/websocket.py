@@ -116,9 +116,14 @@ class RelayURL:
         if parts.username or parts.password or parts.query or parts.fragment:
             raise ConfigurationError("relay url must not carry credentials, a query or a fragment")
         try:
-            port = parts.port or (443 if parts.scheme == "wss" else 80)
+            port = parts.port
         except ValueError:
             raise ConfigurationError(f"relay url has a bad port: {url!r}") from None
+        if port is None:
+            port = 443 if parts.scheme == "wss" else 80
+        elif port == 0:
+            # urlsplit takes :0, and "or the default" would turn it into 80.
+            raise ConfigurationError(f"relay url has a bad port (0): {url!r}")
         path = parts.path or "/"
         host = parts.hostname
         netloc = f"[{host}]" if ":" in host else host
