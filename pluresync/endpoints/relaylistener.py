@@ -256,7 +256,9 @@ class _PortCore:
 
     async def _accept(self, session: str):
         config = self.config
-        protocol, _ = await config.open(self.reactor, encode_accept(session))
+        # The relay holds the connector for its accept timeout (10 s by
+        # default): retries of a refused upgrade must fit in it.
+        protocol, _ = await config.open(self.reactor, encode_accept(session), within=min(config.timeout, ACCEPT_WITHIN))
         link = await config.secure(protocol, initiator=False, resolver=self.sessions.resolve)
         return self.sessions.accept(link)
 
@@ -293,6 +295,10 @@ _STOPPING = _ports.state("stopping")
 _transitions = Transitions(_PortInputs)
 _on = _transitions.upon
 
+
+#: How long an accept may spend retrying an upgrade the relay answered 429/503:
+#: within the relay's default accept timeout (10 s), with a second to spare.
+ACCEPT_WITHIN = 9.0
 
 #: The longest time before a relay's cap that a registration is renewed.
 RENEW_MARGIN = 10.0

@@ -43,6 +43,7 @@ from pluresync.errors import (
     ConfigurationError,
     PeerGoneError,
     RelayAuthError,
+    RelayBusyError,
     RelayError,
     RelayLostError,
     RelayUnreachableError,
@@ -87,6 +88,32 @@ def auth_error(host: str, sent_token: bool, status_line: str) -> RelayAuthError:
         f"{problem}: give a valid token with tokenfile=PATH in the endpoint string or the "
         "PLURESYNC_RELAY_TOKEN environment variable (the token itself, or a file holding it); "
         "ask the relay's operator for one (`pluresync relay-token` mints signed tokens)"
+    )
+
+
+#: The longest C{Retry-After} we take from a relay (a larger one is capped).
+MAX_RETRY_AFTER = 10.0
+
+
+def busy_error(host: str, status: int, headers: dict) -> RelayBusyError:
+    """The error for a 429 or 503 answer to our upgrade, with its C{Retry-After} (seconds)."""
+    retry_after = None
+    try:
+        value = float(str(headers.get("retry-after", "")).strip())
+        if value >= 0 and value == value:
+            retry_after = min(value, MAX_RETRY_AFTER)
+    except ValueError:
+        pass
+    after = f", retry after {retry_after:g} s" if retry_after is not None else ""
+    if status == 429:
+        return RelayBusyError(
+            f"the relay at {host} refused the connection: too many connections from this address "
+            f"(HTTP 429{after}); fewer at once, or ask the relay's operator for higher limits",
+            "rate-limited",
+            retry_after,
+        )
+    return RelayBusyError(
+        f"the relay at {host} is at its connection limit or shutting down (HTTP 503{after})", "busy", retry_after
     )
 
 
@@ -319,9 +346,19 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
                 if tls is not None:
                     return RelayUnreachableError(tls)
             status_line = getattr(self, "http_status_line", None)
-            if _upgrade_status(status_line) == 401:
+            status = _upgrade_status(status_line)
+            if status == 401:
                 return auth_error(relay.host, self.factory.sent_token, status_line)
+            if status in (429, 503):
+                return busy_error(relay.host, status, getattr(self, "http_headers", None) or {})
             detail = getattr(self, "wasNotCleanReason", None) or reason or "connection failed"
+            if status_line and status != 101:
+                # It answered in HTTP, but not as a relay does (a web server,
+                # a proxy's page, an HTTP/1.0 server): say so, once.
+                return RelayUnreachableError(
+                    f"{relay.host}:{relay.port} is not a pluresync relay: it answered the WebSocket upgrade "
+                    f"with {status_line.strip()[:80]!r}; check the relay URL"
+                )
             return RelayUnreachableError(f"could not open a WebSocket to the relay at {relay.host}: {detail}")
         if code == CLOSE_GOING_AWAY:
             return RelayError(f"the relay at {relay.host} is shutting down", "going-away")

@@ -268,9 +268,14 @@ class RateLimits:
         (L{client_address}).
     """
 
-    connections_per_second: float = 20.0
-    connections_burst: int = 50
-    connections_per_address: int = 200
+    # One busy host legitimately opens a pool at once: 50 connects through
+    # one relay from one address cost 100 upgrades when its listener is on
+    # the same host (connector + accept socket each), plus the control
+    # socket; the burst admits two such pools, the rate a steady 50 new
+    # streams a second.
+    connections_per_second: float = 100.0
+    connections_burst: int = 200
+    connections_per_address: int = 500
     listeners_per_rdv: int = 16
     session_bytes_per_second: int = 0
     session_bytes: int = 0
