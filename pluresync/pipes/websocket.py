@@ -33,6 +33,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -160,6 +161,27 @@ class RelayURL:
         return self.url
 
 
+class _AutobahnLog(Logger):
+    """
+    Autobahn's own lines about a relay socket, demoted to debug: every way a
+    socket fails is reported once, as the error of the call that opened it
+    (L{RelaySocketProtocol._refusal}); Autobahn's warning before it
+    ("dropping connection to peer ...") only said the same thing worse.
+    """
+
+    def __get__(self, oself: object, type: object = None) -> _AutobahnLog:
+        return self
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
+        super().emit(LogLevel.debug, format, **kwargs)
+
+    def trace(self, *args: object, **kwargs: object) -> None:
+        """txaio's level below debug: never logged."""
+
+
+_AUTOBAHN_LOG = _AutobahnLog(namespace="pluresync.relay.client.autobahn")
+
+
 @implementer(IPipe)
 class WebSocketPipe:
     """A paired relay WebSocket seen as an L{IPipe}: one message per write."""
@@ -205,6 +227,7 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
     """One WebSocket to the relay, from the upgrade to the close."""
 
     factory: RelaySocketFactory
+    log = _AUTOBAHN_LOG
     #: The C{session_seconds} the relay announced in its answer (C{None}: no cap).
     session_seconds: float | None = None
     #: Reactor seconds when the relay's answer (C{ready} or C{paired}) arrived.
@@ -385,7 +408,8 @@ class RelaySocketFactory(WebSocketClientFactory):
     """
 
     protocol = RelaySocketProtocol
-    noisy = False  # one socket per connection: "Starting factory" lines are noise
+    noisy = False
+    log = _AUTOBAHN_LOG  # one socket per connection: "Starting factory" lines are noise
 
     def __init__(
         self,
