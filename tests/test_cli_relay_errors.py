@@ -50,8 +50,8 @@ class CommandLineRelayErrorTests(TestCase):
         port = reactor.listenTCP(0, Factory.forProtocol(_HTTP10), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         line = await self.run_connect(escaped_url(port.getHost().port))
-        self.assertIn("is not a pluresync relay", line)
-        self.assertIn("HTTP/1.0 200 OK", line)
+        self.assertIn("this is not a pluresync relay", line)
+        self.assertIn("HTTP 200 OK instead of the WebSocket upgrade", line)
 
     async def test_unauthorized(self) -> None:
         work = Path(self.mktemp()).resolve()

@@ -96,7 +96,7 @@ def auth_error(host: str, sent_token: bool, status_line: str) -> RelayAuthError:
 MAX_RETRY_AFTER = 10.0
 
 
-def busy_error(host: str, status: int, headers: dict) -> RelayBusyError:
+def busy_error(host: str, status: int, headers: dict, status_text: str = "") -> RelayBusyError:
     """The error for a 429 or 503 answer to our upgrade, with its C{Retry-After} (seconds)."""
     retry_after = None
     try:
@@ -109,13 +109,21 @@ def busy_error(host: str, status: int, headers: dict) -> RelayBusyError:
     if status == 429:
         return RelayBusyError(
             f"the relay at {host} refused the connection: too many connections from this address "
-            f"(HTTP 429{after}); fewer at once, or ask the relay's operator for higher limits",
+            f"(HTTP 429, rate-limited{after}); fewer at once, or ask the relay's operator for higher limits",
             "rate-limited",
             retry_after,
         )
     return RelayBusyError(
-        f"the relay at {host} is at its connection limit or shutting down (HTTP 503{after})", "busy", retry_after
+        f"the relay at {host} is at its connection limit or shutting down "
+        f"(upgrade failed [503]: {status_text.partition(' ')[2] or 'Service Unavailable'}{after})",
+        "busy",
+        retry_after,
     )
+
+
+def _status_text(status_line: str) -> str:
+    """C{"200 OK"} of C{"HTTP/1.0 200 OK"} (at most 80 characters)."""
+    return status_line.strip().partition(" ")[2][:80]
 
 
 def _upgrade_status(status_line: str | None) -> int | None:
@@ -373,14 +381,16 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
             if status == 401:
                 return auth_error(relay.host, self.factory.sent_token, status_line)
             if status in (429, 503):
-                return busy_error(relay.host, status, getattr(self, "http_headers", None) or {})
+                return busy_error(
+                    relay.host, status, getattr(self, "http_headers", None) or {}, _status_text(status_line)
+                )
             detail = getattr(self, "wasNotCleanReason", None) or reason or "connection failed"
             if status_line and status != 101:
                 # It answered in HTTP, but not as a relay does (a web server,
                 # a proxy's page, an HTTP/1.0 server): say so, once.
                 return RelayUnreachableError(
-                    f"{relay.host}:{relay.port} is not a pluresync relay: it answered the WebSocket upgrade "
-                    f"with {status_line.strip()[:80]!r}; check the relay URL"
+                    f"HTTP {_status_text(status_line)} instead of the WebSocket upgrade from "
+                    f"{relay.host}:{relay.port}: this is not a pluresync relay (check the relay URL)"
                 )
             return RelayUnreachableError(f"could not open a WebSocket to the relay at {relay.host}: {detail}")
         if code == CLOSE_GOING_AWAY:
