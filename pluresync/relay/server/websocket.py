@@ -60,7 +60,7 @@ from pluresync.relay.server.logpolicy import RELAY_LIBRARY_LOG
 from pluresync.relay.server.metrics import RelayMetrics
 from pluresync.relay.server.opening import OpeningConnections
 from pluresync.relay.server.pair import Pair, TransportEnd
-from pluresync.wsframes import OP_BINARY, FastDataPath, FrameError
+from pluresync.wsframes import OP_BINARY, PROTOCOL, FastDataPath, FrameError
 
 log = Logger(namespace="pluresync.relay")
 
@@ -216,9 +216,17 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
         self.session.opened(self.tenant)
 
     def framingFailed(self, error: FrameError) -> None:
-        # The rest of the stream cannot be parsed (we may be inside an
-        # oversize frame): send the close frame with the error code, then end
-        # the TCP connection once it is written.
+        if error.code == PROTOCOL:
+            # A breach of RFC 6455 itself: the same answer as Autobahn's before
+            # pairing (failByDrop), TCP dropped without a close frame; the
+            # partner hears 4010 (docs/protocol.md, "WebSocket protocol violations").
+            self.wasNotCleanReason = error.message
+            self.dropConnection(abort=True)
+            return
+        # The relay protocol's own rules (a text message after pairing, too
+        # large): send the close frame with the error code, then end the TCP
+        # connection once it is written (the rest of the stream cannot be
+        # parsed: we may be inside an oversize frame).
         self.session.failed(ProtocolError(ErrorCode(error.code), error.message))
         if self.transport is not None:
             self.transport.loseConnection()
@@ -249,6 +257,21 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
         if self.session is not None:
             self.session.client_closed(wasClean and code == CLOSE_NORMAL and not self.closedByMe)
         self.factory.socket_closed()
+
+    _answering_our_close = False
+
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
+        # The answer to a close we started ends the closing handshake, and
+        # Autobahn's server then aborts the TCP connection (a reset the
+        # client reports as an error); end it with a FIN instead.
+        self._answering_our_close = self.state == _STATE_CLOSING
+        try:
+            return super().onCloseFrame(code, reasonRaw)
+        finally:
+            self._answering_our_close = False
+
+    def dropConnection(self, abort: bool = False) -> None:
+        super().dropConnection(abort and not self._answering_our_close)
 
     def onAutoPingTimeout(self) -> None:
         """
@@ -559,6 +582,8 @@ class RelayFactory(WebSocketServerFactory):
             autoPingRestartOnAnyTraffic=True,
             perMessageCompressionAccept=lambda offers: None,
             failByDrop=True,
+            # A client's close is answered with its own code (RFC 6455 5.5.1).
+            echoCloseCodeReason=True,
             tcpNoDelay=True,
             allowedOrigins=["*"],
             allowNullOrigin=True,
