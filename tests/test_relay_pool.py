@@ -15,7 +15,7 @@ from twisted.internet.protocol import Factory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pluresync.endpoints.relay import busy_delay
-from pluresync.errors import RelayBusyError
+from pluresync.errors import RelayBusyError, RelayError
 from pluresync.keys import SyncKey
 
 from .localrelay import Collector
@@ -107,3 +107,30 @@ async def _metrics(relay) -> str:
 
     response = await treq.get(f"http://127.0.0.1:{relay.port}/metrics".encode(), persistent=False)
     return await response.text()
+
+
+class DeclineTests(TestCase):
+    timeout = 60
+
+    async def test_refused_accept_reported_at_once(self) -> None:
+        """
+        The listener's accept socket is refused (429, Retry-After beyond what
+        it may wait): the listener declines on its control socket, and the
+        connector fails at once with the real cause, not "the listener did
+        not accept in time" at the relay's accept timeout (20 s here).
+        """
+        relay = await start_relay(
+            self, ["--connections-per-second", "0.1", "--connections-burst", "2", "--accept-timeout", "20"]
+        )
+        key = SyncKey.generate().to_text()
+        base = f"relay:url={relay.escaped_url}:key={key}"
+        port = await serverFromString(reactor, base).listen(Factory.forProtocol(Collector))
+        self.addCleanup(port.stopListening)
+        started = reactor.seconds()
+        with self.assertRaises(RelayError) as caught:
+            await clientFromString(reactor, f"{base}:timeout=25").connect(Factory.forProtocol(Collector))
+        self.assertLess(reactor.seconds() - started, 5.0)
+        self.assertEqual(caught.exception.code, "rate-limited")
+        self.assertIn("the listener could not accept", str(caught.exception))
+        self.assertIn("HTTP 429", str(caught.exception))
+        self.assertIn("declined", relay.output)

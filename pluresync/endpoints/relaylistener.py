@@ -28,7 +28,7 @@ from zope.interface import implementer
 from pluresync.address import PeerAddress
 from pluresync.automata import Transitions
 from pluresync.endpoints.deadline import with_timeout
-from pluresync.errors import NotChosenError, PeerGoneError, PluresyncError
+from pluresync.errors import NotChosenError, PeerGoneError, PluresyncError, RelayError
 from pluresync.interfaces import IPathListener
 from pluresync.pipes.websocket import RelaySocketProtocol
 from pluresync.relay.core.wire import CLOSE_NORMAL, encode_accept, encode_listen
@@ -258,7 +258,16 @@ class _PortCore:
         config = self.config
         # The relay holds the connector for its accept timeout (10 s by
         # default): retries of a refused upgrade must fit in it.
-        protocol, _ = await config.open(self.reactor, encode_accept(session), within=min(config.timeout, ACCEPT_WITHIN))
+        try:
+            protocol, _ = await config.open(
+                self.reactor, encode_accept(session), within=min(config.timeout, ACCEPT_WITHIN)
+            )
+        except RelayError as error:
+            # The connector would otherwise wait for the relay's accept
+            # timeout and hear "the listener did not accept in time".
+            if self.control is not None and self.control.decline(session, error):
+                self.log.info("{relay}: declined an incoming connection: {why}", relay=self.where, why=str(error))
+            raise
         link = await config.secure(protocol, initiator=False, resolver=self.sessions.resolve)
         return self.sessions.accept(link)
 

@@ -61,6 +61,7 @@ from pluresync.relay.core.wire import (
     Ready,
     RelayErrorMessage,
     RelayMessageError,
+    encode_decline,
     parse_relay_message,
 )
 from pluresync.wsframes import FastDataPath, FrameError, client_frame
@@ -244,6 +245,8 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
     close_code: int | None = None
     #: Reactor seconds when we sent the upgrade request.
     _upgrade_sent_at: float | None = None
+    #: Whether the relay's C{ready} said it takes C{decline} on this control socket.
+    takes_decline = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -325,11 +328,27 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
             self.factory.on_incoming(message.session, message.peer)
         elif isinstance(message, (Ready, Paired)) and not self._answered:
             self._answered = True
+            self.takes_decline = isinstance(message, Ready) and message.decline
             self.session_seconds = message.session_seconds
             self.answered_at = self.factory.reactor.seconds()
             self.factory.answered(self, message)
         else:
             self._protocolError(f"the relay sent an unexpected {message.op!r} message")
+
+    def decline(self, session: str, error: RelayError) -> bool:
+        """
+        On a listener's control socket: tell the relay we could not accept
+        C{session} (C{error}: why), so its connector hears it at once rather
+        than at the relay's accept timeout.  Only to a relay that said it
+        takes it; returns whether it was sent.
+        """
+        if not self.takes_decline or self.state != _STATE_OPEN:
+            return False
+        busy = isinstance(error, RelayBusyError)
+        code = ErrorCode.RATE_LIMITED if busy else ErrorCode.PEER_GONE
+        retry = error.retry_after if busy else None
+        self.sendMessage(encode_decline(session, code, str(error), retry), isBinary=False)
+        return True
 
     def _protocolError(self, text: str) -> None:
         self._relay_error = RelayError(f"protocol error: {text}", ErrorCode.BAD_REQUEST.value)

@@ -51,6 +51,7 @@ from pluresync.relay.core.wire import (
     SUBPROTOCOL,
     Accept,
     Connect,
+    Decline,
     ErrorCode,
     Listen,
     ProtocolError,
@@ -321,7 +322,7 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
         if cap and factory.registry.listeners_of(message.rdv) >= cap:
             session.failed(ProtocolError(ErrorCode.RATE_LIMITED, f"at most {cap} listeners per rendezvous id"))
             return
-        self.send_control(encode_ready(factory.announced_limits))
+        self.send_control(encode_ready(factory.announced_limits, decline=True))
         log.info("listener ready {label}", label=session.label)
         self._listener = factory.registry.listen(message.rdv, message.peer, session)
 
@@ -361,6 +362,20 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
         pair = self._couple(other, pairing.connector, other_session.label)
         other._join(pair, self)
         log.info("paired {label}", label=pair.label)
+
+    def decline(self, session: RelaySession, message: Decline) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        reason = f": {message.reason}" if message.reason else ""
+        if self.factory.registry.decline(
+            message.session,
+            listener,
+            message.code,
+            f"the listener could not accept{reason}",
+            message.retry,
+        ):
+            log.info("declined {label} session={session}", label=session.label, session=message.session[:8])
 
     def unpaired(self, how: str) -> None:
         self._partner = None
