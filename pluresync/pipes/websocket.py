@@ -172,8 +172,9 @@ class RelayURL:
 
 class _AutobahnLog(Logger):
     """
-    Autobahn's own lines about a relay socket, demoted to debug: every way a
-    socket fails is reported once, as the error of the call that opened it
+    Autobahn's own lines about a relay socket: its debug lines dropped (they
+    quote the upgrade request, token included), its info and warning lines
+    demoted to debug, since every way a socket fails is reported once, as the error of the call that opened it
     (L{RelaySocketProtocol._refusal}); Autobahn's warning before it
     ("dropping connection to peer ...") only said the same thing worse.
     """
@@ -182,7 +183,12 @@ class _AutobahnLog(Logger):
         return self
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
-        super().emit(LogLevel.debug, format, **kwargs)
+        if level < LogLevel.info:
+            # Autobahn's own debug lines carry whole upgrade requests, the
+            # Authorization header (our relay token) included: never emitted.
+            return
+        # Errors stay errors: a failure inside our own callbacks must show.
+        super().emit(level if level >= LogLevel.error else LogLevel.debug, format, **kwargs)
 
     def trace(self, *args: object, **kwargs: object) -> None:
         """txaio's level below debug: never logged."""
