@@ -171,7 +171,9 @@ class EditableInstallTests(SynchronousTestCase):
             timeout=60,
         ).stdout.strip()
         # Dependencies (Twisted, Autobahn, ...) from this interpreter's site-packages, after the venv's own.
-        (Path(site) / "zz_pluresync_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        # (every site-packages directory this interpreter sees, in case its own pulls in another)
+        sites = [sysconfig.get_paths()["purelib"], *(p for p in sys.path if p.endswith("site-packages"))]
+        (Path(site) / "zz_pluresync_deps.pth").write_text("".join(f"{p}\n" for p in dict.fromkeys(sites)))
         for args in installs:
             self.install(venv, *[str(source) if a == "SRC" else a for a in args])
         return venv, source
