@@ -131,6 +131,21 @@ class RelayAuthError(RelayUnreachableError):
         super().__init__(message, "unauthorized")
 
 
+class RelayBusyError(RelayUnreachableError):
+    """
+    The relay refused the WebSocket upgrade for now: HTTP 429 (too many
+    connections from our address; C{code} C{"rate-limited"}) or 503 (at its
+    connection limit, or shutting down; C{code} C{"busy"}).
+
+    @ivar retry_after: the seconds its C{Retry-After} asked us to wait
+        (C{None}: it gave none).
+    """
+
+    def __init__(self, message: str, code: str, retry_after: float | None) -> None:
+        super().__init__(message, code)
+        self.retry_after = retry_after
+
+
 class StunError(PluresyncError):
     """A STUN query for our public address failed: no answer, an error answer, or an unusable one."""
 

@@ -20,6 +20,7 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
+from autobahn.websocket.protocol import WebSocketProtocol as _WebSocketProtocol
 from autobahn.websocket.xormasker import create_xor_masker
 
 
@@ -169,6 +170,28 @@ AUTOBAHN_INTERNALS: tuple[AutobahnInternal, ...] = (
         "the status line of the upgrade response (e.g. 'HTTP/1.1 401 Unauthorized'), once received",
     ),
     AutobahnInternal(
+        "http_headers",
+        "client protocol",
+        None,
+        _CLIENT,
+        "the upgrade response's headers (a dict, lower-case names), once received: Retry-After of a 429/503",
+    ),
+    AutobahnInternal(
+        "onCloseFrame",
+        "protocol",
+        ("code", "reasonRaw"),
+        _FAST + _RELAY,
+        "called with each close frame's code and raw reason; validates the code against CLOSE_STATUS_CODES_ALLOWED, "
+        "then answers (echoing the code with echoCloseCodeReason) or, on a server, drops TCP",
+    ),
+    AutobahnInternal(
+        "CLOSE_STATUS_CODES_ALLOWED",
+        "protocol",
+        None,
+        _FAST,
+        "the close codes 1000-2999 onCloseFrame accepts, read from WebSocketProtocol itself (1014 is missing)",
+    ),
+    AutobahnInternal(
         "_batched_timer",
         "factory",
         None,
@@ -176,6 +199,10 @@ AUTOBAHN_INTERNALS: tuple[AutobahnInternal, ...] = (
         "every Autobahn timer is scheduled by its call_later(delay, func, *args); replaced by pluresync.reactortimers",
     ),
 )
+
+#: The close codes below 3000 a peer may send (RFC 6455 7.4.1 and IANA's
+#: registry): 1004-1006 and 1015 are reserved and never sent.
+REGISTERED_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 
 OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
@@ -186,11 +213,19 @@ _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 
 
+#: L{FrameError.code} of a breach of RFC 6455 itself (not of the relay
+#: protocol): the connection is dropped without a close frame, as Autobahn
+#: does before pairing (docs/protocol.md, "WebSocket protocol violations").
+PROTOCOL = "protocol"
+
+
 class FrameError(Exception):
     """
     The peer broke the framing rules.
 
-    @ivar code: the relay error code that fits (C{bad-request} or C{too-large}).
+    @ivar code: L{PROTOCOL} for a breach of RFC 6455, else the relay error
+        code that fits (C{bad-request}: a text message after pairing;
+        C{too-large}).
     """
 
     def __init__(self, code: str, message: str) -> None:
@@ -294,28 +329,32 @@ class FrameReader:
                     break
                 length = (buf[h] << 8) | buf[h + 1]
                 h += 2
+                if length < 126:
+                    raise FrameError(PROTOCOL, "a WebSocket frame length not in its shortest form")
             elif length == 127:
                 if n - h < 8:
                     break
                 length = _U64.unpack_from(buf, h)[0]
                 h += 8
+                if length < 0x10000 or length >> 63:
+                    raise FrameError(PROTOCOL, "a WebSocket frame length not in its shortest form")
             opcode = b0 & 0x0F
             if b0 & 0x70:
-                raise FrameError("bad-request", "reserved WebSocket frame bits are set")
+                raise FrameError(PROTOCOL, "reserved WebSocket frame bits are set")
             if opcode >= 0x8:
                 if length > 125 or not b0 & 0x80:
-                    raise FrameError("bad-request", "malformed WebSocket control frame")
+                    raise FrameError(PROTOCOL, "malformed WebSocket control frame")
             elif self._message_size + length > self._max_message:
                 raise FrameError("too-large", f"messages are at most {self._max_message} bytes")
             if b1 & 0x80:
                 if not self._masked:
-                    raise FrameError("bad-request", "masked frame from the server")
+                    raise FrameError(PROTOCOL, "masked frame from the server")
                 if n - h < 4:
                     break
                 mask = buf[h : h + 4]
                 h += 4
             elif self._masked:
-                raise FrameError("bad-request", "unmasked frame from a client")
+                raise FrameError(PROTOCOL, "unmasked frame from a client")
             else:
                 mask = None
             end = h + length
@@ -331,9 +370,9 @@ class FrameReader:
             if opcode == OP_TEXT:
                 raise FrameError("bad-request", "text message after pairing")
             if (opcode == OP_CONTINUATION) != self._in_message:
-                raise FrameError("bad-request", "WebSocket fragments out of order")
+                raise FrameError(PROTOCOL, "WebSocket fragments out of order")
             if opcode > OP_BINARY:
-                raise FrameError("bad-request", f"unknown WebSocket opcode {opcode}")
+                raise FrameError(PROTOCOL, f"unknown WebSocket opcode {opcode}")
             payload = buf[h:end]
             if mask is not None:
                 payload = create_xor_masker(mask, length).process(payload)
@@ -373,6 +412,27 @@ class FastDataPath:
 
     _frames: FrameReader | object | None = None
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        set_no_delay(self.transport)
+
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
+        """
+        Take every close code IANA registered (RFC 6455 section 7.4.2) as
+        valid: Autobahn's table lacks 1014 (bad gateway) and would fail the
+        connection as a protocol violation.  Its table is read from its base
+        class, not from the protocol, so it is widened for this one call.
+        """
+        base = _WebSocketProtocol
+        allowed = base.CLOSE_STATUS_CODES_ALLOWED
+        if code is None or code in allowed or code not in REGISTERED_CLOSE_CODES:
+            return super().onCloseFrame(code, reasonRaw)
+        base.CLOSE_STATUS_CODES_ALLOWED = [*allowed, code]
+        try:
+            return super().onCloseFrame(code, reasonRaw)
+        finally:
+            base.CLOSE_STATUS_CODES_ALLOWED = allowed
+
     def startFastDataPath(self, *, masked: bool, max_message: int, on_data: Callable[[bytes, int, bool], None]) -> None:
         self._frames = FrameReader(
             masked=masked, max_message=max_message, on_data=on_data, on_control=self._dataReceived
@@ -401,3 +461,22 @@ class FastDataPath:
 
     def framingFailed(self, error: FrameError) -> None:
         raise NotImplementedError
+
+
+def set_no_delay(transport) -> None:
+    """
+    Turn Nagle's algorithm off on C{transport}'s TCP socket (through a TLS
+    or proxy wrapper), if it has one.
+
+    Autobahn means to (option C{tcpNoDelay}), but calls C{setTcpNoDelay}
+    with the option before it has copied it from the factory, and swallows
+    the C{AttributeError}: without this, small records (acks, a message's
+    last frame) wait up to 40 ms for a delayed ack from the other end.
+    """
+    set_it = getattr(transport, "setTcpNoDelay", None)
+    if set_it is None:
+        return
+    try:
+        set_it(True)
+    except (AttributeError, OSError, NotImplementedError):
+        pass  # not a TCP socket (UNIX sockets, memory transports in tests)

@@ -160,8 +160,8 @@ class PresenceTests(SynchronousTestCase):
                     return broken(entry.name, f"its parameters are now {names}, not {entry.parameters}")
             return None
         instance = self.instance(entry.owner)
-        # http_status_line exists only once an answer arrived: ClientTests checks it.
-        if not hasattr(instance, entry.name) and entry.name != "http_status_line":
+        # http_status_line and http_headers exist only once an answer arrived: ClientTests checks them.
+        if not hasattr(instance, entry.name) and entry.name not in ("http_status_line", "http_headers"):
             return broken(entry.name, f"a connected {type(instance).__name__} has no attribute {entry.name!r}")
         if entry.name == "_batched_timer" and not callable(getattr(instance._batched_timer, "call_later", None)):
             return broken(entry.name, "the factory's timer has no call_later method")
@@ -399,3 +399,30 @@ class ClientTests(SynchronousTestCase):
             self.fail(broken("http_status_line", f"is {status!r} after a 401 answer"))
         if not isinstance(protocol.wasNotCleanReason, str) or not protocol.wasNotCleanReason:
             self.fail(broken("wasNotCleanReason", f"is {protocol.wasNotCleanReason!r} after a refused upgrade"))
+
+    def test_refused_upgrade_headers(self) -> None:
+        """After a 429 answer, C{http_headers} holds its headers by lower-case name (Retry-After)."""
+        clock = Clock()
+        factory = WebSocketClientFactory("ws://localhost:9/", reactor=clock)
+        factory.protocol = WebSocketClientProtocol
+        factory._batched_timer = ReactorTimers(clock)
+        factory.setProtocolOptions(openHandshakeTimeout=0)
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(Transport())
+        protocol.dataReceived(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\nContent-Length: 0\r\n\r\n")
+        headers = getattr(protocol, "http_headers", None)
+        if not isinstance(headers, dict) or headers.get("retry-after") != "3":
+            self.fail(broken("http_headers", f"is {headers!r} after a 429 answer with Retry-After: 3"))
+
+    def test_close_code_table(self) -> None:
+        """
+        onCloseFrame validates codes against the base class's
+        CLOSE_STATUS_CODES_ALLOWED (pluresync widens that for 1014 alone).
+        """
+        import inspect
+
+        from autobahn.websocket.protocol import WebSocketProtocol
+
+        source = inspect.getsource(WebSocketProtocol.onCloseFrame)
+        if "WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED" not in source:
+            self.fail(broken("CLOSE_STATUS_CODES_ALLOWED", "onCloseFrame no longer reads it from WebSocketProtocol"))

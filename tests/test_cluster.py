@@ -62,7 +62,7 @@ class _Clients:
         listener = await self.open(relay)
         listener.send_json({"v": 1, "op": "listen", "rdv": rdv, "peer": peer})
         ready = await listener.next_json().addTimeout(T, reactor)
-        assert dict(ready, limits=None) == {"op": "ready", "limits": None}, ready
+        assert dict(ready, limits=None) == {"op": "ready", "limits": None, "decline": True}, ready
         return listener
 
     async def connect(

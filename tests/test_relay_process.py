@@ -101,7 +101,7 @@ class ProcessTests(unittest.TestCase):
             yield listener.opened.addTimeout(10, reactor)
             listener.send_json({"v": 1, "op": "listen", "rdv": RDV, "peer": PEER})
             ready = yield listener.next_json().addTimeout(10, reactor)
-            self.assertEqual(dict(ready, limits=None), {"op": "ready", "limits": None})
+            self.assertEqual(dict(ready, limits=None), {"op": "ready", "limits": None, "decline": True})
             connector = connect(reactor, port)
             yield connector.opened.addTimeout(10, reactor)
             connector.send_json({"v": 1, "op": "connect", "rdv": RDV, "wait": 10})

@@ -157,7 +157,9 @@ class PumpedRelayTests(unittest.TestCase):
         connector.transport.abortConnection()
         self.flush()
         self.assertEqual(acceptor.close_code, 4010)
-        self.assertEqual(self.factory.stats(), {"connections": 1, "listeners": 1, "sessions": 0, "pending": 0})
+        self.assertEqual(
+            self.factory.stats(), {"connections": 1, "opening": 0, "listeners": 1, "sessions": 0, "pending": 0}
+        )
 
     def test_shutdown(self) -> None:
         """close_all: every socket, paired or not, gets 1001; the Deferred fires when all are gone."""

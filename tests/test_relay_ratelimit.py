@@ -338,7 +338,7 @@ class AnnouncedLimitsTests(_LimitsCase):
         listener = yield self.open()
         listener.send_json({"v": 1, "op": "listen", "rdv": RDV, "peer": PEER_A})
         ready = yield _within(listener.next_json())
-        self.assertEqual(ready, {"op": "ready", "limits": expected})
+        self.assertEqual(ready, {"op": "ready", "limits": expected, "decline": True})
         connector = yield self.open()
         connector.send_json({"v": 1, "op": "connect", "rdv": RDV})
         acceptor, _, paired = yield self.accept(listener)
@@ -689,7 +689,9 @@ class FloodTests(_LimitsCase):
             file=sys.stderr,
         )
         self.assertGreater(stats["attempts"], 100)
-        self.assertGreater(stats["statuses"].get("429", 0), stats["attempts"] // 2)
+        # The defaults admit a burst of 200 and 100 a second per address
+        # (what one busy host does, issue 15): the rest of the flood is refused.
+        self.assertGreater(stats["statuses"].get("429", 0), stats["attempts"] - 200 - 100 * 10 - 100)
         self.assertGreater(stats["garbage_connections"], 0)
         self.assertGreaterEqual(ratio, self.FRACTION, (baseline, under_flood, stats))
         # The pairs are unharmed, and still pipe.

@@ -62,6 +62,9 @@ class FakeFront:
         if self.on_request:
             self.on_request(session)
 
+    def decline(self, session: RelaySession, message: Any) -> None:
+        self.requests.append(message)
+
     def unpaired(self, how: str) -> None:
         self.unpaired_how.append(how)
 
@@ -184,6 +187,24 @@ class ControlPhaseTests(SessionTestCase):
             self.session.control(b"more", binary)
             self.assertEqual(self.front.sent[-1]["message"], reason)
             self.assertEndedWith(4000)
+
+    def test_decline(self) -> None:
+        """
+        A listener's control socket may decline an offered session (handed to
+        the front); a decline as a socket's first message is bad-request.
+        """
+        from pluresync.relay.core.wire import Decline
+
+        self.open()
+        self.session.control(_hello(op="listen", rdv=RDV, peer=PEER), False)
+        decline = _hello(op="decline", session="ab" * 16, code="rate-limited", reason="HTTP 429", retry=2)
+        self.session.control(decline, False)
+        self.assertEqual(self.front.requests[-1], Decline("ab" * 16, ErrorCode.RATE_LIMITED, "HTTP 429", 2.0))
+        self.assertEqual(self.front.closed, [])
+        self.setUp()
+        self.open()
+        self.session.control(decline, False)
+        self.assertEndedWith(4000)
 
     def test_refused_during_request(self) -> None:
         """A front refusing inside the request (a listener cap): the error, and the relay's retry hint."""

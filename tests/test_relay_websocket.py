@@ -92,7 +92,7 @@ class RelayTestCase(unittest.TestCase):
         listener = yield self.open()
         listener.send_json({"v": 1, "op": "listen", "rdv": rdv, "peer": peer})
         ready = yield _within(listener.next_json())
-        self.assertEqual(dict(ready, limits=None), {"op": "ready", "limits": None})
+        self.assertEqual(dict(ready, limits=None), {"op": "ready", "limits": None, "decline": True})
         return listener
 
     @inlineCallbacks
@@ -382,7 +382,7 @@ class ErrorTests(RelayTestCase):
             client = yield self.open()
             send(client)
             ready = yield _within(client.next_json())
-            self.assertEqual(dict(ready, limits=None), {"op": "ready", "limits": None})
+            self.assertEqual(dict(ready, limits=None), {"op": "ready", "limits": None, "decline": True})
             yield self.assertClosedWith(client, "bad-request", 4000)
             self.assertEqual(self.factory.stats()["listeners"], 1)
             yield self.assertPipes(healthy[1], healthy[2])
@@ -481,7 +481,18 @@ class HealthAndShutdownTests(RelayTestCase):
         health = json.loads(body)
         self.assertEqual(
             set(health),
-            {"status", "version", "uptime", "ready", "checks", "connections", "listeners", "sessions", "pending"},
+            {
+                "status",
+                "version",
+                "uptime",
+                "ready",
+                "checks",
+                "connections",
+                "opening",
+                "listeners",
+                "sessions",
+                "pending",
+            },
         )
         self.assertEqual(health["status"], "ok")
         self.assertEqual(

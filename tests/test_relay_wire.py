@@ -342,3 +342,31 @@ class RelayMessageTests(unittest.TestCase):
             self.assertIsNone(message({"max_message": 262144}).session_seconds)
         ready = parse_relay_message(b'{"op":"ready","limits":{"session_seconds":1e400}}')
         self.assertIsNone(ready.session_seconds)
+
+
+class DeclineWireTests(unittest.SynchronousTestCase):
+    """The listener's decline (issue 15, item 3)."""
+
+    def test_round_trip(self) -> None:
+        from pluresync.relay.core.wire import Decline, encode_decline
+
+        session = "ab" * 16
+        message = parse_control(encode_decline(session, ErrorCode.RATE_LIMITED, "HTTP 429", 3.0))
+        self.assertEqual(message, Decline(session, ErrorCode.RATE_LIMITED, "HTTP 429", 3.0))
+
+    def test_refused(self) -> None:
+        session = "ab" * 16
+        for bad in (
+            {"v": 1, "op": "decline", "session": "x", "code": "rate-limited"},
+            {"v": 1, "op": "decline", "session": session, "code": "no-listener"},
+            {"v": 1, "op": "decline", "session": session, "code": "peer-gone", "retry": -1},
+            {"v": 1, "op": "decline", "session": session, "code": "peer-gone", "reason": 5},
+        ):
+            with self.assertRaises(ProtocolError):
+                parse_control(json.dumps(bad).encode())
+
+    def test_ready_announces(self) -> None:
+        from pluresync.relay.core.wire import encode_ready
+
+        self.assertTrue(parse_relay_message(encode_ready(None, decline=True)).decline)
+        self.assertFalse(parse_relay_message(encode_ready(None)).decline)

@@ -101,15 +101,34 @@ class FrameReaderTests(SynchronousTestCase):
         return r
 
     def test_refusals(self):
-        """Text, masking mistakes, reserved bits, bad fragments and bad control frames are bad-request."""
+        """
+        A text message after pairing breaks the relay protocol (bad-request);
+        masking mistakes, reserved bits, bad fragments, unknown opcodes, bad
+        control frames and lengths not in their shortest form break RFC 6455
+        (protocol: the connection is dropped, as Autobahn does before pairing).
+        """
         self.assertRefused(masked_frame(b"hi", opcode=0x1), "bad-request")
-        self.assertRefused(server_frame(b"unmasked"), "bad-request", masked=True)
-        self.assertRefused(masked_frame(b"masked"), "bad-request", masked=False)
-        self.assertRefused(bytes([0x80 | 0x40 | OP_BINARY, 0x80, 0, 0, 0, 0]), "bad-request")
-        self.assertRefused(masked_frame(b"x", OP_CONTINUATION), "bad-request")
-        self.assertRefused(masked_frame(b"x", OP_BINARY, False) + masked_frame(b"y", OP_BINARY), "bad-request")
-        self.assertRefused(masked_frame(b"x", 0x3), "bad-request")
-        self.assertRefused(masked_frame(b"p" * 126, 0x9), "bad-request")
+        self.assertRefused(server_frame(b"unmasked"), "protocol", masked=True)
+        self.assertRefused(masked_frame(b"masked"), "protocol", masked=False)
+        self.assertRefused(bytes([0x80 | 0x40 | OP_BINARY, 0x80, 0, 0, 0, 0]), "protocol")
+        self.assertRefused(masked_frame(b"x", OP_CONTINUATION), "protocol")
+        self.assertRefused(masked_frame(b"x", OP_BINARY, False) + masked_frame(b"y", OP_BINARY), "protocol")
+        self.assertRefused(masked_frame(b"x", 0x3), "protocol")
+        self.assertRefused(masked_frame(b"p" * 126, 0x9), "protocol")
+
+    def test_non_minimal_lengths(self):
+        """
+        A length in a longer form than it needs is refused like any other
+        breach (Autobahn refuses it before pairing; the fast path forwarded it).
+        """
+        mask = b"\0\0\0\0"
+        self.assertRefused(bytes([0x80 | OP_BINARY, 0x80 | 126]) + (5).to_bytes(2, "big") + mask + b"hello", "protocol")
+        self.assertRefused(bytes([0x80 | OP_BINARY, 0x80 | 127]) + (5).to_bytes(8, "big") + mask + b"hello", "protocol")
+        self.assertRefused(bytes([0x80 | OP_BINARY, 0x80 | 127]) + (1 << 63).to_bytes(8, "big") + mask, "protocol")
+        # The shortest forms pass.
+        r = Reader(masked=True)
+        r.reader.feed(bytes([0x80 | OP_BINARY, 0x80 | 126]) + (126).to_bytes(2, "big") + mask + b"x" * 126)
+        self.assertEqual([len(p) for p, _, _ in r.data], [126])
 
     def test_oversize_refused_before_buffering(self):
         """An oversize frame is refused from its header alone, before its payload arrives."""

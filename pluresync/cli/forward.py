@@ -15,7 +15,6 @@ from __future__ import annotations
 from itertools import count
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python import usage
@@ -25,6 +24,7 @@ from pluresync.cli.base import BaseOptions, EndpointArgument, describe_address
 from pluresync.cli.home import with_identity
 from pluresync.cli.progress import format_bytes, format_duration
 from pluresync.cli.splice import Splice
+from pluresync.endpoints.strings import client_from_string, server_from_string
 
 _log = Logger(namespace="pluresync.cli.forward")
 
@@ -124,8 +124,8 @@ async def serve(reactor, listen: str, target: str, target_name: str) -> int:
     endpoint strings, parsed first so that a bad key or string fails at once);
     runs until the process is stopped.
     """
-    client = clientFromString(reactor, target)
-    server = serverFromString(reactor, listen)
+    client = client_from_string(reactor, target)
+    server = server_from_string(reactor, listen)
     forwarder = Forwarder(reactor, client, target_name)
     port = await server.listen(forwarder)
     host = port.getHost()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from twisted.internet.endpoints import quoteStringArgument
 
+from pluresync.endpoints.strings import check_endpoint_string
 from pluresync.keys import PeerIdentity
 
 HOME_VARIABLE = "PLURESYNC_HOME"
@@ -100,6 +101,10 @@ def with_identity(description: str, path: Path | None = None, environ: Mapping[s
     it is a C{relay:}, C{direct:} or C{auto:} string without an C{identity=} of its own;
     any other string is returned as it is (C{tcp:} takes no identity).
     """
+    # A trailing backslash would escape the colon added below (the error
+    # would then name an identity file the user never wrote), and a
+    # parameter given twice would be taken silently: refuse both first.
+    check_endpoint_string(description)
     pieces = _split(description)
     if pieces[0] not in _IDENTITY_PREFIXES or any(p.startswith("identity=") for p in pieces[1:]):
         return description

@@ -21,7 +21,6 @@ from __future__ import annotations
 import sys
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -34,6 +33,7 @@ from pluresync.cli.base import BaseOptions, CommandError, EndpointArgument, desc
 from pluresync.cli.home import with_identity
 from pluresync.cli.progress import Progress
 from pluresync.cli.splice import End, Splice, SpliceFailed
+from pluresync.endpoints.strings import client_from_string, server_from_string
 
 #: How a connection that simply ended is reported.
 _DONE = Failure(ConnectionDone())
@@ -281,7 +281,7 @@ class ConnectOptions(NetcatOptions):
 
 async def connect_command(reactor, options: ConnectOptions) -> int:
     """Connect, splice with stdio, wait until both directions are done."""
-    endpoint = clientFromString(reactor, with_identity(options.endpoint))
+    endpoint = client_from_string(reactor, with_identity(options.endpoint))
     shared = SharedStdio(reactor)
     splice = stdio_splice(shared, "the connection to the peer")
     protocol = await endpoint.connect(_Once(splice.b))
@@ -370,7 +370,7 @@ class _StdioServer(Factory):
 
 async def listen_command(reactor, options: ListenOptions) -> int:
     """Listen, serve one peer (or, with --keep-open, one after another)."""
-    endpoint = serverFromString(reactor, with_identity(options.endpoint))
+    endpoint = server_from_string(reactor, with_identity(options.endpoint))
     server = _StdioServer(reactor, endpoint, options)
     await server.listen()
     error = await _outcome(server.finished)

@@ -13,18 +13,20 @@ the same relay and the session resumes (L{pluresync.session}).
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.internet.ssl import Certificate
+from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from pluresync.address import PeerAddress
 from pluresync.dial.proxy import ProxyConfig
 from pluresync.endpoints.deadline import with_timeout
 from pluresync.endpoints.relaylistener import RelayListeningPort
-from pluresync.errors import RelayError
+from pluresync.errors import RelayBusyError, RelayError
 from pluresync.interfaces import IPath, IPathClient
 from pluresync.keys import PeerIdentity, Topic, format_peer_id
 from pluresync.pipes.websocket import RelaySocketProtocol, RelayURL, open_relay_socket
@@ -40,6 +42,24 @@ PRESETS = {
     "azure": "wss://pluresdb-relay.azurewebsites.net",
     "vercel": "wss://pluresdb-relay.vercel.app",
 }
+
+
+#: How many times one relay socket is tried while the relay answers 429/503.
+MAX_BUSY_TRIES = 8
+#: Time kept, after a retry's wait, for the upgrade itself (seconds).
+BUSY_MARGIN = 0.5
+#: The wait before a retry when a busy relay gave no C{Retry-After} (doubles each time).
+BUSY_FIRST_DELAY = 0.25
+
+
+def busy_delay(retry_after: float | None, attempt: int, uniform=random.uniform) -> float:
+    """
+    How long to wait before trying a busy relay again: its C{Retry-After}
+    (else a doubling delay), stretched by up to half at random so that a
+    pool refused together does not come back together.
+    """
+    base = retry_after if retry_after is not None else BUSY_FIRST_DELAY * 2**attempt
+    return base * uniform(1.0, 1.5)
 
 
 @implementer(IPath)
@@ -72,18 +92,40 @@ class RelayConfig:
     #: The session's knobs (C{resume=}, C{window=}, C{stall=}, C{ping=}, C{rotate=}).
     session: SessionParams = SessionParams()
 
-    def open(self, reactor, hello: bytes, **callbacks) -> Deferred:
-        return open_relay_socket(
-            reactor,
-            self.relay,
-            hello,
-            ca=list(self.ca) if self.ca else None,
-            ping_interval=self.ping_interval,
-            ping_timeout=self.ping_timeout,
-            proxy=self.proxy,
-            token=self.token,
-            **callbacks,
-        )
+    def open(self, reactor, hello: bytes, *, within: float | None = None, **callbacks) -> Deferred:
+        """
+        Open a relay socket and send C{hello}, trying again while the relay
+        answers the upgrade with 429 or 503 (L{RelayBusyError}), as long as
+        its C{Retry-After} (jittered) still fits in C{within} seconds
+        (default: C{timeout}); then the last refusal is the error, at once.
+        """
+        return Deferred.fromCoroutine(self._open(reactor, hello, self.timeout if within is None else within, callbacks))
+
+    async def _open(self, reactor, hello: bytes, within: float, callbacks: dict):
+        deadline = reactor.seconds() + within
+        for attempt in range(MAX_BUSY_TRIES):
+            try:
+                return await open_relay_socket(
+                    reactor,
+                    self.relay,
+                    hello,
+                    ca=list(self.ca) if self.ca else None,
+                    ping_interval=self.ping_interval,
+                    ping_timeout=self.ping_timeout,
+                    proxy=self.proxy,
+                    token=self.token,
+                    **callbacks,
+                )
+            except RelayBusyError as error:
+                delay = busy_delay(error.retry_after, attempt)
+                if attempt + 1 >= MAX_BUSY_TRIES or reactor.seconds() + delay > deadline - BUSY_MARGIN:
+                    raise RelayBusyError(
+                        f"{error} (tried {attempt + 1} time{'s' if attempt else ''} within {within:g} s)",
+                        error.code,
+                        error.retry_after,
+                    ) from None
+                await deferLater(reactor, delay, lambda: None)
+        raise AssertionError("unreachable")
 
     @property
     def rendezvous_hex(self) -> str:

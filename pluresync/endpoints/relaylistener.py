@@ -28,7 +28,7 @@ from zope.interface import implementer
 from pluresync.address import PeerAddress
 from pluresync.automata import Transitions
 from pluresync.endpoints.deadline import with_timeout
-from pluresync.errors import NotChosenError, PeerGoneError, PluresyncError
+from pluresync.errors import NotChosenError, PeerGoneError, PluresyncError, RelayError
 from pluresync.interfaces import IPathListener
 from pluresync.pipes.websocket import RelaySocketProtocol
 from pluresync.relay.core.wire import CLOSE_NORMAL, encode_accept, encode_listen
@@ -256,7 +256,18 @@ class _PortCore:
 
     async def _accept(self, session: str):
         config = self.config
-        protocol, _ = await config.open(self.reactor, encode_accept(session))
+        # The relay holds the connector for its accept timeout (10 s by
+        # default): retries of a refused upgrade must fit in it.
+        try:
+            protocol, _ = await config.open(
+                self.reactor, encode_accept(session), within=min(config.timeout, ACCEPT_WITHIN)
+            )
+        except RelayError as error:
+            # The connector would otherwise wait for the relay's accept
+            # timeout and hear "the listener did not accept in time".
+            if self.control is not None and self.control.decline(session, error):
+                self.log.info("{relay}: declined an incoming connection: {why}", relay=self.where, why=str(error))
+            raise
         link = await config.secure(protocol, initiator=False, resolver=self.sessions.resolve)
         return self.sessions.accept(link)
 
@@ -293,6 +304,10 @@ _STOPPING = _ports.state("stopping")
 _transitions = Transitions(_PortInputs)
 _on = _transitions.upon
 
+
+#: How long an accept may spend retrying an upgrade the relay answered 429/503:
+#: within the relay's default accept timeout (10 s), with a second to spare.
+ACCEPT_WITHIN = 9.0
 
 #: The longest time before a relay's cap that a registration is renewed.
 RENEW_MARGIN = 10.0

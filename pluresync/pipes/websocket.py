@@ -33,6 +33,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -43,6 +44,7 @@ from pluresync.errors import (
     ConfigurationError,
     PeerGoneError,
     RelayAuthError,
+    RelayBusyError,
     RelayError,
     RelayLostError,
     RelayUnreachableError,
@@ -59,6 +61,7 @@ from pluresync.relay.core.wire import (
     Ready,
     RelayErrorMessage,
     RelayMessageError,
+    encode_decline,
     parse_relay_message,
 )
 from pluresync.wsframes import FastDataPath, FrameError, client_frame
@@ -90,6 +93,40 @@ def auth_error(host: str, sent_token: bool, status_line: str) -> RelayAuthError:
     )
 
 
+#: The longest C{Retry-After} we take from a relay (a larger one is capped).
+MAX_RETRY_AFTER = 10.0
+
+
+def busy_error(host: str, status: int, headers: dict, status_text: str = "") -> RelayBusyError:
+    """The error for a 429 or 503 answer to our upgrade, with its C{Retry-After} (seconds)."""
+    retry_after = None
+    try:
+        value = float(str(headers.get("retry-after", "")).strip())
+        if value >= 0 and value == value:
+            retry_after = min(value, MAX_RETRY_AFTER)
+    except ValueError:
+        pass
+    after = f", retry after {retry_after:g} s" if retry_after is not None else ""
+    if status == 429:
+        return RelayBusyError(
+            f"the relay at {host} refused the connection: too many connections from this address "
+            f"(HTTP 429, rate-limited{after}); fewer at once, or ask the relay's operator for higher limits",
+            "rate-limited",
+            retry_after,
+        )
+    return RelayBusyError(
+        f"the relay at {host} is at its connection limit or shutting down "
+        f"(upgrade failed [503]: {status_text.partition(' ')[2] or 'Service Unavailable'}{after})",
+        "busy",
+        retry_after,
+    )
+
+
+def _status_text(status_line: str) -> str:
+    """C{"200 OK"} of C{"HTTP/1.0 200 OK"} (at most 80 characters)."""
+    return status_line.strip().partition(" ")[2][:80]
+
+
 def _upgrade_status(status_line: str | None) -> int | None:
     parts = (status_line or "").split()
     if len(parts) >= 2 and parts[0].startswith("HTTP/") and parts[1].isdigit():
@@ -116,9 +153,14 @@ class RelayURL:
         if parts.username or parts.password or parts.query or parts.fragment:
             raise ConfigurationError("relay url must not carry credentials, a query or a fragment")
         try:
-            port = parts.port or (443 if parts.scheme == "wss" else 80)
+            port = parts.port
         except ValueError:
             raise ConfigurationError(f"relay url has a bad port: {url!r}") from None
+        if port is None:
+            port = 443 if parts.scheme == "wss" else 80
+        elif port == 0:
+            # urlsplit takes :0, and "or the default" would turn it into 80.
+            raise ConfigurationError(f"relay url has a bad port (0): {url!r}")
         path = parts.path or "/"
         host = parts.hostname
         netloc = f"[{host}]" if ":" in host else host
@@ -126,6 +168,33 @@ class RelayURL:
 
     def __str__(self) -> str:
         return self.url
+
+
+class _AutobahnLog(Logger):
+    """
+    Autobahn's own lines about a relay socket: its debug lines dropped (they
+    quote the upgrade request, token included), its info and warning lines
+    demoted to debug, since every way a socket fails is reported once, as the error of the call that opened it
+    (L{RelaySocketProtocol._refusal}); Autobahn's warning before it
+    ("dropping connection to peer ...") only said the same thing worse.
+    """
+
+    def __get__(self, oself: object, type: object = None) -> _AutobahnLog:
+        return self
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
+        if level < LogLevel.info:
+            # Autobahn's own debug lines carry whole upgrade requests, the
+            # Authorization header (our relay token) included: never emitted.
+            return
+        # Errors stay errors: a failure inside our own callbacks must show.
+        super().emit(level if level >= LogLevel.error else LogLevel.debug, format, **kwargs)
+
+    def trace(self, *args: object, **kwargs: object) -> None:
+        """txaio's level below debug: never logged."""
+
+
+_AUTOBAHN_LOG = _AutobahnLog(namespace="pluresync.relay.client.autobahn")
 
 
 @implementer(IPipe)
@@ -173,6 +242,7 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
     """One WebSocket to the relay, from the upgrade to the close."""
 
     factory: RelaySocketFactory
+    log = _AUTOBAHN_LOG
     #: The C{session_seconds} the relay announced in its answer (C{None}: no cap).
     session_seconds: float | None = None
     #: Reactor seconds when the relay's answer (C{ready} or C{paired}) arrived.
@@ -181,6 +251,8 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
     close_code: int | None = None
     #: Reactor seconds when we sent the upgrade request.
     _upgrade_sent_at: float | None = None
+    #: Whether the relay's C{ready} said it takes C{decline} on this control socket.
+    takes_decline = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -262,11 +334,27 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
             self.factory.on_incoming(message.session, message.peer)
         elif isinstance(message, (Ready, Paired)) and not self._answered:
             self._answered = True
+            self.takes_decline = isinstance(message, Ready) and message.decline
             self.session_seconds = message.session_seconds
             self.answered_at = self.factory.reactor.seconds()
             self.factory.answered(self, message)
         else:
             self._protocolError(f"the relay sent an unexpected {message.op!r} message")
+
+    def decline(self, session: str, error: RelayError) -> bool:
+        """
+        On a listener's control socket: tell the relay we could not accept
+        C{session} (C{error}: why), so its connector hears it at once rather
+        than at the relay's accept timeout.  Only to a relay that said it
+        takes it; returns whether it was sent.
+        """
+        if not self.takes_decline or self.state != _STATE_OPEN:
+            return False
+        busy = isinstance(error, RelayBusyError)
+        code = ErrorCode.RATE_LIMITED if busy else ErrorCode.PEER_GONE
+        retry = error.retry_after if busy else None
+        self.sendMessage(encode_decline(session, code, str(error), retry), isBinary=False)
+        return True
 
     def _protocolError(self, text: str) -> None:
         self._relay_error = RelayError(f"protocol error: {text}", ErrorCode.BAD_REQUEST.value)
@@ -314,9 +402,21 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
                 if tls is not None:
                     return RelayUnreachableError(tls)
             status_line = getattr(self, "http_status_line", None)
-            if _upgrade_status(status_line) == 401:
+            status = _upgrade_status(status_line)
+            if status == 401:
                 return auth_error(relay.host, self.factory.sent_token, status_line)
+            if status in (429, 503):
+                return busy_error(
+                    relay.host, status, getattr(self, "http_headers", None) or {}, _status_text(status_line)
+                )
             detail = getattr(self, "wasNotCleanReason", None) or reason or "connection failed"
+            if status_line and status != 101:
+                # It answered in HTTP, but not as a relay does (a web server,
+                # a proxy's page, an HTTP/1.0 server): say so, once.
+                return RelayUnreachableError(
+                    f"HTTP {_status_text(status_line)} instead of the WebSocket upgrade from "
+                    f"{relay.host}:{relay.port}: this is not a pluresync relay (check the relay URL)"
+                )
             return RelayUnreachableError(f"could not open a WebSocket to the relay at {relay.host}: {detail}")
         if code == CLOSE_GOING_AWAY:
             return RelayError(f"the relay at {relay.host} is shutting down", "going-away")
@@ -343,7 +443,8 @@ class RelaySocketFactory(WebSocketClientFactory):
     """
 
     protocol = RelaySocketProtocol
-    noisy = False  # one socket per connection: "Starting factory" lines are noise
+    noisy = False
+    log = _AUTOBAHN_LOG  # one socket per connection: "Starting factory" lines are noise
 
     def __init__(
         self,

@@ -113,6 +113,12 @@ class RelaySocket:
         except ProtocolError as error:
             session.failed(error)
 
+    def decline(self, session: RelaySession, message: Any) -> None:
+        # This front does not announce decline in its ready (its connectors
+        # wait in other function instances): the connector's accept timeout
+        # tells it instead.
+        return None
+
     def accept(self, session: RelaySession, message: Accept) -> None:
         self.instance.spawn(self._accept(session, message.session))
 

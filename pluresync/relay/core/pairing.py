@@ -251,6 +251,18 @@ class Registry:
         self._fail(connector, code, message)
         return True
 
+    def decline(self, session: str, listener: Listener, code: ErrorCode, message: str, retry: float | None) -> bool:
+        """
+        C{listener} could not accept C{session}: fail its connector at once
+        with C{code}; return whether there was one (offered to that listener).
+        """
+        connector = self._offered.get(session)
+        if connector is None or connector.listener is not listener:
+            return False
+        self._finish(connector)
+        connector.channel.failed(ProtocolError(code, message, retry))
+        return True
+
     # -- connectors ------------------------------------------------------------
 
     def connect(

@@ -154,8 +154,22 @@ class ConnectionLimiter:
         self._open[address] = self._open.get(address, 0) + 1
         return 0.0, None
 
+    def hold(self, address: str) -> bool:
+        """
+        Count one more connection of C{address} against the concurrent
+        limit only (a TCP connection whose request is not read yet: it has
+        no token to draw, and is counted again by L{admit} once it asks to
+        upgrade, after L{release}).
+
+        @return: whether it was counted (false: the address is at its limit).
+        """
+        if self.max_concurrent and self._open.get(address, 0) >= self.max_concurrent:
+            return False
+        self._open[address] = self._open.get(address, 0) + 1
+        return True
+
     def release(self, address: str) -> None:
-        """One admitted connection of C{address} ended."""
+        """One admitted (or held) connection of C{address} ended."""
         count = self._open.get(address, 0) - 1
         if count > 0:
             self._open[address] = count
@@ -254,9 +268,14 @@ class RateLimits:
         (L{client_address}).
     """
 
-    connections_per_second: float = 20.0
-    connections_burst: int = 50
-    connections_per_address: int = 200
+    # One busy host legitimately opens a pool at once: 50 connects through
+    # one relay from one address cost 100 upgrades when its listener is on
+    # the same host (connector + accept socket each), plus the control
+    # socket; the burst admits two such pools, the rate a steady 50 new
+    # streams a second.
+    connections_per_second: float = 100.0
+    connections_burst: int = 200
+    connections_per_address: int = 500
     listeners_per_rdv: int = 16
     session_bytes_per_second: int = 0
     session_bytes: int = 0
@@ -347,3 +366,18 @@ def client_address(peer: str, forwarded_for: str | None, trusted: tuple[IPNetwor
             return _limit_key(address)
     first = _ip(entries[0])
     return _limit_key(first)
+
+
+def accept_address(peer: str, trusted: tuple[IPNetwork, ...]) -> str | None:
+    """
+    The address a TCP connection counts against before its request is read,
+    or C{None} when the peer is a trusted proxy: many clients share its
+    connections, and each is counted by its C{X-Forwarded-For} at the
+    upgrade instead (L{client_address}).
+    """
+    peer_ip = _ip(peer)
+    if peer_ip is None:
+        return peer
+    if trusted and _trusted(peer_ip, trusted):
+        return None
+    return _limit_key(peer_ip)

@@ -43,6 +43,7 @@ from .wire import (
     CLOSE_NORMAL,
     Accept,
     Connect,
+    Decline,
     ErrorCode,
     Listen,
     ProtocolError,
@@ -108,6 +109,13 @@ class SessionFront(Protocol):
 
     def accept(self, session: RelaySession, message: Accept) -> None:
         """Pair the session's connector with this socket (C{session.paired(...)}), or C{session.failed(error)}."""
+
+    def decline(self, session: RelaySession, message: Decline) -> None:
+        """
+        The listener of this socket could not accept the session it was
+        offered: fail that session's connector at once with the listener's
+        code and reason (nothing if it is not this listener's offer any more).
+        """
 
     def unpaired(self, how: str) -> None:
         """The pair this socket was in ended (C{how}: for the log); release what couples the two ends."""
@@ -251,6 +259,8 @@ def _hello(inputs: _Inputs, core: _Core, payload: bytes, binary: bool) -> None:
         inputs.listen(message)
     elif isinstance(message, Connect):
         inputs.connect(message)
+    elif isinstance(message, Decline):
+        inputs.failed(ProtocolError(ErrorCode.BAD_REQUEST, "decline is for a listener's control socket"))
     else:
         inputs.accept(message)
 
@@ -288,7 +298,26 @@ def _extra_message(inputs: _Inputs, core: _Core, payload: bytes, binary: bool) -
     inputs.failed(ProtocolError(ErrorCode.BAD_REQUEST, reason))
 
 
-_on(_LISTENING, _Inputs.control).loop()(_extra_message)
+@_on(_LISTENING, _Inputs.control).loop()
+def _listener_message(inputs: _Inputs, core: _Core, payload: bytes, binary: bool) -> None:
+    """A listener sends nothing more, except a C{decline} of a session it was offered."""
+    if not binary:
+        try:
+            message = parse_control(payload)
+        except ProtocolError as error:
+            # A malformed decline says what is wrong with it; anything else
+            # is one control message too many.
+            if b'"decline"' in payload:
+                inputs.failed(error)
+            else:
+                _extra_message(inputs, core, payload, binary)
+            return
+        if isinstance(message, Decline):
+            core.front.decline(core.inputs, message)
+            return
+    _extra_message(inputs, core, payload, binary)
+
+
 _on(_CONNECTING, _Inputs.control).loop()(_extra_message)
 
 

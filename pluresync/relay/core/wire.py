@@ -124,7 +124,30 @@ class Accept:
     session: str
 
 
-ControlMessage = Listen | Connect | Accept
+@dataclass(frozen=True)
+class Decline:
+    """
+    On a listener's control socket: it could not open the socket to
+    C{accept} the offered C{session} (its upgrade was refused, say with
+    HTTP 429), so its connector hears C{code} and C{reason} at once
+    instead of the accept timeout.  Only to relays whose C{ready} said
+    C{"decline":true}.
+    """
+
+    session: str
+    code: ErrorCode
+    reason: str
+    retry: float | None = None
+
+
+#: The codes a listener may decline with: its accept socket was rate-limited
+#: (or the relay was busy), or it failed otherwise.
+DECLINE_CODES = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.PEER_GONE})
+#: The longest reason a decline carries (it is for humans, and logged nowhere).
+MAX_DECLINE_REASON = 200
+
+
+ControlMessage = Listen | Connect | Accept | Decline
 
 
 def _bad(message: str) -> ProtocolError:
@@ -204,8 +227,27 @@ def parse_control(payload: bytes) -> ControlMessage:
         if not isinstance(session, str) or not _SESSION.match(session):
             raise _bad('"session" must be 32 lowercase hex characters')
         return Accept(session=session)
+    if op == "decline":
+        session = obj.get("session")
+        if not isinstance(session, str) or not _SESSION.match(session):
+            raise _bad('"session" must be 32 lowercase hex characters')
+        code = obj.get("code")
+        codes = {c.value: c for c in DECLINE_CODES}
+        if code not in codes:
+            raise _bad(f'"code" must be one of {", ".join(sorted(codes))}')
+        reason = obj.get("reason")
+        if reason is None:
+            reason = ""
+        if not isinstance(reason, str):
+            raise _bad('"reason" must be a string')
+        retry = obj.get("retry")
+        if retry is not None:
+            if type(retry) not in (int, float) or not math.isfinite(retry) or retry < 0:
+                raise _bad('"retry" must be a finite number >= 0')
+            retry = float(retry)
+        return Decline(session=session, code=codes[code], reason=reason[:MAX_DECLINE_REASON], retry=retry)
     if isinstance(op, str):
-        raise _bad('unknown "op"; expected listen, connect or accept')
+        raise _bad('unknown "op"; expected listen, connect, accept or decline')
     raise _bad('"op" must be a string')
 
 
@@ -266,11 +308,28 @@ def encode_accept(session: str) -> bytes:
 # -- what the relay sends ------------------------------------------------------
 
 
-def encode_ready(limits: dict[str, Any] | None = None) -> bytes:
-    """The relay's answer to a listener's C{listen} (with the C{limits} in force)."""
-    if limits is None:
-        return _encode({"op": "ready"})
-    return _encode({"op": "ready", "limits": limits})
+def encode_ready(limits: dict[str, Any] | None = None, decline: bool = False) -> bytes:
+    """C{ready}; C{decline}: this relay takes C{decline} on the control socket."""
+    message: dict[str, Any] = {"op": "ready"}
+    if limits is not None:
+        message["limits"] = limits
+    if decline:
+        message["decline"] = True
+    return _encode(message)
+
+
+def encode_decline(session: str, code: ErrorCode, reason: str, retry: float | None = None) -> bytes:
+    """A listener's C{decline} of an offered C{session} (L{Decline})."""
+    message: dict[str, Any] = {
+        "v": VERSION,
+        "op": "decline",
+        "session": session,
+        "code": code.value,
+        "reason": reason[:MAX_DECLINE_REASON],
+    }
+    if retry is not None:
+        message["retry"] = retry
+    return _checked(message)
 
 
 def encode_incoming(session: str, peer: str | None) -> bytes:
@@ -308,6 +367,8 @@ class Ready:
     op: ClassVar[str] = "ready"
 
     limits: Mapping[str, Any] | None = None
+    #: whether the relay takes C{decline} (L{Decline}) on this control socket
+    decline: bool = False
 
     @property
     def session_seconds(self) -> float | None:
@@ -434,7 +495,7 @@ def parse_relay_message(payload: bytes) -> RelayMessage:
         raise RelayMessageError("not a JSON object")
     op = obj.get("op")
     if op == Ready.op:
-        return Ready(limits=_limits(obj))
+        return Ready(limits=_limits(obj), decline=obj.get("decline") is True)
     if op == Incoming.op:
         session = obj.get("session")
         if not isinstance(session, str) or not _SESSION.match(session):

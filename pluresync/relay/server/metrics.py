@@ -60,6 +60,11 @@ class _LiveCollector(Collector):
 
     _GAUGES = (
         ("open_connections", "connections", "Open relay WebSockets (including ones in the opening handshake)."),
+        (
+            "opening_connections",
+            "opening",
+            "TCP connections not upgraded yet (request being read).",
+        ),
         ("listeners", "listeners", "Registered listeners (control channels)."),
         ("active_sessions", "sessions", "Paired sessions (pairs of sockets) currently forwarding."),
         ("pending_connectors", "pending", "Connectors waiting for a listener or for an accept."),

@@ -15,17 +15,38 @@ from pluresync.relay.core.auth import Authenticator
 from pluresync.relay.core.limits import RelayLimits
 from pluresync.relay.server.health import HealthResource
 from pluresync.relay.server.metrics import MetricsResource, RelayMetrics
+from pluresync.relay.server.opening import OpeningChannel, OpeningConnections, Refusal
 from pluresync.relay.server.websocket import RelayFactory, RelayResource
 
 
 class RelaySite(Site):
-    """A quiet C{Site}: no access log line per request, no factory chatter."""
+    """
+    A quiet C{Site} (no access log line per request, no factory chatter)
+    whose connections have a deadline and a count until they are upgraded
+    (L{pluresync.relay.server.opening}).
+    """
 
     noisy = False
+    protocol = OpeningChannel
     health: HealthResource | None = None
+    #: the connections not upgraded yet; C{None}: no deadline, not counted
+    opening: OpeningConnections | None = None
 
     def log(self, request: Any) -> None:
         pass
+
+    def buildProtocol(self, addr: Any) -> Any:
+        opening = self.opening
+        if opening is None:
+            channel = super().buildProtocol(addr)
+            channel.opening = _UNCOUNTED
+            return channel
+        status, key = opening.admit(addr)
+        if status:
+            return Refusal(status)
+        channel = super().buildProtocol(addr)
+        channel.counted_in(opening, key)
+        return channel
 
 
 def build_site(
@@ -56,10 +77,10 @@ def build_site(
     root.putChild(b"health", health)
     if metrics:
         root.putChild(b"metrics", MetricsResource(factory.metrics.registry))
-    # The HTTP idle timeout bounds the time to send the upgrade request;
-    # the WebSocket resource cancels it once the connection is taken over.
-    timeout = limits.open_timeout if limits.open_timeout > 0 else None
-    site = RelaySite(root, timeout=timeout, reactor=reactor)
+    # Not twisted.web's idle timer: a deadline from the accept to the
+    # upgrade (opening.py), ended by the WebSocket resource's take-over.
+    site = RelaySite(root, timeout=None, reactor=reactor)
+    site.opening = factory.opening
     site.health = health
     return site, factory
 
@@ -71,4 +92,14 @@ def build_metrics_site(reactor: IReactorTime, metrics: RelayMetrics) -> RelaySit
     """
     root = Resource()
     root.putChild(b"metrics", MetricsResource(metrics.registry))
-    return RelaySite(root, timeout=30, reactor=reactor)
+    site = RelaySite(root, timeout=None, reactor=reactor)
+    site.opening = OpeningConnections(reactor, 30.0, 0, lambda: 0, _NO_LIMITER, ())
+    return site
+
+
+class _NoLimiter:
+    max_concurrent = 0
+
+
+_NO_LIMITER = _NoLimiter()
+_UNCOUNTED = OpeningConnections(None, 0, 0, lambda: 0, _NO_LIMITER, ())

@@ -51,14 +51,17 @@ from pluresync.relay.core.wire import (
     SUBPROTOCOL,
     Accept,
     Connect,
+    Decline,
     ErrorCode,
     Listen,
     ProtocolError,
     encode_ready,
 )
+from pluresync.relay.server.logpolicy import RELAY_LIBRARY_LOG
 from pluresync.relay.server.metrics import RelayMetrics
+from pluresync.relay.server.opening import OpeningConnections
 from pluresync.relay.server.pair import Pair, TransportEnd
-from pluresync.wsframes import OP_BINARY, FastDataPath, FrameError
+from pluresync.wsframes import OP_BINARY, PROTOCOL, FastDataPath, FrameError
 
 log = Logger(namespace="pluresync.relay")
 
@@ -139,6 +142,8 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
     """
 
     factory: RelayFactory
+    #: Autobahn's own lines, without client addresses (logpolicy.py).
+    log = RELAY_LIBRARY_LOG
     #: The authenticated tenant's name (C{None}: open relay), for logs.
     tenant: str | None = None
     #: Bytes of data frames read from this client while paired.
@@ -179,6 +184,9 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
     def onConnect(self, request: Any) -> str:
         if self.factory.shutting_down:
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "relay shutting down")
+        # Connections still reading their request hold slots too (opening.py).
+        if self.factory.opening.full(1):
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "relay at its connection limit")
         self._admit(request)
         # Before anything else: an unauthorised client learns nothing more.
         # The header is handed to the authenticator and never logged.
@@ -209,9 +217,17 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
         self.session.opened(self.tenant)
 
     def framingFailed(self, error: FrameError) -> None:
-        # The rest of the stream cannot be parsed (we may be inside an
-        # oversize frame): send the close frame with the error code, then end
-        # the TCP connection once it is written.
+        if error.code == PROTOCOL:
+            # A breach of RFC 6455 itself: the same answer as Autobahn's before
+            # pairing (failByDrop), TCP dropped without a close frame; the
+            # partner hears 4010 (docs/protocol.md, "WebSocket protocol violations").
+            self.wasNotCleanReason = error.message
+            self.dropConnection(abort=True)
+            return
+        # The relay protocol's own rules (a text message after pairing, too
+        # large): send the close frame with the error code, then end the TCP
+        # connection once it is written (the rest of the stream cannot be
+        # parsed: we may be inside an oversize frame).
         self.session.failed(ProtocolError(ErrorCode(error.code), error.message))
         if self.transport is not None:
             self.transport.loseConnection()
@@ -242,6 +258,21 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
         if self.session is not None:
             self.session.client_closed(wasClean and code == CLOSE_NORMAL and not self.closedByMe)
         self.factory.socket_closed()
+
+    _answering_our_close = False
+
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
+        # The answer to a close we started ends the closing handshake, and
+        # Autobahn's server then aborts the TCP connection (a reset the
+        # client reports as an error); end it with a FIN instead.
+        self._answering_our_close = self.state == _STATE_CLOSING
+        try:
+            return super().onCloseFrame(code, reasonRaw)
+        finally:
+            self._answering_our_close = False
+
+    def dropConnection(self, abort: bool = False) -> None:
+        super().dropConnection(abort and not self._answering_our_close)
 
     def onAutoPingTimeout(self) -> None:
         """
@@ -291,7 +322,7 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
         if cap and factory.registry.listeners_of(message.rdv) >= cap:
             session.failed(ProtocolError(ErrorCode.RATE_LIMITED, f"at most {cap} listeners per rendezvous id"))
             return
-        self.send_control(encode_ready(factory.announced_limits))
+        self.send_control(encode_ready(factory.announced_limits, decline=True))
         log.info("listener ready {label}", label=session.label)
         self._listener = factory.registry.listen(message.rdv, message.peer, session)
 
@@ -331,6 +362,20 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
         pair = self._couple(other, pairing.connector, other_session.label)
         other._join(pair, self)
         log.info("paired {label}", label=pair.label)
+
+    def decline(self, session: RelaySession, message: Decline) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        reason = f": {message.reason}" if message.reason else ""
+        if self.factory.registry.decline(
+            message.session,
+            listener,
+            message.code,
+            f"the listener could not accept{reason}",
+            message.retry,
+        ):
+            log.info("declined {label} session={session}", label=session.label, session=message.session[:8])
 
     def unpaired(self, how: str) -> None:
         self._partner = None
@@ -496,6 +541,7 @@ class RelayFactory(WebSocketServerFactory):
 
     protocol = RelayProtocol
     noisy = False
+    log = RELAY_LIBRARY_LOG
     #: the L{pluresync.relay.cluster.service.Cluster} when clustered (C{--redis})
     cluster: Any = None
 
@@ -525,6 +571,15 @@ class RelayFactory(WebSocketServerFactory):
         )
         #: the C{limits} object of C{ready} and C{paired}
         self.announced_limits = rate.announced(limits.max_message)
+        #: TCP connections not upgraded yet (their deadline, their count: opening.py)
+        self.opening = OpeningConnections(
+            reactor,
+            limits.open_timeout,
+            limits.max_connections,
+            self.sockets.__len__,
+            self.connection_limiter,
+            rate.trusted_proxies,
+        )
         self.metrics = RelayMetrics(self.stats)
         self.shutting_down = False
         self._closed_waiters: list[Deferred[None]] = []
@@ -542,6 +597,8 @@ class RelayFactory(WebSocketServerFactory):
             autoPingRestartOnAnyTraffic=True,
             perMessageCompressionAccept=lambda offers: None,
             failByDrop=True,
+            # A client's close is answered with its own code (RFC 6455 5.5.1).
+            echoCloseCodeReason=True,
             tcpNoDelay=True,
             allowedOrigins=["*"],
             allowNullOrigin=True,
@@ -550,7 +607,7 @@ class RelayFactory(WebSocketServerFactory):
 
     def stats(self) -> dict[str, int]:
         """Live counts for C{/health} (never an id)."""
-        return {"connections": len(self.sockets), **self.registry.counts()}
+        return {"connections": len(self.sockets), "opening": self.opening.count, **self.registry.counts()}
 
     def socket_closed(self) -> None:
         if self.shutting_down and not self.sockets:
@@ -607,6 +664,9 @@ class RelayResource(WebSocketResource):
             # timeouts).
             channel.setTimeout(None)
             transport.unregisterProducer()
+        upgrading = getattr(channel, "upgrading", None)
+        if upgrading is not None:
+            upgrading()
         return super().render(request)
 
 
