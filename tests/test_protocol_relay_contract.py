@@ -141,10 +141,6 @@ class MessageSizeTests(TestCase):
         """A message of 1,040,000+ bytes (16 records) through a relay that announced max_message 1 MiB."""
         await self.send_through(16 * 65_000)
 
-    test_one_mebibyte_message_through_a_relay_announcing_it.todo = (  # type: ignore[attr-defined]
-        "issue 12 gap 2: the relay client (pluresync/pipes/websocket.py, becomePipe) still caps incoming "
-        "messages at 262,144 bytes instead of the max_message the relay announced in paired"
-    )
 
 
 class CarrierEndTests(TestCase):

@@ -23,7 +23,7 @@ L{RelayUnreachableError} when no WebSocket could be opened at all.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -72,6 +72,10 @@ Answer = Ready | Paired
 #: Largest WebSocket message we accept from the relay: one record frame
 #: (64 KiB) with room to spare; anything larger is not ours.
 MAX_INCOMING_MESSAGE = 256 * 1024
+#: The most a paired socket accepts in one message when its relay announces
+#: a larger max_message: enough for any relay's use, and a bound on what one
+#: message can make us buffer, whatever a relay claims.
+MAX_ANNOUNCED_MESSAGE = 4 * 1024 * 1024
 
 _STATE_OPEN = WebSocketClientProtocol.STATE_OPEN
 #: The relay's refusal reason code at the end of its 401 reason phrase.
@@ -336,6 +340,11 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
             self._answered = True
             self.takes_decline = isinstance(message, Ready) and message.decline
             self.session_seconds = message.session_seconds
+            limits = message.limits if isinstance(message.limits, Mapping) else {}
+            announced = limits.get("max_message")
+            if isinstance(announced, int) and not isinstance(announced, bool) and announced > MAX_INCOMING_MESSAGE:
+                # What the relay forwards, it let the peer send: accept it (protocol.md, "Message size").
+                self.max_incoming = min(announced, MAX_ANNOUNCED_MESSAGE)
             self.answered_at = self.factory.reactor.seconds()
             self.factory.answered(self, message)
         else:
@@ -368,7 +377,7 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
         self._channel = channel
         self.startFastDataPath(
             masked=False,
-            max_message=MAX_INCOMING_MESSAGE,
+            max_message=getattr(self, "max_incoming", MAX_INCOMING_MESSAGE),
             on_data=lambda payload, opcode, fin: channel.pipeDataReceived(payload),
         )
         return WebSocketPipe(self)
