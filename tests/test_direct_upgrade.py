@@ -349,3 +349,23 @@ class AutoConfigTests(TestCase):
         with self.assertRaises(ConfigurationError) as caught:
             auto_config(key=self.KEY, stun="host:3478", direct="off")
         self.assertIn("direct=off", str(caught.exception))
+
+    def test_upgrade_timing(self):
+        """upgrade= sets the wait before the first attempt and between retries; the defaults stay."""
+        from pluresync.endpoints.parsers import auto_config
+
+        config = auto_config(key=self.KEY, upgrade="0.5")
+        self.assertEqual((config.upgrade.first, config.upgrade.retry), (0.5, 0.5))
+        self.assertEqual(config.upgrade.max_retry, DirectParams().max_retry)
+
+    def test_bad_upgrade(self):
+        from pluresync.endpoints.parsers import auto_config
+        from pluresync.errors import ConfigurationError
+
+        for value in ("soon", "0", "-1", "inf"):
+            with self.assertRaises(ConfigurationError) as caught:
+                auto_config(key=self.KEY, upgrade=value)
+            self.assertIn("upgrade=", str(caught.exception))
+        with self.assertRaises(ConfigurationError) as caught:
+            auto_config(key=self.KEY, upgrade="1", direct="off")
+        self.assertIn("upgrade=", str(caught.exception))
