@@ -149,9 +149,9 @@ class DirectLab:
         args = ["-m", "tests.upgradepeer", role, description, *extra, "--limit", str(int(timeout))]
         return Peer(self.lab.spawn(self.test, host, args, timeout=timeout + 5))
 
-    async def pair(self, size: int, holds: str = "0", direct: bool = True, pings: int = 0):
+    async def pair(self, size: int, holds: str = "0", direct: bool = True, pings: int = 0, upgrade: float = UPGRADE):
         """A listener on hostb, a connector on hosta holding before byte 0 (and at C{holds})."""
-        description = endpoint(self.key, direct=direct)
+        description = endpoint(self.key, direct=direct, upgrade=upgrade)
         listener = self.peer("hostb", "listen", description, "--bytes", str(size))
         await listener.event("listening")
         connector = self.peer(
@@ -190,7 +190,7 @@ class DirectLabTests(TestCase):
         await lab.until_counts(lambda c: c["sessions"] == 0)
         before = await lab.counts()
         connector.send("go")
-        sent = await connector.event("sent")
+        await connector.event("sent")
         done = await connector.event("done")
         served = await listener.event("served")
         self.assertTrue(done["ok"], done)
@@ -203,7 +203,7 @@ class DirectLabTests(TestCase):
         self.assertEqual(after["sessions"], 0)
         self.assertEqual(after["bytes_relayed"], before["bytes_relayed"])
         self.assertLess(after["bytes_relayed"] - lab.relay_started["bytes_relayed"], SIGNALS_ONLY)
-        self.report(nat_a, nat_b, connector, connected, sent)
+        self.report(nat_a, nat_b, connector, connected, done)
 
     async def stayed(self, lab: DirectLab, why: str) -> tuple[dict, dict]:
         """The attempt fails (the connector says why), the stream stays on the relay, 64 MiB arrive intact."""
@@ -215,7 +215,7 @@ class DirectLabTests(TestCase):
         counts = await lab.counts()
         self.assertEqual(counts["sessions"], 1)
         connector.send("go")
-        sent = await connector.event("sent")
+        await connector.event("sent")
         done = await connector.event("done")
         served = await listener.event("served")
         self.assertTrue(done["ok"], done)
@@ -225,12 +225,12 @@ class DirectLabTests(TestCase):
         await connector.event("closed")
         # The pair ended: the relay counted every byte of the stream.
         await lab.until_counts(lambda c: c["bytes_relayed"] - lab.relay_started["bytes_relayed"] >= SIZE)
-        return connected, sent
+        return connected, done
 
-    def report(self, nat_a, nat_b, connector: Peer, connected: dict, sent: dict) -> None:
+    def report(self, nat_a, nat_b, connector: Peer, connected: dict, done: dict) -> None:
         moves = [e for e in connector.events if e.get("event") == "path"]
         direct_at = next((e["t"] for e in moves if is_direct(e)), None)
-        mbs = sent["bytes"] / MiB / sent["seconds"] if sent["seconds"] else 0
+        mbs = done["bytes"] / MiB / done["transfer"]
         print(
             f"\n{nat_a}/{nat_b}: connected {connected['seconds']:.2f} s on {connected['path']}, "
             f"direct after {direct_at} s, {mbs:.0f} MiB/s on {moves[-1]['path']}"
@@ -248,8 +248,8 @@ class DirectLabTests(TestCase):
         """Two symmetric NATs: no attempt can work, the stream stays on the relay."""
         lab = DirectLab(self, SYMMETRIC, SYMMETRIC)
         await lab.start_relay()
-        connected, sent = await self.stayed(lab, "symmetric")
-        print(f"\nsymmetric/symmetric: relay, {sent['bytes'] / MiB / sent['seconds']:.0f} MiB/s")
+        connected, done = await self.stayed(lab, "symmetric")
+        print(f"\nsymmetric/symmetric: relay, {done['bytes'] / MiB / done['transfer']:.0f} MiB/s")
 
     async def test_udp_blocked(self):
         """
@@ -270,13 +270,13 @@ class DirectLabTests(TestCase):
                 await listener.event("served")
                 times.append(connected["seconds"])
         lab.lab.block_udp("nata")
-        connected, sent = await self.stayed(lab, "UDP")
+        connected, done = await self.stayed(lab, "UDP")
         self.assertLess(connected["seconds"], max(udp_open) + 0.25)
         self.assertLess(connected["seconds"], max(relay_only) + 0.5 + 0.25)
         print(
             f"\nUDP blocked: connected in {connected['seconds']:.2f} s on {connected['path']}; "
             f"same string, UDP open: {udp_open} s; direct=off: {relay_only} s; "
-            f"{sent['bytes'] / MiB / sent['seconds']:.0f} MiB/s"
+            f"{done['bytes'] / MiB / done['transfer']:.0f} MiB/s"
         )
 
 

@@ -23,6 +23,8 @@ Events: C{path} (C{path}, C{t}: seconds since connected, C{bytes}: moved
 so far) whenever C{transport.getPeer().transport} changes: the session's
 own answer to "which path carries this stream"; C{log} for the session's
 own move and failure lines; C{cpu} is the process's user+system seconds.
+The connector times the last phase (from its last C{go}) to the listener's
+digest: C{done}'s C{transfer} and C{cpu}.
 Paths are sampled every 20 ms (the session has no public event for a move;
 its log line is the other witness).  Every run is bounded by
 C{--limit} seconds (SIGALRM ends the process whatever it does).
@@ -226,6 +228,7 @@ class Sender(Protocol):
 
         def go(_):
             self.holding = False
+            self.phase_began = (time.monotonic(), cpu())  # a phase is timed from its go
             self.schedule()
 
         self.commands.next().addCallback(go)
@@ -310,6 +313,9 @@ async def connect(args, commands: Commands) -> int:
     say(event="connected", path=sender.transport.getPeer().transport, seconds=round(time.monotonic() - began, 3))
     sender.start()
     await sender.digest()
+    # From the last go to the listener's digest: every byte delivered and hashed.
+    transfer = time.monotonic() - sender.phase_began[0]
+    transfer_cpu = cpu() - sender.phase_began[1]
     ok = sender.answered.decode("ascii", "replace") == sender.hash.hexdigest()
     for _ in range(args.pings):
         await sender.ping()
@@ -321,6 +327,8 @@ async def connect(args, commands: Commands) -> int:
         path=sender.transport.getPeer().transport,
         changes=sender.watch.changes,
         rtt_ms=round(rtts[len(rtts) // 2] * 1000, 3) if rtts else None,
+        transfer=round(transfer, 3),
+        cpu=round(transfer_cpu, 3),
         seconds=round(time.monotonic() - began, 3),
     )
     sender.transport.loseConnection()
