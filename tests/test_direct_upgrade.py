@@ -487,3 +487,50 @@ class DirectRelayParserTests(TestCase):
             with self.assertRaises(ConfigurationError) as caught:
                 clientFromString(reactor, text)
             self.assertIn(words, str(caught.exception))
+
+    def test_upgrade_timing(self):
+        """upgrade= sets the wait before the first attempt and between retries; the defaults stay."""
+        from pluresync.endpoints.parsers import auto_config
+
+        config = auto_config(key=self.KEY, upgrade="0.5")
+        self.assertEqual((config.upgrade.first, config.upgrade.retry), (0.5, 0.5))
+        self.assertEqual(config.upgrade.max_retry, DirectParams().max_retry)
+
+    def test_bad_upgrade(self):
+        from pluresync.endpoints.parsers import auto_config
+        from pluresync.errors import ConfigurationError
+
+        for value in ("soon", "0", "-1", "inf"):
+            with self.assertRaises(ConfigurationError) as caught:
+                auto_config(key=self.KEY, upgrade=value)
+            self.assertIn("upgrade=", str(caught.exception))
+        with self.assertRaises(ConfigurationError) as caught:
+            auto_config(key=self.KEY, upgrade="1", direct="off")
+        self.assertIn("upgrade=", str(caught.exception))
+
+
+class RefusalTests(TestCase):
+    timeout = 60
+
+    async def test_the_peers_reason_is_kept_when_it_gives_up_mid_punch(self):
+        """
+        The responder gives up during the punch (in the lab: both NATs
+        symmetric, found after its short LAN try) and says why in
+        DIRECT_FAILED: the initiator stops at once and reports that reason,
+        not its own time limit it never reached.
+        """
+        from pluresync.errors import DirectPathError
+
+        pair = Pair(self, 1, DirectParams(**{**FAST.__dict__, "punch": 5.0, "timeout": 10.0, "retry": 30.0}))
+        await pair.start()
+        server_upgrade, client_upgrade = pair.upgrades[1], pair.upgrades[0]
+
+        async def hopeless(attempt, peer, *, initiator, connect):
+            raise DirectPathError("no direct path: both peers are behind symmetric NATs", "both-symmetric")
+
+        server_upgrade._punchAndConnect = hopeless
+        began = reactor.seconds()
+        await until(lambda: client_upgrade.failures == 1)
+        self.assertLess(reactor.seconds() - began, 5.0)
+        self.assertIn("both NATs are symmetric", client_upgrade.last_error)
+        self.assertEqual(pair.client.path, "relay:test")

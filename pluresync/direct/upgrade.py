@@ -142,6 +142,7 @@ class _Attempt:
         self.answer: Deferred[DirectOffer] | None = None
         self.extra_ports: list = []  # a birthday socket that won, adopted
         self.pipe = None  # the QUIC pipe, once it carries the session
+        self.refused: str | None = None  # why the peer gave up (DIRECT_FAILED after its answer)
 
     def datagram(self, data: bytes, addr) -> None:
         if self.stun is not None and self.stun.datagramReceived(data, addr):
@@ -273,7 +274,10 @@ class DirectUpgrade:
             if attempt is not None:
                 attempt.release()
             self.failures += 1
-            self.last_error = self._words(result)
+            # The peer's DIRECT_FAILED cancels our side of the attempt: its
+            # reason is the truth, not the cancellation it caused.
+            refused = attempt.refused if attempt is not None else None
+            self.last_error = refused if refused is not None else self._words(result)
             if self._params.required and self._session.initiator and not self.successes:
                 self._tell(Failure(DirectPathError(f"no direct path to the peer: {self.last_error}", "failed")))
                 return
@@ -360,6 +364,7 @@ class DirectUpgrade:
                         d, current.answer = current.answer, None
                         d.errback(Failure(_Refused(why, "refused")))
                     else:
+                        current.refused = why
                         self._running.cancel()
         except WireError as e:
             self._session.abort(

@@ -414,7 +414,9 @@ def direct_via_relay_config(*args: str, **kwargs: str):
 
 #: Every parameter an C{auto:} string takes: C{relay:}'s but C{url=}, its own, and the LAN path's.
 _AUTO_PARAMETERS = (
-    (RELAY_PARAMETERS - {"url"}) | {"azure", "vercel", "relays", "delay", "config"} | {"direct", "lan", "port", "stun"}
+    (RELAY_PARAMETERS - {"url"})
+    | {"azure", "vercel", "relays", "delay", "config"}
+    | {"direct", "lan", "port", "stun", "upgrade"}
 )
 
 
@@ -521,8 +523,15 @@ def auto_config(*args: str, **kwargs: str):
         from pluresync.direct.upgrade import DirectParams
 
         upgrade = DirectParams(stun=stun)
-    elif "stun" in kwargs:
-        raise ConfigurationError("auto endpoint: stun= only serves direct paths, and direct=off turns them off")
+        if "upgrade" in kwargs:
+            # Shorter (or longer) waits before looking for a direct path:
+            # the first attempt, and the retry after a failure or a lost
+            # direct path (still doubling up to max_retry).
+            every = _number("upgrade", kwargs["upgrade"], upgrade.first, minimum=0.01, endpoint="auto")
+            upgrade = replace(upgrade, first=every, retry=every)
+    elif "stun" in kwargs or "upgrade" in kwargs:
+        which = "stun=" if "stun" in kwargs else "upgrade="
+        raise ConfigurationError(f"auto endpoint: {which} only serves direct paths, and direct=off turns them off")
     return AutoConfig(
         paths=tuple(paths),
         delay=_number("delay", kwargs.get("delay"), DEFAULT_DELAY),
