@@ -113,8 +113,8 @@ async def relays(reactor, runs: int, cleanups: _Cleanups) -> dict[str, list[floa
     return results
 
 
-async def lan(reactor, runs: int) -> dict[str, list[float]]:
-    results: dict[str, list[float]] = {"direct": [], "auto-dead-relays": []}
+async def lan(reactor, runs: int, mib: int = 0) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {"direct": [], "auto-dead-relays": [], "direct-mb-s": []}
     reason = lanlab.unavailable()
     if reason is not None:
         _note(f"  no LAN lab: {reason}")
@@ -146,8 +146,26 @@ async def lan(reactor, runs: int) -> dict[str, list[float]]:
                 results[name].append(connected[0]["seconds"])
             finally:
                 await cleanups.run()
+        if mib:
+            # The LAN TCP path's throughput: one stream of --mib MiB, timed from connected to the echo of its hash.
+            cleanups = _Cleanups()
+            bulk = {"DIRECTPEER_BYTES": str(mib << 20), "DIRECTPEER_LIMIT": "120"}
+            try:
+                lab = lanlab.LanLab(cleanups)
+                listen, connect = strings["direct"]
+                listener = lab.spawn("a", ["-m", "tests.directpeer", "listen", listen], b'"listening"', bulk)
+                await listener.ready
+                client = lab.spawn("b", ["-m", "tests.directpeer", "connect", connect], env=bulk)
+                code = await client.ended
+                events = {e["event"]: e for e in map(json.loads, filter(None, client.out.decode().splitlines()))}
+                assert code == 0 and events["done"]["ok"], client.out.decode()[-2000:]
+                seconds = events["done"]["seconds"] - events["connected"]["seconds"]
+                results["direct-mb-s"].append((mib << 20) / seconds / 1e6)
+            finally:
+                await cleanups.run()
     for name, values in results.items():
-        _note(f"  {name}: {statistics.median(values) * 1000:.0f} ms")
+        if values:
+            _note(f"  {name}: {statistics.median(values) * (1 if name.endswith('mb-s') else 1000):.0f}")
     return results
 
 
@@ -173,6 +191,12 @@ def table(results: dict, runs: int) -> str:
         "|---|---:|",
     ]
     lines += [f"| {label} | {_cell(results.get(key, []))} |" for label, key in rows]
+    bulk = results.get("direct-mb-s", [])
+    if bulk:
+        lines.append(
+            f"| direct: one stream over the LAN's TCP path, MB/s (median, min–max) | "
+            f"{statistics.median(bulk):.0f} ({min(bulk):.0f}–{max(bulk):.0f}) |"
+        )
     return "\n".join(lines)
 
 
@@ -180,6 +204,7 @@ def cli() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=5, help="runs of each case (default 5)")
     p.add_argument("--json", help="also write the raw times (seconds) to this file")
+    p.add_argument("--mib", type=int, default=0, help="also move MiB over the LAN's TCP path, per run (MB/s)")
     args = p.parse_args()
     started = time.monotonic()
 
@@ -191,7 +216,7 @@ def cli() -> None:
         finally:
             await cleanups.run()
         _note("the LAN lab")
-        results.update(await lan(reactor, args.runs))
+        results.update(await lan(reactor, args.runs, args.mib))
         print(table(results, args.runs))
         print(f"\n(total {time.monotonic() - started:.0f} s)")
         if args.json:
