@@ -73,7 +73,6 @@ def connect(
         session runs on a direct path), holding what arrives meanwhile;
         if it fails, the session is aborted and so is the connection.
     @return: the protocol, or with C{until} a Deferred firing with it.
-    @return: the protocol.
     @raise PluresyncError: the factory refused.
     """
     if until is not None:
@@ -84,26 +83,15 @@ def connect(
     if protocol is None:
         link.discard()
         raise _refused()
-    link.use()
-    session = Session(
-        clock,
-        initiator=True,
-        ident=session_id(link.handshake_hash),
-        peer_static=link.peer_static,
-        params=params if reconnect is not None else _no_resume(params),
-        peer_max=link.answer.max_offset,
-        reconnect=reconnect,
-    )
-    session.peer_caps = link.answer.caps
-    stream = Stream(session, 0, local_id)
-    session.addLink(link, link.answer.recv_next, link.answer.max_offset)
+    session, stream = _start(link, clock, params, local_id, reconnect, hold=False)
     stream.attach(protocol)
     if on_session is not None:
         on_session(session)
     return protocol
 
 
-def _connect_later(link, factory, clock, params, local_id, reconnect, on_session, until) -> Deferred:
+def _start(link: Link, clock, params: SessionParams, local_id: str, reconnect, *, hold: bool):
+    """(initiator) Use C{link} for a new session and its stream; with C{hold}, delivery waits for a protocol."""
     link.use()
     session = Session(
         clock,
@@ -116,8 +104,14 @@ def _connect_later(link, factory, clock, params, local_id, reconnect, on_session
     )
     session.peer_caps = link.answer.caps
     stream = Stream(session, 0, local_id)
-    session.pauseDelivery()  # the peer's bytes wait for the protocol (the credit bounds them)
+    if hold:
+        session.pauseDelivery()  # the peer's bytes wait for the protocol (the credit bounds them)
     session.addLink(link, link.answer.recv_next, link.answer.max_offset)
+    return session, stream
+
+
+def _connect_later(link, factory, clock, params, local_id, reconnect, on_session, until) -> Deferred:
+    session, stream = _start(link, clock, params, local_id, reconnect, hold=True)
     if on_session is not None:
         on_session(session)
     return _build_when(session, stream, until(session), factory, local_id)
