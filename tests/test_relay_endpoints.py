@@ -254,3 +254,24 @@ class RelayEndpointTests(TestCase):
         await done
         self.assertEqual(hashlib.sha256(server.data).digest(), hashlib.sha256(blob).digest())
         self.assertLess(max(in_flight), 12 * 1024 * 1024)
+
+
+class PipeBufferTests(TestCase):
+    """A paired socket's TCP transport buffers four 64 KiB writes before pausing its writer."""
+
+    def test_buffer(self):
+        from twisted.internet.testing import StringTransport
+
+        from pluresync.pipes.websocket import PIPE_BUFFER, WebSocketPipe
+
+        class Wrapper:  # a TLS wrapper: no bufferSize of its own
+            def __init__(self, transport):
+                self.transport = transport
+
+        for wrapped in (False, True):
+            tcp = StringTransport()
+            tcp.bufferSize = 65536
+            protocol = type("P", (), {})()
+            protocol.transport = Wrapper(tcp) if wrapped else tcp
+            WebSocketPipe(protocol)
+            self.assertEqual(tcp.bufferSize, PIPE_BUFFER)
