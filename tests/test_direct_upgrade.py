@@ -260,11 +260,13 @@ class UpgradeTests(TestCase):
         pair.session_params = SessionParams(direct=False)
         await pair.start()
         client = pair.client
-        d = Deferred()
-        reactor.callLater(0.5, d.callback, None)
-        await d
+        [upgrade] = [u for u in pair.upgrades if u._session is client]
+        # Its first attempt falls due (first=0.05 s), finds no consent, and
+        # schedules nothing more: no offer, no retry.
+        await until(lambda: upgrade._call is None)
+        self.assertIsNone(upgrade._running)
         self.assertEqual(client.path, "relay:test")
-        self.assertEqual(pair.upgrades[0].successes + pair.upgrades[0].failures, 0)
+        self.assertEqual(upgrade.successes + upgrade.failures, 0)
 
     async def test_a_peer_that_never_answers(self):
         """
