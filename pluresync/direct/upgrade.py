@@ -122,6 +122,11 @@ _REASON_WORDS = {
 }
 
 
+def _pass_on(result, waiter: Deferred):
+    waiter.callback(None)
+    return result
+
+
 def _local_hosts() -> list[str]:
     from pluresync.direct.lan import local_addresses
 
@@ -325,9 +330,10 @@ class DirectUpgrade:
         """Stop looking and let go of everything (the session ended); fires once the sockets are closed."""
         if self._stopping is None:
             self._stopping = self._stop()
-        d = Deferred()
-        self._stopping.addBoth(lambda result: (d.callback(None), result)[1])
-        return d
+        # Each caller gets a Deferred of its own: its callbacks cannot change what another caller sees.
+        waiter: Deferred = Deferred()
+        self._stopping.addBoth(_pass_on, waiter)
+        return waiter
 
     def _stop(self) -> Deferred:
         self._stopped = True
