@@ -78,6 +78,26 @@ class PeerGoneError(TruncatedStreamError):
     """The peer vanished (its side of the relay pair closed without a clean close)."""
 
 
+class StreamResetError(PeerGoneError):
+    """
+    The peer ended one stream of a shared session without a clean end (its
+    application aborted it); the session and its other streams go on.
+    """
+
+
+class StreamOpenError(PluresyncError):
+    """
+    A new stream on an existing session could not be opened.
+
+    @ivar reason: the listener's RESET reason byte (L{pluresync.session.wire.ResetReason}),
+        or C{None} when the session ended before the listener answered.
+    """
+
+    def __init__(self, message: str, reason: int | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class RelayLostError(TruncatedStreamError):
     """The connection to the relay was lost (the relay died, restarted or was cut off)."""
 

@@ -204,6 +204,10 @@ class PeerIdentity:
 
     private: bytes = field(repr=False)
     public: bytes = field(init=False)
+    #: made for this process alone (L{generate}), not kept in a file: no
+    #: peer can know it beforehand, so connects that share a session
+    #: (L{pluresync.session.pool}) may share it too
+    ephemeral: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.private, bytes) or len(self.private) != KEY_LENGTH:
@@ -212,7 +216,12 @@ class PeerIdentity:
 
     @classmethod
     def generate(cls) -> PeerIdentity:
-        return cls(_random(KEY_LENGTH))
+        return cls(_random(KEY_LENGTH), ephemeral=True)
+
+    @property
+    def pool_key(self) -> bytes | str:
+        """How a session pool tells identities apart: any ephemeral one is as good as another."""
+        return "ephemeral" if self.ephemeral else self.public
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], *, create: bool = False) -> PeerIdentity:
@@ -223,7 +232,7 @@ class PeerIdentity:
         """
         path = Path(path).expanduser()
         if create and not path.exists():
-            identity = cls.generate()
+            identity = cls(_random(KEY_LENGTH))
             if _create_private_file(path, _encode(IDENTITY_PREFIX, identity.private) + "\n"):
                 return identity
             # another process made it first: read theirs below

@@ -117,9 +117,29 @@ _live: set = set()
 def abort_live_collectors() -> None:
     """Abort every Collector still connected (a test's last cleanup)."""
     for protocol in list(_live):
-        if protocol.transport is not None:
-            protocol.transport.abortConnection()
+        transport = protocol.transport
+        if transport is not None:
+            transport.abortConnection()
+            # A listener's stream ends alone; its session (shared by
+            # streams) would wait for the initiator to come back.
+            session = getattr(transport, "session", None)
+            if session is not None:
+                session.abort()
     _live.clear()
+
+
+def shared_sessions_ended(seconds: float = 20.0) -> Deferred:
+    """
+    Fires once every session this reactor's connects share has ended (or
+    fails after C{seconds}): a session closes a moment after its last
+    stream's C{connectionLost}, and may have to resume to do it.
+    """
+    from twisted.internet.defer import DeferredList
+
+    from pluresync.session.pool import pool_for
+
+    ending = [session.whenEnded() for session in pool_for(reactor).sessions()]
+    return DeferredList(ending, fireOnOneErrback=True).addTimeout(seconds, reactor)
 
 
 class Collector(Protocol):

@@ -470,7 +470,8 @@ class FailoverTests(unittest.TestCase):
             clients = []
             for i in range(5):
                 client, _ = await self.connect(
-                    self.auto(azure.escaped_url, vercel.escaped_url, delay=0, timeout=TIMEOUT)
+                    # reuse=off: five races, five sessions (not five streams of one)
+                    self.auto(azure.escaped_url, vercel.escaped_url, delay=0, timeout=TIMEOUT, reuse="off")
                 )
                 clients.append(client)
                 winners.append(client.transport.getPeer().transport)

@@ -23,7 +23,7 @@ from twisted.trial.unittest import TestCase
 
 from pluresync.keys import SyncKey
 
-from .localrelay import Collector
+from .localrelay import Collector, shared_sessions_ended
 from .redisserver import start_redis
 from .relayprocess import escaped_url, poll, start_relay
 from .test_vercel_relay import VercelInstance, _require_servers
@@ -125,6 +125,9 @@ class _RenewalCase(TestCase):
         self.addCleanup(Echo.abort_all)
         connecting = f"relay:url={connect_url or url}:key={key}:wait=0"
         results = await gatherResults([ensureDeferred(self.keep_connecting(connecting, seconds)) for _ in range(LOOPS)])
+        # The loops' connections were streams of one session, which closes
+        # after the last of them (and may have to come back from a cap first).
+        await shared_sessions_ended()
         pings = sum(done for done, _ in results)
         failures = [failure for _, loop_failures in results for failure in loop_failures]
         log.info(

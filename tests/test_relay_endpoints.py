@@ -144,15 +144,25 @@ class RelayEndpointTests(TestCase):
         self.assertEqual(len(listeners[1][0].accepted), 3)
 
     async def test_many_connectors_one_listener(self):
-        """One listener takes many connectors, each its own stream."""
+        """
+        One listener takes many connectors, each its own session with
+        reuse=off (each its own identity); without, each its own stream of one session.
+        """
         listening, _ = await self.listen()
         accepted = gatherResults([listening.next() for _ in range(5)])
-        clients = await gatherResults([Deferred.fromCoroutine(self.connect()) for _ in range(5)])
+        clients = await gatherResults([Deferred.fromCoroutine(self.connect(reuse="off")) for _ in range(5)])
         await accepted
         for i, client in enumerate(clients):
             client.transport.write(b"%d" % i)
         self.assertEqual(len(listening.accepted), 5)
         self.assertEqual(len({c.transport.getHost().peer_id for c in clients}), 5)
+        self.assertEqual(len({id(c.transport.session) for c in clients}), 5)
+        accepted = gatherResults([listening.next() for _ in range(5)])
+        shared = await gatherResults([Deferred.fromCoroutine(self.connect()) for _ in range(5)])
+        await accepted
+        self.assertEqual(len(listening.accepted), 10)
+        self.assertEqual(len({id(c.transport.session) for c in shared}), 1)
+        self.assertEqual(len({c.transport.stream_id for c in shared}), 5)
 
     async def test_stop_listening_unregisters(self):
         """After stopListening the relay no longer pairs connectors with us."""

@@ -26,14 +26,17 @@ class PoolTests(TestCase):
     timeout = 90
 
     async def _pool(self, relay, count: int, timeout: float = 30) -> tuple[list, list, float]:
+        # reuse=off: each connect its own relay sockets (with sharing, the
+        # connects would be streams of one session, one pair at the relay).
         key = SyncKey.generate().to_text()
         base = f"relay:url={relay.escaped_url}:key={key}"
         port = await serverFromString(reactor, base).listen(Factory.forProtocol(Collector))
+        client = f"{base}:wait=10:reuse=off"
         self.addCleanup(port.stopListening)
         started = reactor.seconds()
         results = await DeferredList(
             [
-                clientFromString(reactor, f"{base}:wait=10:timeout={timeout:g}").connect(Factory.forProtocol(Collector))
+                clientFromString(reactor, f"{client}:timeout={timeout:g}").connect(Factory.forProtocol(Collector))
                 for _ in range(count)
             ],
             consumeErrors=True,

@@ -43,6 +43,7 @@ from pluresync.errors import ConnectionTimeoutError, PluresyncError
 from pluresync.interfaces import IPath, IPathClient, IPathListener
 from pluresync.secure.link import LinkRefused
 from pluresync.session import attach
+from pluresync.session.pool import pool_for
 
 #: The default head start of each path over the next, in seconds: long enough
 #: for a healthy relay on another continent to answer, short enough that a
@@ -101,6 +102,16 @@ class AutoConfig:
     def session(self):
         # A side that looks for direct paths says so in its hello or READY.
         return replace(self.paths[0].session, direct=self.upgrade is not None)
+
+    @property
+    def pool_key(self):
+        """What connects that may share a session agree on (L{pluresync.session.pool}); C{None}: never shared."""
+        if not self.session.share:
+            return None
+        keys = tuple(getattr(path, "pool_key", None) for path in self.paths)
+        if None in keys:
+            return None
+        return ("auto", keys, self.upgrade, self.direct_only)
 
     def on_session(self, reactor):
         """What each new session is handed to (a L{DirectUpgrade}), or C{None}."""
@@ -265,11 +276,28 @@ class AutoClientEndpoint:
         self._config = config
 
     def connect(self, protocolFactory) -> Deferred:
+        """A stream on the session connects to this peer share (L{pluresync.session.pool}), else a new race."""
+        key = self._config.pool_key
+        if key is None:
+            return self._connect(protocolFactory, None)
+        return pool_for(self._reactor).connect(
+            key, protocolFactory, lambda pooled: self._connect(protocolFactory, pooled), self._config.timeout
+        )
+
+    def _connect(self, protocolFactory, pooled) -> Deferred:
         try:
             d = _Race(self._reactor, self._config).start()
         except BaseException:
             return fail()
         params = self._config.session
+        upgrade = self._config.on_session(self._reactor)
+
+        def on_session(session) -> None:
+            if upgrade is not None:
+                upgrade(session)
+            if pooled is not None:
+                pooled(session)
+
         return d.addCallback(
             attach.connect,
             protocolFactory,
@@ -277,7 +305,7 @@ class AutoClientEndpoint:
             params=params,
             local_id=self._config.identity.peer_id,
             reconnect=self._resume if params.resume > 0 else None,
-            on_session=self._config.on_session(self._reactor),
+            on_session=on_session,
             until=self._config.until(),
         )
 

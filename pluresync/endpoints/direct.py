@@ -55,6 +55,7 @@ from pluresync.secure.establish import secure_link
 from pluresync.secure.link import Link, LinkRefused
 from pluresync.session import attach
 from pluresync.session.params import SessionParams
+from pluresync.session.pool import pool_for
 from pluresync.session.session import new_hello
 
 #: The LAN path's name, as addresses, logs and C{auto:}'s errors report it.
@@ -124,6 +125,21 @@ class DirectConfig:
         return self.peer.hex() if self.peer is not None else self.topic.rendezvous_id.hex()[:32]
 
     @property
+    def pool_key(self):
+        """What connects that may share a session agree on (L{pluresync.session.pool}); C{None}: never shared."""
+        if not self.session.share:
+            return None
+        return (
+            "direct",
+            self.name,
+            self.topic.rendezvous_id,
+            self.identity.pool_key,
+            self.peer,
+            self.lan,
+            self.session,
+        )
+
+    @property
     def search(self) -> float:
         """
         How long a client searches the LAN: C{wait=}, ending a second before
@@ -161,6 +177,15 @@ class DirectClientEndpoint:
         return self._config.name
 
     def connect(self, protocolFactory) -> Deferred:
+        """A stream on the session connects to this peer share (L{pluresync.session.pool}), else a new search."""
+        key = self._config.pool_key
+        if key is None:
+            return self._connect(protocolFactory, None)
+        return pool_for(self._reactor).connect(
+            key, protocolFactory, lambda on_session: self._connect(protocolFactory, on_session), self._config.timeout
+        )
+
+    def _connect(self, protocolFactory, on_session) -> Deferred:
         try:
             d = self.secure()
         except BaseException:
@@ -175,6 +200,7 @@ class DirectClientEndpoint:
             # A lost LAN link resumes by searching again: the listener may
             # have moved to another address meanwhile.
             reconnect=self.secure if config.session.resume > 0 else None,
+            on_session=on_session,
         )
 
     def secure(self, hello=None) -> Deferred[Link]:

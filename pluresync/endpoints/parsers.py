@@ -26,7 +26,7 @@ from pluresync.errors import ConfigurationError
 RELAY_PARAMETERS = frozenset(
     {"url", "keyfile", "key", "topic", "peer", "identity", "wait", "timeout", "ca", "ping", "proxy"}
     | {"token", "tokenfile"}
-    | {"resume", "window", "stall", "rotate"}
+    | {"resume", "window", "stall", "rotate", "reuse"}
 )
 
 #: The environment variable with the relay token (the token, or a file holding it).
@@ -204,7 +204,15 @@ def _session_params(kwargs: dict, endpoint: str = "relay"):
     def seconds(name: str, value, default: float, minimum: float = 0.0) -> float:
         return _number(name, value, default, minimum, endpoint=endpoint)
 
+    reuse = kwargs.get("reuse")
+    share, linger = True, defaults.linger
+    if reuse == "off":
+        share = False
+    elif reuse is not None:
+        linger = seconds("reuse", reuse, defaults.linger)
     return SessionParams(
+        share=share,
+        linger=linger,
         resume=seconds("resume", kwargs.get("resume"), defaults.resume),
         window=size,
         stall=seconds("stall", kwargs.get("stall"), defaults.stall, minimum=0.01),
@@ -241,7 +249,7 @@ class RelayServerParser:
 #: Every parameter a C{direct:} string takes (docs/endpoints.md documents each).
 DIRECT_PARAMETERS = frozenset(
     {"keyfile", "key", "topic", "peer", "identity", "wait", "timeout", "ping"}
-    | {"resume", "window", "stall", "rotate"}
+    | {"resume", "window", "stall", "rotate", "reuse"}
     | {"lan", "port"}
 )
 #: What C{direct:} takes beside those when it meets its peer through a relay

@@ -13,6 +13,7 @@ the same relay and the session resumes (L{pluresync.session}).
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ from pluresync.secure.establish import secure_link
 from pluresync.secure.link import Link
 from pluresync.session import attach
 from pluresync.session.params import SessionParams
+from pluresync.session.pool import pool_for
 from pluresync.session.session import new_hello
 
 #: The seed's relays. C{url=} overrides either.
@@ -50,6 +52,11 @@ MAX_BUSY_TRIES = 8
 BUSY_MARGIN = 0.5
 #: The wait before a retry when a busy relay gave no C{Retry-After} (doubles each time).
 BUSY_FIRST_DELAY = 0.25
+
+
+def _digest(secret: str | None) -> bytes | None:
+    """A relay token as a pool key holds it: its hash, never the token."""
+    return None if secret is None else hashlib.blake2b(secret.encode(), digest_size=16).digest()
 
 
 def busy_delay(retry_after: float | None, attempt: int, uniform=random.uniform) -> float:
@@ -128,6 +135,27 @@ class RelayConfig:
         raise AssertionError("unreachable")
 
     @property
+    def pool_key(self):
+        """
+        What connects that may share a session agree on (L{pluresync.session.pool}):
+        everything that decides who the peer is and how it is reached; C{None}: never shared.
+        """
+        if not self.session.share:
+            return None
+        return (
+            "relay",
+            self.name,
+            self.relay.url,
+            self.topic.rendezvous_id,
+            self.identity.pool_key,
+            self.peer,
+            self.session,
+            self.proxy,
+            tuple(cert.digest() for cert in self.ca) if self.ca else None,
+            _digest(self.token),
+        )
+
+    @property
     def rendezvous_hex(self) -> str:
         return self.topic.rendezvous_id.hex()
 
@@ -170,6 +198,15 @@ class RelayClientEndpoint:
         return self._config.name
 
     def connect(self, protocolFactory):
+        """A stream on the session connects to this peer share (L{pluresync.session.pool}), else a new session."""
+        key = self._config.pool_key
+        if key is None:
+            return self._connect(protocolFactory, None)
+        return pool_for(self._reactor).connect(
+            key, protocolFactory, lambda on_session: self._connect(protocolFactory, on_session), self._config.timeout
+        )
+
+    def _connect(self, protocolFactory, on_session):
         try:
             d = self.secure()
         except BaseException:
@@ -182,6 +219,7 @@ class RelayClientEndpoint:
             params=config.session,
             local_id=config.identity.peer_id,
             reconnect=self.secure if config.session.resume > 0 else None,
+            on_session=on_session,
         )
 
     def secure(self, hello=None) -> Deferred[Link]:

@@ -57,6 +57,11 @@ class RecordType(IntEnum):
     CONTROL = 0x0B  #: reserved: path signaling (the direct path)
     DETACH = 0x0C  #: the sender retires this link (a reason byte); nothing follows on it
     ABORT = 0x0D  #: the sender ended the session without a clean close (a reason byte)
+    # Streams on one session (caps bit 3; pluresync.session.streams).
+    OPEN = 0x0E  #: the initiator opens a stream (its id)
+    RESET = 0x0F  #: a stream ends at once, both ways, without a clean end (id, a reason byte)
+    WINDOW = 0x10  #: a stream's credit: how far the peer may send on it (id, max offset)
+    FINISH = 0x11  #: a stream's clean end from the sender: it writes and reads no more there (id)
 
 
 class AbortReason(IntEnum):

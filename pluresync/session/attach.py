@@ -27,15 +27,29 @@ from pluresync.secure.link import Link
 from pluresync.session.params import SessionParams
 from pluresync.session.session import Phase, Session, session_id
 from pluresync.session.stream import Stream
-from pluresync.session.wire import AbortReason, Hello, Intent, ReadyAnswer, Status
+from pluresync.session.streams import StreamTable
+from pluresync.session.wire import AbortReason, Caps, Hello, Intent, ReadyAnswer, Status
 
 #: How many ended sessions a listener remembers, to answer a late resume
 #: (a close whose acknowledgement was lost) with how far they got.
 MAX_ENDED = 1024
 
 
+def _first_stream(session: Session, local_id: str, factory=None) -> Stream:
+    """
+    The session's first stream (id 0): alone, or the first of a table when
+    both sides carry many streams (caps bit 3).
+    """
+    if session.params.streams and session.peer_caps & Caps.STREAMS:
+        table = StreamTable(session, local_id, factory)
+        stream = Stream(session, 0, local_id, table=table)
+        table.add(stream)
+        return stream
+    return Stream(session, 0, local_id)
+
+
 def _build(session: Session, factory, local_id: str):
-    stream = Stream(session, 0, local_id)
+    stream = _first_stream(session, local_id, factory)
     protocol = factory.buildProtocol(stream.getPeer())
     if protocol is None:
         session.abort(why=AbortReason.REFUSED)
@@ -103,7 +117,7 @@ def _start(link: Link, clock, params: SessionParams, local_id: str, reconnect, *
         reconnect=reconnect,
     )
     session.peer_caps = link.answer.caps
-    stream = Stream(session, 0, local_id)
+    stream = _first_stream(session, local_id)
     if hold:
         session.pauseDelivery()  # the peer's bytes wait for the protocol (the credit bounds them)
     session.addLink(link, link.answer.recv_next, link.answer.max_offset)
@@ -229,7 +243,7 @@ class SessionTable:
         session.peer_caps = hello.caps
         self._sessions[ident] = session
         if self._until is not None:
-            stream = Stream(session, 0, self._local_id)
+            stream = _first_stream(session, self._local_id, self._factory)
             session.pauseDelivery()
             session.addLink(link, 0, hello.max_offset)
             if self._on_session is not None:

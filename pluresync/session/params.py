@@ -1,6 +1,7 @@
 """
 The knobs of a session, as endpoint strings (C{resume=}, C{window=},
-C{stall=}, C{ping=}, C{rotate=}) and C{create_transport} set them.
+C{stall=}, C{ping=}, C{rotate=}, C{reuse=}, C{streams=}) and
+C{create_transport} set them.
 """
 
 from __future__ import annotations
@@ -48,6 +49,18 @@ class SessionParams:
     #: whether this side offers AES-GCM for records (caps bit 2): C{None}
     #: when this CPU has AES instructions (L{pluresync.noise.cipher.hardware_aes})
     aes: bool | None = None
+    #: whether this side carries many streams on one session (caps bit 3)
+    streams: bool = True
+    #: (initiator) whether connects to the same peer share a session
+    #: (L{pluresync.session.pool}); C{reuse=off} turns it off
+    share: bool = True
+    #: (initiator) seconds a session with no stream left stays up for a new
+    #: one (C{reuse=}); 0 closes it with its last stream
+    linger: float = 0.0
+    #: (listener) streams one session may hold at once; an OPEN beyond is refused
+    max_streams: int = 256
+    #: (listener) streams one session may open per second, on average (a burst of C{max_streams})
+    open_rate: float = 200.0
 
     @property
     def caps(self) -> int:
@@ -55,10 +68,18 @@ class SessionParams:
         from pluresync.noise.cipher import hardware_aes
 
         aes = hardware_aes() if self.aes is None else self.aes
-        return Caps.RESUME | (Caps.DIRECT if self.direct else 0) | (Caps.AESGCM if aes else 0)
+        return (
+            Caps.RESUME
+            | (Caps.DIRECT if self.direct else 0)
+            | (Caps.AESGCM if aes else 0)
+            | (Caps.STREAMS if self.streams else 0)
+            | (Caps.KEEP if self.streams and self.linger > 0 else 0)
+        )
 
     def __post_init__(self) -> None:
         if not MIN_WINDOW <= self.window <= MAX_WINDOW:
             raise ValueError(f"window must be between {MIN_WINDOW} and {MAX_WINDOW} bytes")
         if self.resume < 0 or self.stall <= 0 or self.ping <= 0 or self.rotate < 0:
             raise ValueError("resume and rotate must be >= 0, stall and ping > 0")
+        if self.linger < 0 or self.max_streams < 1 or self.open_rate <= 0:
+            raise ValueError("linger must be >= 0, max_streams >= 1 and open_rate > 0")

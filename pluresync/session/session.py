@@ -68,6 +68,7 @@ _RESYNC = RecordType.RESYNC
 _DETACH = RecordType.DETACH
 _ABORT = RecordType.ABORT
 _CONTROL = RecordType.CONTROL
+_WINDOW = RecordType.WINDOW
 _NUMBERED = wire.NUMBERED
 _SESSION_ID_PERSON = b"pluresync-sid"
 #: a receiver acknowledges at least every this many records (and every quarter window)
@@ -245,7 +246,11 @@ class Session:
         self._unknown = 0
         self._last_error: Failure | None = None
         self._ping_ids = 0
-        self.stream = None  # the user's Stream (id 0), set by attach
+        #: who takes stream records: the user's lone Stream, or a StreamTable (set by either)
+        self.stream = None
+        #: the L{pluresync.session.streams.StreamTable} when both sides carry many streams
+        self.mux = None
+        self._confirms: deque[tuple[int, Callable[[], object]]] = deque()
         #: the peer's capability bits (L{wire.Caps}), from its hello or READY
         self.peer_caps = 0
         #: who hears CONTROL records (an L{IControlReceiver}), e.g. the direct path's upgrade
@@ -270,14 +275,26 @@ class Session:
             return ReadyAnswer(Status.ENDED, self._recv_next, self._consumed + self.params.window, self.params.caps)
         return ReadyAnswer(Status.OK, self._recv_next, self._consumed + self.params.window, self.params.caps)
 
+    @property
+    def closing(self) -> bool:
+        """Whether the session is ending (its close sent or received, or over): no new stream on it."""
+        return self._close_seq is not None or self._peer_closed or self._close_received or self.phase is Phase.ENDED
+
+    @property
+    def peer_credit(self) -> int:
+        """How far (in record bytes) the peer lets us send now."""
+        return self._peer_max
+
     def stats(self) -> dict:
         return {
+            "streams": len(self.mux) if self.mux is not None else 1,
             "path": self.path,
             "links": len(self._links),
             "swaps": self.swaps,
             "retransmit_bytes": self._unacked_bytes,
             "retransmit_peak": self.retransmit_peak,
-            "pending_bytes": sum(o.size for o in self._pending),
+            "pending_bytes": sum(o.size for o in self._pending)
+            + (self.mux.blocked_bytes() if self.mux is not None else 0),
             "receive_bytes": self._deliver_bytes + self._held_bytes,
             "phase": self.phase.name.lower(),
         }
@@ -351,6 +368,8 @@ class Session:
             self._resendFrom(self._acked)
         self._flush()
         self._sendAck(force=True)
+        if self.mux is not None:
+            self.mux.regrant()
         self._register(state)
 
     def _sendStart(self, state: _LinkState, seq: int) -> None:
@@ -449,6 +468,10 @@ class Session:
                 state.retiring = True
                 if state is self._active:
                     self._pickAnotherLink(state)
+            elif kind == _WINDOW:
+                if self.mux is None:
+                    raise RecordError("a WINDOW record on a session without streams")
+                self.mux.windowReceived(body)
             elif kind == _CONTROL:
                 # Path signaling (the direct path) for whoever manages it;
                 # nobody, or a kind nobody knows: ignored, as the spec says.
@@ -610,6 +633,8 @@ class Session:
         the last path's own error class, as before sessions could move.
         """
         missing = self._unacked_bytes + sum(o.size for o in self._pending)
+        if self.mux is not None:
+            missing += self.mux.blocked_bytes()
         last = self._last_error
         parts = []
         if last is not None:
@@ -777,6 +802,30 @@ class Session:
 
     # -- path signaling ----------------------------------------------------------------
 
+    def sendLinkRecord(self, record: bytes) -> bool:
+        """
+        Send an unnumbered record on the link we send on (a stream's WINDOW):
+        one lost with its link is sent again when another link carries the session.
+
+        @return: whether it was sent.
+        """
+        state = self._active
+        if state is None or self.phase is Phase.ENDED or not state.link.usable:
+            return False
+        state.link.sendRecord(record)
+        return True
+
+    def whenConfirmed(self, callback: Callable[[], object]) -> None:
+        """
+        Call C{callback} once the peer has acknowledged every numbered
+        record sent so far (a stream's FINISH); never if the session ends first.
+        """
+        seq = self._next_seq
+        if self._acked >= seq:
+            callback()
+        else:
+            self._confirms.append((seq, callback))
+
     def sendControl(self, kind: wire.ControlKind, body: bytes) -> bool:
         """
         Send a CONTROL record on the link we send on (signals are not
@@ -861,6 +910,11 @@ class Session:
             self._acked_offset = out.end
         if recv_next > self._acked:
             self._acked = recv_next
+            confirms = self._confirms
+            while confirms and confirms[0][0] <= recv_next:
+                confirms.popleft()[1]()
+                if self.phase is Phase.ENDED:
+                    return
         if max_offset > self._peer_max:
             self._peer_max = max_offset
             if self._pending:
@@ -986,6 +1040,10 @@ class Session:
         """
         self._peer_closed = True
         self._sendAck(force=True)
+        if self.mux is not None:
+            self.mux.peerClosed()
+            if self.phase is Phase.ENDED:
+                return
         if self._allConfirmed():
             self._peerCloseDone()
 
@@ -1104,6 +1162,7 @@ class Session:
         self._pending.clear()
         self._held.clear()
         self._deliver.clear()
+        self._confirms.clear()
         if self._on_end is not None:
             self._on_end(self)
         return links

@@ -43,7 +43,21 @@ SESSION_ID_SIZE = 16
 #: The largest user payload of one DATA/END record (the stream id takes 4 bytes).
 MAX_DATA_PAYLOAD = MAX_RECORD_PAYLOAD - _STREAM.size
 #: Types whose records are numbered, kept and resent.
-NUMBERED = frozenset({RecordType.DATA, RecordType.END, RecordType.SHUTDOWN, RecordType.CLOSE})
+NUMBERED = frozenset(
+    {
+        RecordType.DATA,
+        RecordType.END,
+        RecordType.SHUTDOWN,
+        RecordType.CLOSE,
+        RecordType.OPEN,
+        RecordType.RESET,
+        RecordType.FINISH,
+    }
+)
+#: Numbered records that belong to one stream (a stream id follows the type byte).
+STREAM_RECORDS = frozenset(
+    {RecordType.DATA, RecordType.END, RecordType.SHUTDOWN, RecordType.OPEN, RecordType.RESET, RecordType.FINISH}
+)
 
 
 class WireError(ValueError):
@@ -88,6 +102,8 @@ class Caps(IntEnum):
     RESUME = 1 << 0
     DIRECT = 1 << 1  #: understands CONTROL's direct-path signals (and may be offered one)
     AESGCM = 1 << 2  #: has hardware AES: records after READY may be sealed with AES-GCM
+    STREAMS = 1 << 3  #: carries many streams on the session (OPEN, RESET, WINDOW, FINISH)
+    KEEP = 1 << 4  #: (initiator, with STREAMS) keeps the session for new streams after its last one ends
 
 
 class ControlKind(IntEnum):
@@ -194,6 +210,56 @@ def shutdown_record(stream: int) -> bytes:
 
 
 CLOSE_RECORD = bytes((RecordType.CLOSE,))
+
+
+class ResetReason(IntEnum):
+    """Why a stream ended without its clean end (the RESET record's reason byte)."""
+
+    ABORTED = 0x01  #: the application aborted the stream
+    REFUSED = 0x02  #: the listener's application refused it (its factory built no protocol)
+    TOO_MANY = 0x03  #: the listener holds as many streams on this session as it allows
+    TOO_FAST = 0x04  #: streams were opened faster than the listener allows
+    PROTOCOL = 0x05  #: the stream's records broke the protocol (the session carries on)
+
+
+_STREAM_REASON = struct.Struct(">IB")
+_STREAM_OFFSET = struct.Struct(">IQ")
+
+
+def open_record(stream: int) -> bytes:
+    return bytes((RecordType.OPEN,)) + _STREAM.pack(stream)
+
+
+def finish_record(stream: int) -> bytes:
+    return bytes((RecordType.FINISH,)) + _STREAM.pack(stream)
+
+
+def reset_record(stream: int, why: ResetReason) -> bytes:
+    return bytes((RecordType.RESET,)) + _STREAM_REASON.pack(stream, why)
+
+
+def parse_reset(body: bytes) -> tuple[int, int]:
+    """A RESET's stream id and reason byte (a reason this side does not know is kept as a number)."""
+    if len(body) != _STREAM_REASON.size:
+        raise WireError("a RESET record must carry 5 bytes")
+    return _STREAM_REASON.unpack(body)
+
+
+def window_record(stream: int, max_offset: int) -> bytes:
+    return bytes((RecordType.WINDOW,)) + _STREAM_OFFSET.pack(stream, max_offset)
+
+
+def parse_window(body: bytes) -> tuple[int, int]:
+    if len(body) != _STREAM_OFFSET.size:
+        raise WireError("a WINDOW record must carry 12 bytes")
+    return _STREAM_OFFSET.unpack(body)
+
+
+def stream_of(plaintext: bytes) -> int:
+    """The stream id of a stream record's plaintext (after its type byte)."""
+    if len(plaintext) < STREAM_HEAD_SIZE:
+        raise WireError("a stream record too short for its stream id")
+    return _STREAM.unpack_from(plaintext, 1)[0]
 
 
 # -- link records -----------------------------------------------------------------
