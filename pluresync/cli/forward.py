@@ -6,8 +6,10 @@ connection, connect to another and splice the two. C{expose} listens on a
 pluresync endpoint (peers come in) and connects to a local service
 (C{--to tcp:localhost:22}); C{forward} listens on a local port
 (C{--listen tcp:2222:interface=127.0.0.1}) and connects to the peer. Every
-connection is its own encrypted stream with its own handshake, any number
-at once; each is logged when it opens and closes.
+connection is its own encrypted stream, any number at once, all of them
+streams of one session to the peer (C{forward} keeps it
+L{FORWARD_REUSE} seconds after its last connection for the next one); each is
+logged when it opens and closes.
 """
 
 from __future__ import annotations
@@ -24,9 +26,26 @@ from pluresync.cli.base import BaseOptions, EndpointArgument, describe_address
 from pluresync.cli.home import with_identity
 from pluresync.cli.progress import format_bytes, format_duration
 from pluresync.cli.splice import Splice
-from pluresync.endpoints.strings import client_from_string, server_from_string
+from pluresync.endpoints.strings import client_from_string, server_from_string, split_endpoint_string
 
 _log = Logger(namespace="pluresync.cli.forward")
+
+#: Seconds C{pluresync forward} keeps its idle session to the peer for the
+#: next local connection (an endpoint string's own C{reuse=} wins).
+FORWARD_REUSE = 30
+
+
+def with_reuse(description: str, seconds: float = FORWARD_REUSE) -> str:
+    """
+    C{description} with C{:reuse=SECONDS} added, if it is a C{relay:},
+    C{direct:} or C{auto:} string without a C{reuse=} of its own: local
+    connections that come one after another (a client that connects per
+    request) then share one session, as simultaneous ones always do.
+    """
+    args, kwargs = split_endpoint_string(description)
+    if args[0] not in ("relay", "direct", "auto") or "reuse" in kwargs:
+        return description
+    return f"{description}{'' if description.endswith(':') else ':'}reuse={seconds:g}"
 
 
 class Forwarder(Factory):
@@ -180,5 +199,5 @@ def expose_command(reactor, options: ExposeOptions) -> Deferred[int]:
 
 
 def forward_command(reactor, options: ForwardOptions) -> Deferred[int]:
-    target = with_identity(options.endpoint)
+    target = with_reuse(with_identity(options.endpoint))
     return Deferred.fromCoroutine(serve(reactor, options["listen"], target, "the peer"))
