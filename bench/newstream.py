@@ -68,10 +68,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def sample(reactor, string: str) -> tuple[float, float]:
+async def sample(reactor, endpoint) -> tuple[float, float]:
+    """One connect, timed from the endpoint's making (C{endpoint} makes it: from a string, as programs do)."""
     protocol = Timed()
     start = time.perf_counter()
-    await clientFromString(reactor, string).connect(Factory.forProtocol(lambda: protocol))
+    await endpoint().connect(Factory.forProtocol(lambda: protocol))
     connected = await protocol.made
     protocol.transport.write(b"x" * 64)
     echoed = await protocol.echoed
@@ -90,13 +91,20 @@ async def run(reactor, count: int) -> dict:
         keeper = Timed()
         await clientFromString(reactor, base).connect(Factory.forProtocol(lambda: keeper))
         results: dict[str, dict[str, list[float]]] = {}
-        modes = {"stream on the session": base, "new session (reuse=off)": f"{base}:reuse=off"}
+        same = clientFromString(reactor, base)
+        modes = {
+            "stream on the session, a new endpoint from the string": lambda: clientFromString(reactor, base),
+            "stream on the session, the same endpoint object": lambda: same,
+            "new session (reuse=off), a new endpoint from the string": lambda: clientFromString(
+                reactor, f"{base}:reuse=off"
+            ),
+        }
         for name in modes:
             results[name] = {"connect": [], "connect + echo": []}
         for i in range(count):
             # Alternate the two modes so drift on a noisy machine hits both.
-            for name, string in modes.items():
-                connect, echo = await sample(reactor, string)
+            for name, endpoint in modes.items():
+                connect, echo = await sample(reactor, endpoint)
                 if i >= 5:  # warm-up
                     results[name]["connect"].append(connect)
                     results[name]["connect + echo"].append(echo)

@@ -121,6 +121,23 @@ class MessageAPITests(TestCase):
         self.assertEqual(conn.peer_id, peer.transport.getHost().peer_id)
         self.assertEqual(conn.transport_name, "relay:azure")
 
+    async def test_connections_share_a_session(self):
+        """Two connect()s of one transport are two streams of one session, each with its own messages and close."""
+        server, client = self.transport(), self.transport()
+        accepted = DeferredQueue()
+        await server.listen(accepted.put)
+        one = await client.connect()
+        two = await client.connect()
+        peer_one, peer_two = await accepted.get(), await accepted.get()
+        self.assertIs(one.transport.session, two.transport.session)
+        await one.send(b"first")
+        await two.send(b"second")
+        await one.close()
+        self.assertEqual([m async for m in peer_one.receive()], [b"first"])
+        self.assertEqual(await peer_two.receive().__anext__(), b"second")
+        await two.send(b"still open")
+        self.assertEqual(await peer_two.receive().__anext__(), b"still open")
+
     async def test_async_handler_and_peer(self):
         """listen() takes an async handler; connect(peer) reaches that listener."""
         identity = PeerIdentity.generate()

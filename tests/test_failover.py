@@ -243,6 +243,31 @@ class FailoverTests(unittest.TestCase):
 
     # -- 3. killed, restarted ---------------------------------------------------------
 
+    def test_streams_of_one_session_survive_the_primary_killed(self) -> Deferred:
+        """
+        Three connects from the same C{auto:} string are three streams of
+        one session; SIGKILL the primary: the session moves to the backup
+        and every stream carries on, to the same listener protocols.
+        """
+
+        async def run() -> None:
+            azure, vercel = await self.two_relays()
+            port, served = await self.listen(self.auto(azure.escaped_url, vercel.escaped_url, timeout=TIMEOUT))
+            await poll(lambda: all(port.transports.values()), timeout=10, what="registering on both relays")
+            string = self.auto(azure.escaped_url, vercel.escaped_url, delay=2, timeout=TIMEOUT)
+            clients = [(await self.connect(string))[0] for _ in range(3)]
+            self.assertEqual(len({id(c.transport.session) for c in clients}), 1)
+            self.assertEqual(sorted(c.transport.stream_id for c in clients), [0, 2, 4])
+            for index, client in enumerate(clients, 1):
+                await self.echo(client, served, index)
+            servers = {p.transport.stream_id: p for p in served.built}
+            await azure.kill()
+            for client in clients:
+                await self.survives(client, servers[client.transport.stream_id], VERCEL, within=5)
+            self.assertEqual(len(served.built), 3)
+
+        return Deferred.fromCoroutine(run())
+
     def test_primary_killed_and_restarted(self) -> Deferred:
         """
         SIGKILL the primary while an C{auto:} listener is registered on both

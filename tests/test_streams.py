@@ -20,7 +20,7 @@ from pluresync.session.params import MIN_WINDOW, SessionParams
 from pluresync.session.streams import INITIAL_CREDIT, MIN_STREAM_WINDOW
 from pluresync.session.wire import ResetReason
 
-from .test_session import MessageRecorder, Net, Recorder, _Factory, blob, numbered
+from .test_session import MessageRecorder, Net, Pusher, Recorder, _Factory, blob, numbered
 
 
 class Opener:
@@ -279,6 +279,36 @@ class CreditTests(SynchronousTestCase):
         net.built[1].transport.resumeProducing()
         net.run(1)
         self.assertEqual(producer.resumed, 1)
+
+
+class _EagerPusher(Pusher):
+    """A producer that writes as soon as it is resumed (as a splice or a file sender does)."""
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        self.produce()
+
+
+class FairnessTests(SynchronousTestCase):
+    def test_busy_streams_take_turns(self):
+        """Two streams that always have more to send share the session: neither waits for the other to finish."""
+        params = SessionParams(window=MIN_WINDOW)
+        net, client, server = started(self, params=params)
+        [other] = opened(self, net, 1)
+        size = 16 * params.window
+        pushers = [_EagerPusher(p.transport, blob(size, seed=n)) for n, p in enumerate((client, other))]
+        for pusher, protocol in zip(pushers, (client, other), strict=True):
+            protocol.transport.registerProducer(pusher, True)
+        for pusher in pushers:
+            pusher.produce()
+        receivers = (server, net.built[1])
+        for _ in range(2000):
+            net.run(0.01, step=0.01)
+            if any(len(r.data) >= size for r in receivers):
+                break
+        done = [len(r.data) for r in receivers]
+        self.assertEqual(max(done), size)
+        self.assertGreater(min(done), size // 3, f"one stream starved: {done}")
 
 
 class EndTests(SynchronousTestCase):

@@ -85,6 +85,7 @@ class StreamTable:
         self._peer_closed = False
         self._ended = False
         self.opened = 1  #: streams this session has carried (for stats and tests)
+        self._turn = 0
         session.stream = session.mux = self
 
     def __len__(self) -> int:
@@ -299,8 +300,20 @@ class StreamTable:
         )
 
     def sessionWritable(self, writable: bool) -> None:
-        for stream in list(self.streams.values()):
-            stream.sessionWritable(writable)
+        """
+        Tell every stream; when the session can take more, the first one
+        told changes each time, so producers that write as soon as they
+        are resumed take turns at the credit instead of the same one
+        always taking it all.  Each stream hears what holds I{now}: a
+        producer resumed before it may have used the room up.
+        """
+        streams = list(self.streams.values())
+        if writable and len(streams) > 1:
+            start = self._turn % len(streams)
+            self._turn += 1
+            streams = streams[start:] + streams[:start]
+        for stream in streams:
+            stream.sessionWritable(self.session.writable)
 
     def sessionEnded(self, reason: Failure) -> None:
         self._ended = True
