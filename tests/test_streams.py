@@ -388,6 +388,17 @@ class EndTests(SynchronousTestCase):
         self.assertIsNone(client.lost)
         self.assertIsNone(server.lost)
 
+    def test_writes_after_a_reset_are_dropped(self):
+        net, client, server = started(self)
+        [protocol] = opened(self, net, 1)
+        net.built[1].transport.abortConnection()
+        net.run(0.1)
+        before = len(numbered(net.paths[0].client_sent))
+        protocol.transport.write(b"too late")
+        protocol.transport.loseConnection()
+        self.assertEqual(len(numbered(net.paths[0].client_sent)), before)
+        self.assertEqual(protocol.losts, 1)
+
     def test_listener_reset(self):
         net, client, server = started(self)
         [protocol] = opened(self, net, 1)

@@ -574,6 +574,7 @@ class Stream:
             return
         self._ended = True
         self._ended_by = None
+        self._write_shut = True  # writes after the end are dropped, as after a TCP connection's
         self._blocked.clear()
         self._inbox.clear()
         if self._pull_call is not None and self._pull_call.active():

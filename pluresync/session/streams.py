@@ -114,7 +114,7 @@ class StreamTable:
             stream.regrant()
 
     def removed(self, stream: Stream) -> None:
-        """A stream has ended (its application heard C{connectionLost}): the session may be idle now."""
+        """A stream has ended (its application hears C{connectionLost} next): the session may be idle now."""
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
         if not self.streams and not self._opening:
