@@ -487,6 +487,25 @@ class PathTests(SynchronousTestCase):
             self.assertEqual(protocol.messages, sent[n])
         self.assertGreaterEqual(len(net.paths), 3)
 
+    def test_streams_move_with_a_planned_rotation(self):
+        """A relay's announced cap moves the session make-before-break: every stream goes on, nothing resent."""
+        net = Net(protocol=MessageRecorder)
+        net.expires_in = 2.0
+        client, server = net.start(self)
+        streams = [client, *opened(self, net, 3, MessageRecorder)]
+        for round_ in range(4):
+            for n, protocol in enumerate(streams):
+                protocol.transport.writeMessage(blob(50_000, seed=100 * round_ + n))
+            net.run(1.0)
+            for path in net.live:
+                if net.clock.seconds() >= path.a.expires_at:
+                    path.a.closed = path.b.closed = True
+        net.run(1)
+        for n, protocol in enumerate(net.built):
+            self.assertEqual(protocol.messages, [blob(50_000, seed=100 * r + n) for r in range(4)])
+        self.assertGreaterEqual(net.client_session.swaps, 1)
+        self.assertIsNone(client.lost)
+
     def test_protocol_errors(self):
         """An OPEN out of turn, or data on a stream never opened, ends the session: the peer broke the protocol."""
         for plaintext in (wire.open_record(4), wire.data_record(RecordType.DATA, 8, b"x"), wire.open_record(3)):
