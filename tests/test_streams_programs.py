@@ -39,21 +39,23 @@ def _require(test, *programs: str) -> None:
 class PoolThroughForwardTests(TestCase):
     timeout = 120
 
-    async def forward_to(self, to: str, relay) -> int:
-        """`expose --to TO` and `forward` through C{relay}; the forward's local port."""
+    async def forward_to(self, relay, listener: list[str], ready) -> int:
+        """
+        A listener process (C{listener}: its arguments after the endpoint's
+        place, written C{{endpoint}}) and `pluresync forward` to it through
+        C{relay}; the forward's local port, once both are ready (C{ready}
+        waits for the listener).
+        """
         base = Path(self.mktemp()).resolve()
         base.mkdir(parents=True)
         keyfile = base / "key"
         SyncKey.generate().write(keyfile)
         endpoint = f"relay:url={escaped_url(relay.port)}:keyfile={quoteStringArgument(str(keyfile))}"
+        args = [endpoint if arg == "{endpoint}" else arg for arg in listener]
+        marker = b"listening on" if args[1] == "pluresync" else None
+        served = spawn(self, args, marker=marker, env={"PLURESYNC_HOME": str(base / "home-listener")})
+        await ready(served)
         port = free_port()
-        expose = spawn(
-            self,
-            ["-m", "pluresync", "expose", "--to", to, endpoint],
-            marker=b"listening on",
-            env={"PLURESYNC_HOME": str(base / "home-expose")},
-        )
-        await expose.ready
         forward = spawn(
             self,
             ["-m", "pluresync", "forward", "--listen", f"tcp:{port}:interface=127.0.0.1", endpoint + ":wait=20"],
@@ -61,14 +63,18 @@ class PoolThroughForwardTests(TestCase):
             env={"PLURESYNC_HOME": str(base / "home-forward")},
         )
         await forward.ready
-        self.children = (expose, forward)
+        self.children = (served, forward)
         return port
 
     async def test_redis_benchmark_50_connections(self):
         _require(self, "redis-server", "redis-benchmark")
         redis = await start_redis(self)
         relay = await start_relay(self)
-        port = await self.forward_to(f"tcp:127.0.0.1:{redis.port}", relay)
+        port = await self.forward_to(
+            relay,
+            ["-m", "pluresync", "expose", "--to", f"tcp:127.0.0.1:{redis.port}", "{endpoint}"],
+            lambda expose: expose.ready,
+        )
         out, err, code = await getProcessOutputAndValue(
             shutil.which("redis-benchmark"),
             ["-h", "127.0.0.1", "-p", str(port), "-c", "50", "-n", "5000", "-t", "set,get", "-q"],
@@ -91,25 +97,11 @@ class PoolThroughForwardTests(TestCase):
         files = {f"f{n}.bin": os.urandom(64 * 1024 + n) for n in range(50)}
         for name, data in files.items():
             (root / name).write_bytes(data)
-        base = Path(self.mktemp()).resolve()
-        base.mkdir(parents=True)
-        keyfile = base / "key"
-        SyncKey.generate().write(keyfile)
-        endpoint = f"relay:url={escaped_url(relay.port)}:keyfile={quoteStringArgument(str(keyfile))}"
-        web = spawn(
-            self,
-            ["-m", "twisted", "web", "--listen", endpoint, "--path", str(root)],
-            env={"PLURESYNC_HOME": str(base / "home-web")},
+        port = await self.forward_to(
+            relay,
+            ["-m", "twisted", "web", "--listen", "{endpoint}", "--path", str(root)],
+            lambda web: poll(lambda: _d_listeners(relay), timeout=30, what="twist web registered at the relay"),
         )
-        await poll(lambda: _d_listeners(relay), timeout=30, what="twist web registered at the relay")
-        port = free_port()
-        forward = spawn(
-            self,
-            ["-m", "pluresync", "forward", "--listen", f"tcp:{port}:interface=127.0.0.1", endpoint + ":wait=20"],
-            marker=b"listening on",
-            env={"PLURESYNC_HOME": str(base / "home-forward")},
-        )
-        await forward.ready
         out_dir = Path(self.mktemp()).resolve()
         out_dir.mkdir(parents=True)
         args = ["--parallel", "--parallel-max", "50", "--silent", "--show-error", "--fail"]
@@ -120,7 +112,8 @@ class PoolThroughForwardTests(TestCase):
         for name, data in files.items():
             got = (out_dir / name).read_bytes()
             self.assertEqual(hashlib.sha256(got).hexdigest(), hashlib.sha256(data).hexdigest(), name)
-        self.assertNotIn(b"Traceback", forward.err + web.err)
+        for child in self.children:
+            self.assertNotIn(b"Traceback", child.err)
         health = await relay.health()
         self.assertEqual(health["sessions"], 1, health)  # one pair for 50 requests
 

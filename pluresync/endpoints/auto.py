@@ -42,8 +42,7 @@ from pluresync.endpoints import pathcache
 from pluresync.errors import ConnectionTimeoutError, PluresyncError
 from pluresync.interfaces import IPath, IPathClient, IPathListener
 from pluresync.secure.link import LinkRefused
-from pluresync.session import attach
-from pluresync.session.pool import pool_for
+from pluresync.session import attach, pool
 
 #: The default head start of each path over the next, in seconds: long enough
 #: for a healthy relay on another continent to answer, short enough that a
@@ -277,11 +276,13 @@ class AutoClientEndpoint:
 
     def connect(self, protocolFactory) -> Deferred:
         """A stream on the session connects to this peer share (L{pluresync.session.pool}), else a new race."""
-        key = self._config.pool_key
-        if key is None:
-            return self._connect(protocolFactory, None)
-        return pool_for(self._reactor).connect(
-            key, protocolFactory, lambda pooled: self._connect(protocolFactory, pooled), self._config.timeout
+        config = self._config
+        return pool.connect(
+            self._reactor,
+            config.pool_key,
+            protocolFactory,
+            lambda shared: self._connect(protocolFactory, shared),
+            config.timeout,
         )
 
     def _connect(self, protocolFactory, pooled) -> Deferred:

@@ -53,9 +53,8 @@ from pluresync.keys import PeerIdentity, Topic
 from pluresync.pipes import tcp
 from pluresync.secure.establish import secure_link
 from pluresync.secure.link import Link, LinkRefused
-from pluresync.session import attach
+from pluresync.session import attach, pool
 from pluresync.session.params import SessionParams
-from pluresync.session.pool import pool_for
 from pluresync.session.session import new_hello
 
 #: The LAN path's name, as addresses, logs and C{auto:}'s errors report it.
@@ -178,11 +177,13 @@ class DirectClientEndpoint:
 
     def connect(self, protocolFactory) -> Deferred:
         """A stream on the session connects to this peer share (L{pluresync.session.pool}), else a new search."""
-        key = self._config.pool_key
-        if key is None:
-            return self._connect(protocolFactory, None)
-        return pool_for(self._reactor).connect(
-            key, protocolFactory, lambda on_session: self._connect(protocolFactory, on_session), self._config.timeout
+        config = self._config
+        return pool.connect(
+            self._reactor,
+            config.pool_key,
+            protocolFactory,
+            lambda shared: self._connect(protocolFactory, shared),
+            config.timeout,
         )
 
     def _connect(self, protocolFactory, on_session) -> Deferred:

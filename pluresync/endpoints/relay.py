@@ -34,9 +34,8 @@ from pluresync.pipes.websocket import RelaySocketProtocol, RelayURL, open_relay_
 from pluresync.relay.core.wire import ErrorCode, encode_connect
 from pluresync.secure.establish import secure_link
 from pluresync.secure.link import Link
-from pluresync.session import attach
+from pluresync.session import attach, pool
 from pluresync.session.params import SessionParams
-from pluresync.session.pool import pool_for
 from pluresync.session.session import new_hello
 
 #: The seed's relays. C{url=} overrides either.
@@ -199,11 +198,13 @@ class RelayClientEndpoint:
 
     def connect(self, protocolFactory):
         """A stream on the session connects to this peer share (L{pluresync.session.pool}), else a new session."""
-        key = self._config.pool_key
-        if key is None:
-            return self._connect(protocolFactory, None)
-        return pool_for(self._reactor).connect(
-            key, protocolFactory, lambda on_session: self._connect(protocolFactory, on_session), self._config.timeout
+        config = self._config
+        return pool.connect(
+            self._reactor,
+            config.pool_key,
+            protocolFactory,
+            lambda shared: self._connect(protocolFactory, shared),
+            config.timeout,
         )
 
     def _connect(self, protocolFactory, on_session):

@@ -48,6 +48,17 @@ def pool_for(reactor) -> SessionPool:
 Fresh = Callable[[Callable[[Session], object]], Deferred]
 
 
+def connect(reactor, key: Hashable | None, factory, fresh: Fresh, timeout: float) -> Deferred:
+    """
+    What an endpoint's C{connect()} does: a stream on the session connects
+    with C{key} share, else a new session through C{fresh}; C{key} C{None}
+    (C{reuse=off}): always a new session, shared with nobody.
+    """
+    if key is None:
+        return fresh(None)
+    return pool_for(reactor).connect(key, factory, fresh, timeout)
+
+
 class SessionPool:
     """The shared sessions of one reactor, by the key of the endpoints that share them."""
 

@@ -253,12 +253,18 @@ class Stream:
                 )
             self._end(reason)
             return
+        self._disconnect(reason)
+
+    def _disconnect(self, reason: Failure) -> None:
+        """Let go of the protocol and its producer, then tell the protocol how the connection ended."""
         protocol, self._protocol = self._protocol, None
         self.connected = False
         if self._producer is not None:
             producer, self._producer = self._producer, None
             if not reason.check(ConnectionDone):
                 producer.stopProducing()
+        if self._table is not None:
+            self._table.removed(self)
         if protocol is not None:
             protocol.connectionLost(reason)
 
@@ -580,12 +586,4 @@ class Stream:
         if self._pull_call is not None and self._pull_call.active():
             self._pull_call.cancel()
         self._pull_call = None
-        protocol, self._protocol = self._protocol, None
-        self.connected = False
-        if self._producer is not None:
-            producer, self._producer = self._producer, None
-            if not reason.check(ConnectionDone):
-                producer.stopProducing()
-        self._table.removed(self)
-        if protocol is not None:
-            protocol.connectionLost(reason)
+        self._disconnect(reason)
