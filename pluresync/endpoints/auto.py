@@ -267,23 +267,12 @@ class _Race:
 
 
 @implementer(IStreamClientEndpoint)
-class AutoClientEndpoint:
+class AutoClientEndpoint(pool.SharingClient):
     """Connects over whichever configured path works first."""
 
     def __init__(self, reactor, config: AutoConfig) -> None:
         self._reactor = reactor
         self._config = config
-
-    def connect(self, protocolFactory) -> Deferred:
-        """A stream on the session connects to this peer share (L{pluresync.session.pool}), else a new race."""
-        config = self._config
-        return pool.connect(
-            self._reactor,
-            config.pool_key,
-            protocolFactory,
-            lambda shared: self._connect(protocolFactory, shared),
-            config.timeout,
-        )
 
     def _connect(self, protocolFactory, pooled) -> Deferred:
         try:

@@ -164,7 +164,7 @@ class DirectConfig:
 
 
 @implementer(IStreamClientEndpoint, IPathClient)
-class DirectClientEndpoint:
+class DirectClientEndpoint(pool.SharingClient):
     """Connects to a peer listening on the same LAN."""
 
     def __init__(self, reactor, config: DirectConfig) -> None:
@@ -174,17 +174,6 @@ class DirectClientEndpoint:
     @property
     def name(self) -> str:
         return self._config.name
-
-    def connect(self, protocolFactory) -> Deferred:
-        """A stream on the session connects to this peer share (L{pluresync.session.pool}), else a new search."""
-        config = self._config
-        return pool.connect(
-            self._reactor,
-            config.pool_key,
-            protocolFactory,
-            lambda shared: self._connect(protocolFactory, shared),
-            config.timeout,
-        )
 
     def _connect(self, protocolFactory, on_session) -> Deferred:
         try:

@@ -185,7 +185,7 @@ class RelayConfig:
 
 
 @implementer(IStreamClientEndpoint, IPathClient)
-class RelayClientEndpoint:
+class RelayClientEndpoint(pool.SharingClient):
     """Connects to a peer listening through a relay."""
 
     def __init__(self, reactor, config: RelayConfig) -> None:
@@ -195,17 +195,6 @@ class RelayClientEndpoint:
     @property
     def name(self) -> str:
         return self._config.name
-
-    def connect(self, protocolFactory):
-        """A stream on the session connects to this peer share (L{pluresync.session.pool}), else a new session."""
-        config = self._config
-        return pool.connect(
-            self._reactor,
-            config.pool_key,
-            protocolFactory,
-            lambda shared: self._connect(protocolFactory, shared),
-            config.timeout,
-        )
 
     def _connect(self, protocolFactory, on_session):
         try:

@@ -48,15 +48,24 @@ def pool_for(reactor) -> SessionPool:
 Fresh = Callable[[Callable[[Session], object]], Deferred]
 
 
-def connect(reactor, key: Hashable | None, factory, fresh: Fresh, timeout: float) -> Deferred:
+class SharingClient:
     """
-    What an endpoint's C{connect()} does: a stream on the session connects
-    with C{key} share, else a new session through C{fresh}; C{key} C{None}
-    (C{reuse=off}): always a new session, shared with nobody.
+    The C{connect()} of a client endpoint whose connects share sessions
+    (C{relay:}, C{direct:}, C{auto:}): the endpoint has C{_reactor}, a
+    C{_config} with C{pool_key} and C{timeout}, and C{_connect(factory,
+    shared)}, which opens a new session and hands it to C{shared} once it
+    runs (C{shared} is C{None} with C{reuse=off}: a session for this connect alone).
     """
-    if key is None:
-        return fresh(None)
-    return pool_for(reactor).connect(key, factory, fresh, timeout)
+
+    def connect(self, protocolFactory) -> Deferred:
+        """A stream on the session connects to this peer share, else a new session."""
+        config = self._config
+        key = config.pool_key
+        if key is None:
+            return self._connect(protocolFactory, None)
+        return pool_for(self._reactor).connect(
+            key, protocolFactory, lambda shared: self._connect(protocolFactory, shared), config.timeout
+        )
 
 
 class SessionPool:
