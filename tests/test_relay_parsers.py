@@ -104,6 +104,23 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual(config.identity.public, PeerIdentity.from_file(identity).public)
         self.assertEqual(config.topic, self.key.topic(""))
 
+    def test_reuse(self):
+        """reuse= sets how long an idle shared session stays up; off shares nothing; a listener refuses it."""
+        base = f"relay:azure:keyfile={self.keyfile}"
+        default = self.client(base)._config
+        self.assertEqual((default.session.share, default.session.linger), (True, 0.0))
+        kept = self.client(f"{base}:reuse=30")._config
+        self.assertEqual((kept.session.share, kept.session.linger), (True, 30.0))
+        self.assertIsNone(self.client(f"{base}:reuse=off")._config.pool_key)
+        self.assertEqual(self.client(base)._config.pool_key, self.client(base)._config.pool_key)
+        self.assertNotEqual(default.pool_key, kept.pool_key)
+        with self.assertRaises(ValueError) as e:
+            self.client(f"{base}:reuse=soon")
+        self.assertIn("reuse", str(e.exception))
+        with self.assertRaises(ValueError) as e:
+            serverFromString(self.reactor, f"{base}:reuse=5")
+        self.assertIn("reuse=", str(e.exception))
+
     def test_environment_key(self):
         """Without keyfile= the PLURESYNC_KEY environment variable is used."""
         self.setEnvironment(self.keyfile)

@@ -113,7 +113,7 @@ def _load_ca(path: str):
         raise ConfigurationError(f"relay endpoint: ca={path!r} holds a malformed certificate") from None
 
 
-_CLIENT_ONLY = ("peer", "wait")
+_CLIENT_ONLY = ("peer", "wait", "reuse")
 
 
 def _refuse_client_only(prefix: str, kwargs: dict) -> None:
