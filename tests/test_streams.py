@@ -230,9 +230,9 @@ class CreditTests(SynchronousTestCase):
         """A receiver grants each stream a fair share of its window, never less than the minimum."""
         net, client, server = started(self)
         table = net.server_session.mux
-        self.assertEqual(table.window(), net.server_params.window)
+        self.assertEqual(table.window, net.server_params.window)
         opened(self, net, 3)
-        self.assertEqual(table.window(), max(MIN_STREAM_WINDOW, net.server_params.window // 4))
+        self.assertEqual(table.window, max(MIN_STREAM_WINDOW, net.server_params.window // 4))
 
     def test_new_stream_starts_with_the_initial_credit(self):
         net, client, server = started(self)
@@ -242,7 +242,7 @@ class CreditTests(SynchronousTestCase):
         net.run(1)
         inbox = net.built[1].transport.stats()["stream_inbox_bytes"]
         self.assertGreaterEqual(inbox, INITIAL_CREDIT)
-        self.assertLessEqual(inbox, net.server_session.mux.window() + INITIAL_CREDIT)
+        self.assertLessEqual(inbox, net.server_session.mux.window + INITIAL_CREDIT)
 
     def test_credit_violation_ends_the_session(self):
         net, client, server = started(self)

@@ -802,18 +802,16 @@ class Session:
 
     # -- path signaling ----------------------------------------------------------------
 
-    def sendLinkRecord(self, record: bytes) -> bool:
+    def sendWindow(self, record: bytes) -> None:
         """
-        Send an unnumbered record on the link we send on (a stream's WINDOW):
+        Send a stream's WINDOW on the link we send on, with an ACK in the same
+        pipe write (one WebSocket message for both, and one a relay forwards);
         one lost with its link is sent again when another link carries the session.
-
-        @return: whether it was sent.
         """
         state = self._active
         if state is None or self.phase is Phase.ENDED or not state.link.usable:
-            return False
-        state.link.sendRecord(record)
-        return True
+            return
+        self._sendAck(force=True, window=record)
 
     def whenConfirmed(self, callback: Callable[[], object]) -> None:
         """
@@ -1008,7 +1006,11 @@ class Session:
         elif self._ack_call is None and (self._recv_next > self._acked_recv or self._consumed + window > self._granted):
             self._ack_call = self._clock.callLater(self.params.ack_delay, self._sendAck, True)
 
-    def _sendAck(self, force: bool = False) -> None:
+    def _sendAck(self, force: bool = False, window: bytes | None = None) -> None:
+        """
+        Acknowledge what arrived and grant credit; with C{window}, a
+        stream's WINDOW goes in the same pipe write on the link we send on.
+        """
         if self._ack_call is not None:
             if self._ack_call.active():
                 self._ack_call.cancel()
@@ -1020,7 +1022,11 @@ class Session:
         record = wire.ack_record(self._recv_next, self._granted)
         # During a move the peer may be reading either link: tell both.
         for state in self._links:
-            if state.link.usable and (state is self._active or not state.retiring):
+            if not state.link.usable:
+                continue
+            if state is self._active:
+                state.link.sendRecords([record, window] if window is not None else [record])
+            elif not state.retiring:
                 state.link.sendRecord(record)
 
     # -- closing ---------------------------------------------------------------------

@@ -52,10 +52,11 @@ from pluresync.session import wire
 from pluresync.session.session import UnconfirmedCloseError
 from pluresync.session.wire import ResetReason
 
-_DATA = RecordType.DATA
-_END = RecordType.END
-_SHUTDOWN = RecordType.SHUTDOWN
-_FINISH = RecordType.FINISH
+#: plain ints, not the enum: compared on every record
+_DATA = int(RecordType.DATA)
+_END = int(RecordType.END)
+_SHUTDOWN = int(RecordType.SHUTDOWN)
+_FINISH = int(RecordType.FINISH)
 _MAX = wire.MAX_DATA_PAYLOAD
 _HEAD = wire.STREAM_HEAD_SIZE
 
@@ -276,7 +277,13 @@ class Stream:
         if type(data) is not bytes:
             data = bytes(data)  # the resend queue keeps it: it must not change
         head = self._data_head
-        send = self._session.send if self._table is None else self._out
+        if self._table is None:
+            send = self._session.send
+        elif not self._blocked and self._sent + len(data) <= self._credit:
+            self._sent += len(data)  # within the stream's credit: what _out would find
+            send = self._session.send
+        else:
+            send = self._out
         if len(data) <= _MAX:
             send((head, data))
             return
@@ -476,27 +483,43 @@ class Stream:
         """Send the peer our credit for this stream (its first WINDOW accepts an opened stream)."""
         if self._ended or self._read_shut:
             return
-        self._granted = max(self._granted, self._consumed + self._table.window())
+        self._granted = max(self._granted, self._consumed + self._table.window)
         self._table.grant(self._id, self._granted)
+
+    def bytesReceived(self, kind: int, plaintext: bytes) -> None:
+        """
+        (in a table) A DATA or END record of this stream, in order: every
+        record's path, so what L{_hand} and L{_consume} do for bytes is
+        written out here.
+        """
+        payload = plaintext[_HEAD:]
+        size = len(payload)
+        self._received += size
+        if self._received > self._granted:
+            raise RecordError(f"the peer sent more on stream {self._id} than the credit it was given")
+        if self._read_shut:
+            raise RecordError(f"the peer sent on stream {self._id} after ending its side")
+        if self._closing or self._ended:
+            # We are closing: what crosses our end is discarded, and still
+            # credited, or a peer whose own end waits behind it would wait for ever.
+            self._consume(size)
+            return
+        if self._inbox or self._reading_paused or self._protocol is None:
+            self._inbox.append((kind, payload))
+            return
+        if self._records is not None:
+            self._records.recordReceived(payload, kind == _END)
+        elif payload:
+            self._protocol.dataReceived(payload)
+        self._consumed = consumed = self._consumed + size
+        window = self._table.window
+        if consumed + window - self._granted >= window >> 2:
+            self._granted = consumed + window
+            self._table.grant(self._id, self._granted)
 
     def _muxReceived(self, kind: int, plaintext: bytes) -> None:
         if kind == _DATA or kind == _END:
-            payload = plaintext[_HEAD:]
-            self._received += len(payload)
-            if self._received > self._granted:
-                raise RecordError(f"the peer sent more on stream {self._id} than the credit it was given")
-            if self._read_shut:
-                raise RecordError(f"the peer sent on stream {self._id} after ending its side")
-            if self._closing or self._ended:
-                # We are closing: what crosses our end is discarded, and
-                # still credited, or a peer whose own end waits behind it
-                # would wait for ever.
-                self._consume(len(payload))
-                return
-            if self._inbox or self._reading_paused or self._protocol is None:
-                self._inbox.append((kind, payload))
-            else:
-                self._hand(kind, payload)
+            self.bytesReceived(kind, plaintext)
         elif kind == _SHUTDOWN:
             if self._read_shut:
                 return
@@ -531,12 +554,11 @@ class Stream:
 
     def _consume(self, size: int) -> None:
         """C{size} more bytes were read (or discarded): grant the peer more once a quarter window is free."""
-        self._consumed += size
-        table = self._table
-        window = table.window()
-        if self._consumed + window - self._granted >= window >> 2:
-            self._granted = self._consumed + window
-            table.grant(self._id, self._granted)
+        self._consumed = consumed = self._consumed + size
+        window = self._table.window
+        if consumed + window - self._granted >= window >> 2:
+            self._granted = consumed + window
+            self._table.grant(self._id, self._granted)
 
     def _drain(self) -> None:
         inbox = self._inbox

@@ -23,6 +23,7 @@ one session holds and how fast it may open them.
 
 from __future__ import annotations
 
+import struct
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -45,9 +46,11 @@ INITIAL_CREDIT = 64 * 1024
 #: The smallest window a receiver grants a stream, however many share the session.
 MIN_STREAM_WINDOW = 128 * 1024
 
-_OPEN = RecordType.OPEN
-_RESET = RecordType.RESET
-_FINISH = RecordType.FINISH
+_END = int(RecordType.END)
+_OPEN = int(RecordType.OPEN)
+_stream_id = struct.Struct(">I").unpack_from
+_RESET = int(RecordType.RESET)
+_FINISH = int(RecordType.FINISH)
 
 _REFUSALS = {
     ResetReason.REFUSED: "the peer's application refused the stream",
@@ -86,6 +89,7 @@ class StreamTable:
         self._ended = False
         self.opened = 1  #: streams this session has carried (for stats and tests)
         self._turn = 0
+        self._share()
         session.stream = session.mux = self
 
     def __len__(self) -> int:
@@ -99,14 +103,16 @@ class StreamTable:
 
     def add(self, stream: Stream) -> None:
         self.streams[stream.stream_id] = stream
+        self._share()
         self._stopLinger()
 
-    def window(self) -> int:
-        """The window a stream's reader grants now: a fair share of the session's, never below the minimum."""
-        return max(MIN_STREAM_WINDOW, self.session.params.window // max(1, len(self.streams)))
+    def _share(self) -> None:
+        #: the window a stream's reader grants now: a fair share of the
+        #: session's, never below the minimum (read on every record: kept, not computed)
+        self.window = max(MIN_STREAM_WINDOW, self.session.params.window // max(1, len(self.streams)))
 
     def grant(self, stream_id: int, max_offset: int) -> None:
-        self.session.sendLinkRecord(wire.window_record(stream_id, max_offset))
+        self.session.sendWindow(wire.window_record(stream_id, max_offset))
 
     def regrant(self) -> None:
         """A new link: tell the peer every stream's credit again (a WINDOW lost with a link is not resent)."""
@@ -117,6 +123,7 @@ class StreamTable:
         """A stream has ended (its application hears C{connectionLost} next): the session may be idle now."""
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
+            self._share()
         if not self.streams and not self._opening:
             self._idle()
 
@@ -188,6 +195,12 @@ class StreamTable:
         so the peer itself broke them: the session ends (ABORT(2)).
         """
         try:
+            if kind <= _END and len(plaintext) >= wire.STREAM_HEAD_SIZE:
+                # The common case first: bytes for an open stream.
+                stream = self.streams.get(_stream_id(plaintext, 1)[0])
+                if stream is not None and (not self._opening or stream.stream_id not in self._opening):
+                    stream.bytesReceived(kind, plaintext)
+                    return
             self._route(kind, plaintext)
         except (RecordError, wire.WireError) as e:
             self.session.abort(
