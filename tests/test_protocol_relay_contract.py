@@ -142,7 +142,6 @@ class MessageSizeTests(TestCase):
         await self.send_through(16 * 65_000)
 
 
-
 class CarrierEndTests(TestCase):
     """ "Ending a carrier", seen through a real relay by a raw peer."""
 

@@ -132,6 +132,22 @@ def busy_error(host: str, status: int, headers: dict, status_text: str = "") -> 
     )
 
 
+def websocket_refused(error: Exception) -> bool:
+    """
+    Whether C{error} (from L{open_relay_socket}) says that something between
+    us and the relay refused or broke the WebSocket itself (a proxy's 4xx/5xx
+    or a 200 instead of the 101, a reset during or right after the upgrade),
+    rather than that the relay could not be reached or refused us: then the
+    HTTP pipe (L{pluresync.pipes.http}) may get through where it did not.
+    """
+    return getattr(error, "websocket_refused", False) is True
+
+
+def _refused(error: RelayError) -> RelayError:
+    error.websocket_refused = True
+    return error
+
+
 def _status_text(status_line: str) -> str:
     """C{"200 OK"} of C{"HTTP/1.0 200 OK"} (at most 80 characters)."""
     return status_line.strip().partition(" ")[2][:80]
@@ -438,14 +454,20 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
             if status_line and status != 101:
                 # It answered in HTTP, but not as a relay does (a web server,
                 # a proxy's page, an HTTP/1.0 server): say so, once.
-                return RelayUnreachableError(
-                    f"HTTP {_status_text(status_line)} instead of the WebSocket upgrade from "
-                    f"{relay.host}:{relay.port}: this is not a pluresync relay (check the relay URL)"
+                return _refused(
+                    RelayUnreachableError(
+                        f"HTTP {_status_text(status_line)} instead of the WebSocket upgrade from "
+                        f"{relay.host}:{relay.port}: this is not a pluresync relay (check the relay URL), "
+                        "or a proxy refused the WebSocket"
+                    )
                 )
-            return RelayUnreachableError(f"could not open a WebSocket to the relay at {relay.host}: {detail}")
+            return _refused(RelayUnreachableError(f"could not open a WebSocket to the relay at {relay.host}: {detail}"))
         if code == CLOSE_GOING_AWAY:
             return RelayError(f"the relay at {relay.host} is shutting down", "going-away")
-        return RelayError(f"the relay at {relay.host} closed the connection (code {code}: {reason})")
+        error = RelayError(f"the relay at {relay.host} closed the connection (code {code}: {reason})")
+        # Dropped without a close frame before the relay said anything: a
+        # proxy that lets the upgrade through and then cuts the socket.
+        return _refused(error) if code in (None, 1006) else error
 
     def _pipeEnd(self, wasClean: bool, code: int | None) -> Failure:
         relay = self.factory.relay.host

@@ -1,0 +1,792 @@
+"""
+The client side of the HTTP pipe (docs/protocol.md, "HTTP pipe"): relay
+protocol v1 over plain HTTP/1.1 requests, for networks whose proxy refuses
+or breaks the WebSocket upgrade.
+
+L{open_http_relay_socket} is L{pluresync.pipes.websocket.open_relay_socket}
+over HTTP: the same hello, the same answers (C{ready} and C{incoming} on a
+listener's control socket, C{paired} on a connector's or an acceptor's),
+and an L{HttpRelaySocket} that offers what the relay endpoints use of a
+WebSocket (C{becomePipe}, C{decline}, C{sendClose}, its cap and how it
+ended), so nothing above the pipe knows which kind it holds.
+
+Requests go through Twisted's HTTP client (L{Agent}) over the same
+connection a WebSocket would use: TCP, or a tunnel through the proxy
+(CONNECT), then TLS verified against C{ca=} or the system's store.  One
+request, the downstream, carries everything from the relay as a chunked
+response, read with backpressure (C{pauseReading} pauses its transport);
+the upstream streams a chunked request body registered with the TCP
+transport as a streaming producer, so the session's writer is paused when
+the connection is full.  If the relay's answer to the upstream's first ping
+does not come within C{probe} seconds, a proxy is holding the body: the
+client ends it and sends bounded POSTs from then on, one at a time, pausing
+its writer while more than one POST's worth waits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
+from zope.interface import implementer
+
+from pluresync.dial.proxy import ProxyConfig, ProxyTunnelEndpoint
+from pluresync.dial.tcp import tcp_endpoint
+from pluresync.errors import (
+    PeerGoneError,
+    RelayBusyError,
+    RelayError,
+    RelayLostError,
+    RelayUnreachableError,
+)
+from pluresync.interfaces import IPipe, IPipeReceiver
+from pluresync.pipes.websocket import PIPE_BUFFER, Answer, RelayURL, auth_error, busy_error
+from pluresync.relay.core.httpwire import (
+    BINARY,
+    CLOSE,
+    CONTENT_TYPE,
+    CONTINUATION,
+    DOWNSTREAM_KINDS,
+    OPEN,
+    PING,
+    PIPE_HEADER,
+    PIPE_PATH,
+    PONG,
+    SEQ_HEADER,
+    TEXT,
+    FrameBreach,
+    FrameReader,
+    encode_close,
+    frame,
+    frame_head,
+    parse_close,
+    parse_open,
+)
+from pluresync.relay.core.wire import (
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    ErrorCode,
+    Incoming,
+    Paired,
+    Ready,
+    RelayErrorMessage,
+    RelayMessageError,
+    encode_decline,
+    parse_relay_message,
+)
+
+log = Logger(namespace="pluresync.relay.client")
+
+#: How long the first upstream may stream before the relay's pong proves it
+#: is not held by a proxy (then the client steps down to bounded POSTs).
+DEFAULT_PROBE = 1.0
+#: The payload of the probe ping.
+PROBE = b"probe"
+#: The largest data message we accept from the relay (as on a WebSocket, with the relay's announced room).
+MAX_INCOMING_MESSAGE = 4 * 1024 * 1024
+#: A pipe that ends without the relay's close frame (as a WebSocket's 1006).
+CLOSE_ABNORMAL = 1006
+#: How long after the relay's announced ping interval a silent downstream is dropped.
+PING_GRACE = 10.0
+
+
+def pipe_url(relay: RelayURL) -> bytes:
+    """The HTTP pipe's URL for C{relay}: its path joined with C{pipe}, C{ws} become C{http}."""
+    scheme = "https" if relay.secure else "http"
+    rest = relay.url.split("://", 1)[1]
+    authority, _, path = rest.partition("/")
+    base = "/" + path
+    if not base.endswith("/"):
+        base += "/"
+    return f"{scheme}://{authority}{base}{PIPE_PATH}".encode("ascii")
+
+
+@implementer(IAgentEndpointFactory)
+class RelayEndpoints:
+    """Every request of a pipe goes the way a WebSocket to the relay would: direct or CONNECT, then TLS."""
+
+    def __init__(self, reactor, relay: RelayURL, ca: list[Certificate] | None, proxy: ProxyConfig | None) -> None:
+        self._reactor = reactor
+        self._relay = relay
+        self._ca = ca
+        self._proxy = proxy
+
+    def endpointForURI(self, uri: Any) -> Any:
+        relay = self._relay
+        if self._proxy is not None:
+            endpoint = ProxyTunnelEndpoint(self._reactor, self._proxy, relay.host, relay.port)
+        else:
+            endpoint = tcp_endpoint(self._reactor, relay.host, relay.port)
+        if relay.secure:
+            trust = None
+            if self._ca:
+                from twisted.internet.ssl import trustRootFromCertificates
+
+                trust = trustRootFromCertificates(self._ca)
+            endpoint = wrapClientTLS(optionsForClientTLS(relay.host, trustRoot=trust), endpoint)
+        return endpoint
+
+
+@implementer(IBodyProducer)
+class BytesBody:
+    """A bounded upstream's body, already whole."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IBodyProducer)
+class StreamingBody:
+    """
+    A streaming upstream's chunked body: frames are written to the
+    connection as they come, and the connection's backpressure (Agent
+    registers the body as the transport's streaming producer) pauses the
+    socket's writer.
+    """
+
+    length = UNKNOWN_LENGTH
+
+    def __init__(self, socket: HttpRelaySocket) -> None:
+        self._socket = socket
+        self._consumer: Any = None
+        self._pending: list[bytes] = []
+        self._done: Deferred[None] | None = None
+        self.ended = False
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        self._consumer = consumer
+        pending, self._pending = self._pending, []
+        if pending:
+            consumer.write(b"".join(pending))
+        self._done = Deferred()
+        if self.ended:
+            self._done.callback(None)
+        return self._done
+
+    def write(self, data: bytes) -> None:
+        if self.ended:
+            return
+        if self._consumer is None:
+            self._pending.append(data)
+        else:
+            self._consumer.write(data)
+
+    def end(self) -> None:
+        """End the body at this frame boundary (the request then gets its answer)."""
+        if self.ended:
+            return
+        self.ended = True
+        if self._done is not None and not self._done.called:
+            self._done.callback(None)
+
+    def pauseProducing(self) -> None:
+        self._socket.upstream_full()
+
+    def resumeProducing(self) -> None:
+        self._socket.upstream_drained()
+
+    def stopProducing(self) -> None:
+        self.ended = True
+
+
+class Downstream(Protocol):
+    """The downstream response's body: frames to the socket."""
+
+    def __init__(self, socket: HttpRelaySocket) -> None:
+        self._socket = socket
+
+    def connectionMade(self) -> None:
+        self._socket.downstream_connected(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._socket.downstream_data(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._socket.downstream_ended(reason)
+
+
+@implementer(IPipe)
+class HttpPipe:
+    """A paired HTTP relay socket seen as an L{IPipe}: one binary frame per write."""
+
+    __slots__ = ("_socket",)
+
+    def __init__(self, socket: HttpRelaySocket) -> None:
+        self._socket = socket
+
+    def write(self, data: bytes) -> None:
+        self._socket.send(frame_head(BINARY, len(data)) + data)
+
+    def pauseReading(self) -> None:
+        self._socket.pause_reading()
+
+    def resumeReading(self) -> None:
+        self._socket.resume_reading()
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self._socket.register_producer(producer)
+
+    def unregisterProducer(self) -> None:
+        self._socket.register_producer(None)
+
+    def close(self) -> None:
+        self._socket.sendClose(CLOSE_NORMAL)
+
+    def abort(self) -> None:
+        self._socket.abort()
+
+    @property
+    def expires_at(self) -> float | None:
+        """Reactor seconds when the relay will end this pipe at its announced cap (C{None}: no cap)."""
+        return self._socket.expires_at
+
+
+class HttpRelaySocket:
+    """
+    One HTTP pipe to the relay, from the downstream request to the end: the
+    HTTP counterpart of L{pluresync.pipes.websocket.RelaySocketProtocol}.
+    """
+
+    #: the C{session_seconds} the relay announced (C{None}: no cap)
+    session_seconds: float | None = None
+    #: reactor seconds when the relay's answer arrived
+    answered_at: float | None = None
+    #: the close code the pipe ended with (1006: without a close frame), once it has
+    close_code: int | None = None
+    #: whether the relay's C{ready} said it takes C{decline}
+    takes_decline = False
+    #: how the upstream runs: C{"probing"}, C{"streaming"} or C{"bounded"}
+    mode = "probing"
+
+    def __init__(
+        self,
+        reactor,
+        relay: RelayURL,
+        hello: bytes,
+        *,
+        ca: list[Certificate] | None = None,
+        proxy: ProxyConfig | None = None,
+        token: str | None = None,
+        on_incoming: Callable[[str, str | None], None] | None = None,
+        on_lost: Callable[[Failure], None] | None = None,
+        probe: float = DEFAULT_PROBE,
+    ) -> None:
+        self._reactor = reactor
+        self.relay = relay
+        self._hello = hello
+        self._token = token
+        self._on_incoming = on_incoming
+        self._on_lost = on_lost
+        self._probe = probe
+        self._url = pipe_url(relay)
+        endpoints = RelayEndpoints(reactor, relay, ca, proxy)
+        self._down_pool = HTTPConnectionPool(reactor, persistent=False)
+        self._up_pool = HTTPConnectionPool(reactor, persistent=True)
+        self._up_pool.maxPersistentPerHost = 1
+        self._down_agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._down_pool)
+        self._up_agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._up_pool)
+        self.answer: Deferred[tuple[HttpRelaySocket, Answer]] = Deferred()
+        self._reader = FrameReader(self._frame, MAX_INCOMING_MESSAGE, DOWNSTREAM_KINDS)
+        self._pipe_token: str | None = None
+        self._max_post = 0
+        self._downstream: Deferred | None = None
+        self._down_transport: Any = None
+        self._reading_paused = False
+        self._body: StreamingBody | None = None
+        self._seq = 0
+        self._posting: Deferred | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._producer: Any = None
+        self._producer_paused = False
+        self._up_full = False
+        self._probe_call: Any = None
+        self._live_call: Any = None
+        self._ping_interval = 0.0
+        self._last_heard = reactor.seconds()
+        self._sent_at: float | None = None
+        self._answered = False
+        self._closing = False
+        self._ended = False
+        self._relay_error: RelayError | None = None
+        self._channel: IPipeReceiver | None = None
+
+    # -- opening ----------------------------------------------------------------
+
+    def start(self) -> Deferred[tuple[HttpRelaySocket, Answer]]:
+        """Open the downstream; the Deferred fires with the relay's answer to the hello."""
+        headers = Headers({b"Cache-Control": [b"no-store"]})
+        if self._token:
+            # Only on the downstream, only in this header (docs/protocol.md).
+            headers.addRawHeader(b"Authorization", f"Bearer {self._token}".encode("latin-1"))
+        self._sent_at = self._reactor.seconds()
+        d = self._down_agent.request(b"POST", self._url, headers, BytesBody(b""))
+        self._downstream = d
+        d.addCallbacks(self._responded, self._unreachable)
+        return self.answer
+
+    def _unreachable(self, failure: Failure) -> None:
+        self._downstream = None
+        if self._ended:
+            return
+        relay = self.relay
+        self._fail_opening(
+            RelayUnreachableError(
+                f"could not reach the relay at {relay.host}:{relay.port} over HTTP: {failure.getErrorMessage()}"
+            )
+        )
+
+    def _responded(self, response: Any) -> None:
+        self._downstream = None
+        if self._ended:
+            response.deliverBody(Protocol())
+            return
+        relay = self.relay
+        code = response.code
+        headers = response.headers
+        if code != 200:
+            readBody(response).addErrback(lambda _: None)
+            phrase = response.phrase.decode("latin-1", "replace")
+            status_line = f"HTTP/1.1 {code} {phrase}"
+            if code == 401:
+                self._fail_opening(auth_error(relay.host, bool(self._token), status_line))
+            elif code in (429, 503):
+                retry = (headers.getRawHeaders(b"retry-after") or [b""])[0].decode("latin-1", "replace")
+                self._fail_opening(busy_error(relay.host, code, {"retry-after": retry}, f"{code} {phrase}"))
+            else:
+                self._fail_opening(
+                    RelayUnreachableError(
+                        f"HTTP {code} {phrase[:80]} instead of the relay's HTTP pipe from {relay.host}:{relay.port}: "
+                        "a proxy refused the request, or this is not a pluresync relay"
+                    )
+                )
+            return
+        content_type = (headers.getRawHeaders(b"content-type") or [b""])[0].split(b";")[0].strip().lower()
+        if content_type != CONTENT_TYPE:
+            response.deliverBody(Protocol())
+            self._fail_opening(
+                RelayUnreachableError(
+                    f"{relay.host}:{relay.port} answered the HTTP pipe with a page, not a pipe "
+                    "(a proxy's or a captive portal's): this is not a pluresync relay, or a proxy is in the way"
+                )
+            )
+            return
+        response.deliverBody(Downstream(self))
+
+    def _fail_opening(self, error: RelayError) -> None:
+        self._relay_error = error
+        self._finish(CLOSE_ABNORMAL, "")
+
+    # -- the downstream -------------------------------------------------------------
+
+    def downstream_data(self, data: bytes) -> None:
+        if self._ended:
+            return
+        self._last_heard = self._reactor.seconds()
+        try:
+            self._reader.feed(data)
+        except FrameBreach as breach:
+            self._protocol_error(f"the relay broke the HTTP pipe's framing: {breach.message}")
+
+    def downstream_ended(self, reason: Failure) -> None:
+        self._down_transport = None
+        if not self._ended:
+            self._finish(CLOSE_ABNORMAL, reason.getErrorMessage())
+
+    def _frame(self, fin: bool, kind: int, payload: bytes) -> None:
+        if self._ended:
+            return
+        if kind == BINARY or kind == CONTINUATION:
+            if self._channel is not None:
+                self._channel.pipeDataReceived(payload)
+            else:
+                self._protocol_error("the relay sent data before pairing")
+        elif kind == TEXT:
+            self._control(payload)
+        elif kind == OPEN:
+            self._opened(payload)
+        elif kind == PING:
+            self.send(frame(PONG, payload))
+        elif kind == PONG:
+            if payload == PROBE and self.mode == "probing":
+                self._probed(streaming=True)
+        elif kind == CLOSE:
+            try:
+                code, reason = parse_close(payload)
+            except FrameBreach as breach:
+                self._protocol_error(breach.message)
+                return
+            self._finish(code, reason)
+
+    def _opened(self, payload: bytes) -> None:
+        if self._pipe_token is not None:
+            self._protocol_error("the relay opened the pipe twice")
+            return
+        try:
+            opened = parse_open(payload)
+        except FrameBreach as breach:
+            self._protocol_error(breach.message)
+            return
+        self._pipe_token = opened.pipe
+        self._max_post = opened.max_post
+        self._ping_interval = opened.ping
+        if opened.ping > 0:
+            self._live_call = self._reactor.callLater(opened.ping + PING_GRACE, self._check_live)
+        # The first upstream streams, and opens with the probe.
+        self._body = StreamingBody(self)
+        self._body.write(frame(PING, PROBE))
+        self._body.write(frame(TEXT, self._hello))
+        self._probe_call = self._reactor.callLater(self._probe, self._probed, False)
+        self._post(self._body)
+
+    def _check_live(self) -> None:
+        self._live_call = None
+        if self._ended:
+            return
+        silent = self._reactor.seconds() - self._last_heard
+        limit = self._ping_interval + PING_GRACE
+        if silent > limit and not self._reading_paused:
+            self._relay_error = RelayLostError(
+                f"the relay at {self.relay.host} sent nothing on the HTTP pipe for {silent:.0f} s"
+            )
+            self.abort()
+            return
+        self._live_call = self._reactor.callLater(max(1.0, limit - silent), self._check_live)
+
+    def _control(self, payload: bytes) -> None:
+        try:
+            message = parse_relay_message(payload)
+        except RelayMessageError as e:
+            self._protocol_error(f"the relay sent a malformed control message ({e})")
+            return
+        if isinstance(message, RelayErrorMessage):
+            self._relay_error = RelayError(
+                f"the relay at {self.relay.host} refused: {message.code}: {message.message[:200]}", message.code
+            )
+        elif isinstance(message, Incoming) and self._answered and self._on_incoming is not None:
+            self._on_incoming(message.session, message.peer)
+        elif isinstance(message, Ready | Paired) and not self._answered:
+            self._answered = True
+            self.takes_decline = isinstance(message, Ready) and message.decline
+            self.session_seconds = message.session_seconds
+            self.answered_at = self._reactor.seconds()
+            if not self.answer.called:
+                self.answer.callback((self, message))
+        else:
+            self._protocol_error(f"the relay sent an unexpected {message.op!r} message")
+
+    def _protocol_error(self, text: str) -> None:
+        self._relay_error = RelayError(f"protocol error: {text}", ErrorCode.BAD_REQUEST.value)
+        self.abort()
+
+    # -- the upstream -------------------------------------------------------------------
+
+    def _probed(self, streaming: bool) -> None:
+        """The probe's answer came (the upstream streams), or its time ran out (step down to bounded POSTs)."""
+        if self._probe_call is not None and self._probe_call.active():
+            self._probe_call.cancel()
+        self._probe_call = None
+        if self.mode != "probing" or self._ended:
+            return
+        if streaming:
+            self.mode = "streaming"
+            return
+        self.mode = "bounded"
+        log.info(
+            "{relay}: a proxy holds HTTP request bodies; the HTTP pipe sends bounded POSTs",
+            relay=f"{self.relay.host}:{self.relay.port}",
+        )
+        body, self._body = self._body, None
+        if body is not None:
+            body.end()
+        if self._up_full:
+            self.upstream_drained()
+
+    def send(self, data: bytes) -> None:
+        """Send frames (whole) to the relay, on whichever upstream runs."""
+        if self._ended or self._closing:
+            return
+        if self.mode != "bounded" and self._body is not None:
+            self._body.write(data)
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size > max(self._max_post, PIPE_BUFFER):
+            self.upstream_full()
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send what waits as the next bounded upstream, if none is in flight."""
+        if self._posting is not None or not self._pending or self._ended or self._pipe_token is None:
+            return
+        if self.mode == "probing" or (self._body is not None and not self._body.ended):
+            return
+        limit = max(self._max_post, 1)
+        batch: list[bytes] = []
+        size = 0
+        while self._pending and (not batch or size + len(self._pending[0]) <= limit):
+            piece = self._pending.pop(0)
+            batch.append(piece)
+            size += len(piece)
+        self._pending_size -= size
+        self._post(BytesBody(b"".join(batch)))
+
+    def _post(self, body: Any) -> None:
+        headers = Headers(
+            {
+                PIPE_HEADER: [self._pipe_token.encode("ascii")],
+                SEQ_HEADER: [str(self._seq).encode("ascii")],
+                b"Cache-Control": [b"no-store"],
+            }
+        )
+        self._seq += 1
+        d = self._up_agent.request(b"POST", self._url, headers, body)
+        self._posting = d
+        d.addCallback(self._posted)
+        d.addErrback(self._post_failed)
+
+    def _posted(self, response: Any) -> Deferred:
+        code = response.code
+        done = readBody(response)
+
+        def answered(_: Any) -> None:
+            self._posting = None
+            if self._ended:
+                return
+            if code not in (200, 204):
+                self._relay_error = RelayLostError(
+                    f"the relay at {self.relay.host} refused an upstream request of the HTTP pipe (HTTP {code})"
+                )
+                self.abort()
+                return
+            if self._pending_size <= max(self._max_post, PIPE_BUFFER) and self._up_full:
+                self.upstream_drained()
+            self._flush()
+
+        return done.addBoth(answered)
+
+    def _post_failed(self, failure: Failure) -> None:
+        self._posting = None
+        if self._ended or self._closing:
+            return
+        self._relay_error = RelayLostError(
+            f"an upstream request of the HTTP pipe to {self.relay.host} failed: {failure.getErrorMessage()}"
+        )
+        self.abort()
+
+    def upstream_full(self) -> None:
+        """The upstream cannot take more for now: pause whoever writes."""
+        self._up_full = True
+        if self._producer is not None and not self._producer_paused:
+            self._producer_paused = True
+            self._producer.pauseProducing()
+
+    def upstream_drained(self) -> None:
+        if self.mode == "bounded" and self._pending_size > max(self._max_post, PIPE_BUFFER):
+            return
+        self._up_full = False
+        if self._producer is not None and self._producer_paused:
+            self._producer_paused = False
+            self._producer.resumeProducing()
+
+    def register_producer(self, producer: Any) -> None:
+        self._producer = producer
+        self._producer_paused = False
+        if producer is not None and self._up_full:
+            self._producer_paused = True
+            producer.pauseProducing()
+
+    # -- reading ----------------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+        if self._down_transport is not None:
+            self._down_transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self._reading_paused = False
+        self._last_heard = self._reactor.seconds()
+        if self._down_transport is not None:
+            self._down_transport.resumeProducing()
+
+    def downstream_connected(self, transport: Any) -> None:
+        self._down_transport = transport
+        if self._reading_paused:
+            transport.pauseProducing()
+
+    # -- what the relay endpoints use of a relay socket ------------------------------------
+
+    @property
+    def expires_at(self) -> float | None:
+        """Reactor seconds when the relay will end this pipe at its cap (from our first request)."""
+        if self.session_seconds is None or self._sent_at is None:
+            return None
+        return self._sent_at + self.session_seconds
+
+    @property
+    def closed_on_purpose(self) -> bool:
+        """Whether the relay ended the pipe on purpose: going away (1001) or a cap (4029)."""
+        return self.close_code in (CLOSE_GOING_AWAY, ErrorCode.RATE_LIMITED.close_code)
+
+    def becomePipe(self, channel: IPipeReceiver) -> HttpPipe:
+        """After C{paired}: deliver data to C{channel} from now on."""
+        self._channel = channel
+        return HttpPipe(self)
+
+    def decline(self, session: str, error: RelayError) -> bool:
+        """On a listener's control pipe: tell the relay we could not accept C{session}."""
+        if not self.takes_decline or self._ended or self._closing:
+            return False
+        busy = isinstance(error, RelayBusyError)
+        code = ErrorCode.RATE_LIMITED if busy else ErrorCode.PEER_GONE
+        retry = error.retry_after if busy else None
+        self.send(frame(TEXT, encode_decline(session, code, str(error), retry)))
+        return True
+
+    def sendClose(self, code: int = CLOSE_NORMAL) -> None:
+        """End the pipe in order: a close frame after what was written; the relay answers and ends it."""
+        if self._ended or self._closing:
+            return
+        self.send(encode_close(code))
+        self._closing = True
+        if self._body is not None and self.mode == "streaming":
+            self._body.end()
+
+    def abort(self) -> None:
+        """Drop the pipe at once."""
+        if self._ended:
+            return
+        transport = self._down_transport
+        self._finish(CLOSE_ABNORMAL, "")
+        if self._downstream is not None:
+            self._downstream.cancel()
+        if transport is not None:
+            transport.stopProducing()
+
+    def _finish(self, code: int, reason: str) -> None:
+        """The pipe is over: stop its requests and timers, and tell whoever waits how it ended."""
+        if self._ended:
+            return
+        self._ended = True
+        self.close_code = code
+        for call in (self._probe_call, self._live_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._probe_call = self._live_call = None
+        if self._body is not None:
+            self._body.end()
+        if self._posting is not None:
+            posting, self._posting = self._posting, None
+            posting.cancel()
+        self._up_pool.closeCachedConnections()
+        transport = self._down_transport
+        if transport is not None and code != CLOSE_ABNORMAL:
+            # The relay ends the response after its close frame; don't wait for it.
+            transport.stopProducing()
+        if self._channel is not None:
+            channel, self._channel = self._channel, None
+            channel.pipeLost(self._pipe_end(code))
+            return
+        if not self._answered:
+            if not self.answer.called:
+                self.answer.errback(Failure(self._refusal(code, reason)))
+        elif self._on_lost is not None:
+            self._on_lost(self._pipe_end(code))
+
+    def _refusal(self, code: int, reason: str) -> RelayError:
+        relay = self.relay
+        if self._relay_error is not None:
+            return self._relay_error
+        if code == CLOSE_GOING_AWAY:
+            return RelayError(f"the relay at {relay.host} is shutting down", "going-away")
+        if code == CLOSE_ABNORMAL:
+            return RelayUnreachableError(f"the HTTP pipe to the relay at {relay.host} ended before it was open")
+        return RelayError(f"the relay at {relay.host} closed the HTTP pipe (code {code}: {reason})")
+
+    def _pipe_end(self, code: int) -> Failure:
+        relay = self.relay.host
+        if code == CLOSE_NORMAL and self._relay_error is None:
+            return Failure(ConnectionDone())
+        if ErrorCode.from_close_code(code) is ErrorCode.PEER_GONE:
+            return Failure(PeerGoneError("the peer vanished (its connection to the relay ended without a clean close)"))
+        if self._relay_error is not None:
+            return Failure(RelayLostError(str(self._relay_error)))
+        if code == CLOSE_GOING_AWAY:
+            return Failure(RelayLostError(f"the relay at {relay} is shutting down (going away)"))
+        return Failure(RelayLostError(f"the HTTP pipe to the relay at {relay} was lost (close code {code})"))
+
+
+def open_http_relay_socket(
+    reactor,
+    relay: RelayURL,
+    hello: bytes,
+    *,
+    ca: list[Certificate] | None = None,
+    ping_interval: float = 25.0,
+    ping_timeout: float = 10.0,
+    on_incoming: Callable[[str, str | None], None] | None = None,
+    on_lost: Callable[[Failure], None] | None = None,
+    proxy: ProxyConfig | None = None,
+    token: str | None = None,
+    probe: float = DEFAULT_PROBE,
+) -> Deferred[tuple[HttpRelaySocket, Answer]]:
+    """
+    Open an HTTP pipe to C{relay}, send C{hello}, and wait for the relay's
+    C{ready} or C{paired}: L{pluresync.pipes.websocket.open_relay_socket}
+    over plain HTTP requests (the same parameters; the relay's pings set
+    the pipe's liveness, so C{ping_interval} and C{ping_timeout} are not
+    used).  Cancelling the Deferred drops the pipe.
+    """
+    socket = HttpRelaySocket(
+        reactor,
+        relay,
+        hello,
+        ca=ca,
+        proxy=proxy,
+        token=token,
+        on_incoming=on_incoming,
+        on_lost=on_lost,
+        probe=probe,
+    )
+    cancelled = []
+
+    def cancel(_: Deferred) -> None:
+        # Our caller gets CancelledError; how the pipe ends on its way down is not news.
+        cancelled.append(True)
+        socket.abort()
+
+    result: Deferred[tuple[HttpRelaySocket, Answer]] = Deferred(cancel)
+
+    def answered(outcome: Any) -> None:
+        if not cancelled:
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+    socket.start().addBoth(answered)
+    return result
