@@ -545,6 +545,10 @@ class HttpPipes:
     def __len__(self) -> int:
         return len(self._by_token)
 
+    def find(self, token: str) -> HttpPipe | None:
+        """The live pipe with C{token}, if any."""
+        return self._by_token.get(token)
+
     def open(self, request: Any) -> Any:
         factory = self.factory
         if factory.shutting_down:
@@ -592,7 +596,7 @@ class HttpPipes:
 
     def upstream(self, request: Any, token: bytes, seq: bytes, length: int | None) -> HttpPipe | int:
         """The pipe an upstream request's body goes to, or the HTTP status it is refused with."""
-        pipe = self._by_token.get(token.decode("ascii", "replace"))
+        pipe = self.find(token.decode("ascii", "replace"))
         if pipe is None:
             return 404
         if length is not None and length > self.max_post:
