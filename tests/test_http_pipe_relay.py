@@ -87,6 +87,28 @@ class HttpPipeEndpointTests(TestCase):
         """A WebSocket connector pairs with a listener on an HTTP pipe."""
         await self.exchange("http", "ws")
 
+    async def test_relay_sees_no_plaintext(self):
+        """
+        Over HTTP pipes too the relay is blind: of every byte it received
+        (request heads, frames), neither the plaintext nor the key, topic or
+        psk appears; only the rendezvous id does.
+        """
+        listening, _ = await self.listen(pipe="http")
+        accepted = listening.next()
+        client = await self.connect(pipe="http")
+        server = await accepted
+        secret = b"PLAINTEXT-MARKER the launch code is 0000 " * 50
+        got = _until(server, len(secret))
+        client.transport.write(secret)
+        await got
+        wire = self.relay.tapped_raw
+        topic = self.key.topic("")
+        self.assertIn(b"POST /pipe HTTP/1.1", wire)
+        self.assertGreater(len(wire), len(secret))
+        for needle in (b"PLAINTEXT-MARKER", self.key.secret, self.key.to_text().encode(), topic.secret, topic.psk):
+            self.assertNotIn(needle, wire)
+        self.assertIn(topic.rendezvous_id.hex().encode(), wire)
+
     async def test_no_listener(self):
         """The relay's refusals come through an HTTP pipe as through a WebSocket."""
         with self.assertRaises(RelayError) as e:

@@ -70,8 +70,13 @@ class HttpPipeStreamTests(unittest.TestCase):
         url = relay.escaped_url
         endpoints = RelayEndpoints(self.key, url, url)
         # One stream from a `first` peer to a `second` listener, one the other way, at once.
-        there = Transfer(self, endpoints, SIZE, client={"pipe": first}, server={"pipe": second})
-        back = Transfer(self, endpoints, SIZE, client={"pipe": second}, server={"pipe": first})
+        # Each on a topic of its own, so each client meets its own listener.
+        there = Transfer(
+            self, endpoints, SIZE, client={"pipe": first, "topic": "there"}, server={"pipe": second, "topic": "there"}
+        )
+        back = Transfer(
+            self, endpoints, SIZE, client={"pipe": second, "topic": "back"}, server={"pipe": first, "topic": "back"}
+        )
         await gatherResults([_d(there.start()), _d(back.start())], consumeErrors=True)
         await gatherResults([_d(there.ended(within=200)), _d(back.ended(within=200))], consumeErrors=True)
         for transfer in (there, back):
