@@ -266,7 +266,7 @@ class _ProxyClientSide(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.raw:
-            self.forward(data)
+            self.forwardRaw(data)
             return
         self.buffer += data
         # Bounded: each turn consumes a head, a line or a piece of a body.
@@ -277,7 +277,12 @@ class _ProxyClientSide(Protocol):
                 break
         if self.raw and self.buffer:
             rest, self.buffer = self.buffer, b""
-            self.forward(rest)
+            self.forwardRaw(rest)
+
+    def forwardRaw(self, data: bytes) -> None:
+        """A WebSocket's frames, after the upgrade: passed on, or (C{mute_websocket}) swallowed."""
+        if not self.proxy.mute_websocket:
+            self.forward(data)
 
     def step(self) -> bool:
         """Consume what the state allows; False when more bytes are needed."""
@@ -408,14 +413,19 @@ class InspectingProxy(Factory):
 
      - C{deny_upgrade}: answers any request with C{Upgrade:} with a 403 page;
      - C{hold_bodies}: holds every request's body until it has ended, then
-       passes the whole request on (so a streaming body never arrives).
+       passes the whole request on (so a streaming body never arrives);
+     - C{mute_websocket}: lets the upgrade through, then swallows every
+       frame the client sends (the relay never hears from it).
 
     @ivar connects, requests, denied, held_requests: what it saw.
     """
 
-    def __init__(self, test, *, deny_upgrade: bool = False, hold_bodies: bool = False) -> None:
+    def __init__(
+        self, test, *, deny_upgrade: bool = False, hold_bodies: bool = False, mute_websocket: bool = False
+    ) -> None:
         self.deny_upgrade = deny_upgrade
         self.hold_bodies = hold_bodies
+        self.mute_websocket = mute_websocket
         self.connections: list[_ProxyClientSide] = []
         self.connects = self.requests = self.denied = self.held_requests = 0
         self.listening = reactor.listenTCP(0, self, interface="127.0.0.1")

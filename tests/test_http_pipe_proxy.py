@@ -20,6 +20,7 @@ from twisted.trial.unittest import TestCase
 from pluresync.endpoints import pathcache
 from pluresync.errors import RelayUnreachableError
 from pluresync.keys import SyncKey
+from pluresync.pipes import websocket
 
 from .httpproxy import InspectingProxy
 from .localrelay import Collector, Listening, LocalRelay
@@ -111,6 +112,18 @@ class ProxyFallbackTests(TestCase):
         await self.exchange(proxy, size=2_000_000)
         self.assertGreater(proxy.held_requests, 6)
         self.assertGreaterEqual(len(self.said("a proxy holds HTTP request bodies")), 3, self.lines)
+
+    async def test_websocket_muted(self):
+        """
+        The proxy lets the upgrade through but no frame: no pong comes back
+        within the flow probe, and the client falls back to the HTTP pipe.
+        """
+        self.patch(websocket, "FLOW_PROBE", 0.5)
+        proxy = InspectingProxy(self, mute_websocket=True)
+        await self.exchange(proxy)
+        said = self.said("using the relay's HTTP pipe on this network")
+        self.assertEqual(len(said), 1, self.lines)
+        self.assertIn("no WebSocket frame came back", said[0])
 
     async def test_unreachable_relay_is_not_retried_over_http(self):
         """A relay that cannot be reached at all is not a refused WebSocket: no HTTP pipe is tried."""
