@@ -439,6 +439,15 @@ class InspectingProxy(Factory):
     def buildProtocol(self, addr) -> _ProxyClientSide:
         return _ProxyClientSide(self)
 
+    def cut(self) -> None:
+        """Drop every connection through the proxy (a proxy restart, a Wi-Fi change); keep listening."""
+        connections, self.connections = self.connections, []
+        for connection in connections:
+            if connection.transport is not None:
+                connection.transport.abortConnection()
+            if connection.server is not None and connection.server.transport is not None:
+                connection.server.transport.abortConnection()
+
     def stop(self) -> Deferred:
         for connection in self.connections:
             if connection.transport is not None:

@@ -16,6 +16,7 @@ from twisted.trial import unittest
 from pluresync.endpoints import pathcache
 from pluresync.keys import SyncKey
 
+from .httpproxy import InspectingProxy
 from .relayprocess import sockets_closed, start_relay
 from .streamharness import STREAM_BYTES, MiB, RelayEndpoints, Transfer, mib, window
 
@@ -131,5 +132,31 @@ class HttpPipeStreamTests(unittest.TestCase):
             self.assertLessEqual(ahead[0], window() + 4 * MiB, "the paused reader did not hold the writer back")
             if before is not None and peak and peak[0] is not None:
                 self.assertLess(peak[0] - before, RELAY_GROWTH_LIMIT, f"relay RSS {before} -> {peak[0]}")
+
+        return _d(run())
+
+    def test_stream_moves_from_websocket_to_http_pipe(self) -> Deferred:
+        """
+        A stream starts on WebSockets through a proxy; at a quarter of it the
+        proxy drops every connection and from then on refuses WebSockets: the
+        session resumes over HTTP pipes (pipe=auto finds them by itself) and
+        the stream goes on, every byte once and in order, one connection.
+        """
+
+        async def run() -> None:
+            relay = await start_relay(self, [])
+            proxy = InspectingProxy(self)
+            extra = f":proxy={proxy.url.replace(':', chr(92) + ':')}"
+            url = relay.escaped_url
+            transfer = Transfer(self, RelayEndpoints(self.key + extra, url, url), SIZE)
+            await transfer.start()
+            await transfer.arrived(SIZE // 4, within=60)
+            self.assertEqual(proxy.denied, 0)
+            proxy.deny_upgrade = True
+            proxy.cut()
+            await transfer.ended(within=200)
+            self.assertDelivered(transfer)
+            self.assertGreater(proxy.denied, 0)
+            self.assertIn("(HTTP pipe)", relay.output)
 
         return _d(run())
