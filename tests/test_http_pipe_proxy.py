@@ -10,7 +10,7 @@ TLS-inspecting proxy does; the relay is a real one on 127.0.0.1.
 from __future__ import annotations
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
@@ -25,6 +25,11 @@ from pluresync.pipes import websocket
 from .httpproxy import InspectingProxy
 from .localrelay import Collector, Listening, LocalRelay
 from .relayprocess import free_port
+from .streamharness import STREAM_BYTES, MiB, RelayEndpoints, Transfer, window
+
+#: Bytes each way through the holding proxy (64 MiB; PLURESYNC_STREAM_TEST_MIB=16 shrinks it).
+SIZE = min(64 * MiB, STREAM_BYTES)
+PAUSE_AT = 8 * MiB
 
 
 def _until(protocol: Collector, size: int) -> Deferred:
@@ -132,3 +137,45 @@ class ProxyFallbackTests(TestCase):
         with self.assertRaises(RelayUnreachableError) as e:
             await endpoint.connect(Factory.forProtocol(Collector))
         self.assertNotIn("HTTP pipe", str(e.exception))
+
+
+class HeldBodiesStreamTests(TestCase):
+    """
+    Big streams through a proxy that refuses WebSockets and holds request
+    bodies until they end: the HTTP pipe on bounded POSTs, found by itself.
+    """
+
+    timeout = 240
+
+    def setUp(self):
+        self.relay = LocalRelay(self)
+        self.key = SyncKey.generate().to_text()
+        self.patch(pathcache, "shared", pathcache.PathCache())
+        self.patch(pathcache, "pipes", pathcache.PathCache())
+        self.proxy = InspectingProxy(self, deny_upgrade=True, hold_bodies=True)
+        url = self.relay.url.replace(":", "\\:")
+        extra = f":proxy={self.proxy.url.replace(':', chr(92) + ':')}"
+        self.endpoints = RelayEndpoints(self.key + extra, url, url)
+
+    async def test_both_ways(self):
+        """64 MiB each way at once, equal sha256, every byte in order, one connection each."""
+        there = Transfer(self, self.endpoints, SIZE, client={"topic": "there"}, server={"topic": "there"})
+        back = Transfer(self, self.endpoints, SIZE, client={"topic": "back"}, server={"topic": "back"})
+        await there.start()
+        await back.start()
+        await gatherResults([ensureDeferred(t.ended(within=200)) for t in (there, back)], consumeErrors=True)
+        for transfer in (there, back):
+            self.assertEqual(transfer.problems(), [], transfer.progress())
+        self.assertGreater(self.proxy.held_requests, 2 * SIZE // (1 << 20))
+
+    async def test_paused_reader(self):
+        """On bounded POSTs too, a paused reader holds its writer to the session's window."""
+        transfer = Transfer(self, self.endpoints, SIZE, receiver={"pause_at": PAUSE_AT, "pause_for": 3.0})
+        await transfer.start()
+        receiving = await transfer.arrived(PAUSE_AT, within=120)
+        ahead: list[int] = []
+        reactor.callLater(2.5, lambda: ahead.append(transfer.sender.sent - receiving.received))
+        await transfer.ended(within=200)
+        self.assertEqual(transfer.problems(), [], transfer.progress())
+        self.assertEqual(receiving.during_pause, 0)
+        self.assertLessEqual(ahead[0], window() + 4 * MiB, "the paused reader did not hold the writer back")
