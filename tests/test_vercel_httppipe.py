@@ -1,0 +1,49 @@
+"""
+The Vercel function (deploy/vercel/api/relay.py under uvicorn, with Redis)
+serves the HTTP pipe: two instances pair an HTTP peer with an HTTP peer,
+and an HTTP peer with a WebSocket peer, across instances through Redis.
+The connector forces pipe=http, so a function that did not serve it would
+answer its POST with 426 and the test would fail.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.error import ConnectionDone
+
+from pluresync.endpoints import pathcache
+from pluresync.keys import SyncKey
+
+from .test_vercel_relay import _VercelCase
+
+
+class VercelHttpPipeTests(_VercelCase):
+    async def setUp(self) -> None:
+        self.key = SyncKey.generate()
+        self.patch(pathcache, "pipes", pathcache.PathCache())
+        self.one, self.two = await self.start_instances(2)
+
+    async def pair_across(self, listener_pipe: str, connector_pipe: str) -> None:
+        listening, _ = await self.listen(self.one, pipe=listener_pipe)
+        accepted = listening.next()
+        client = await self.connect(self.two, wait="10", pipe=connector_pipe)
+        server = await accepted
+        up, down = os.urandom(1024 * 1024), os.urandom(1024 * 1024)
+        await self.transfer(client, server, up)
+        await self.transfer(server, client, down)
+        self.assertEqual(server.data, up)
+        self.assertEqual(client.data, down)
+        client.transport.loseConnection()
+        await server.lost
+        server.reason.trap(ConnectionDone)
+        await client.lost
+        client.reason.trap(ConnectionDone)
+
+    async def test_http_and_http_across_instances(self):
+        """A listener on HTTP pipes at instance 1, an HTTP connector at instance 2: 1 MiB each way."""
+        await self.pair_across("http", "http")
+
+    async def test_websocket_and_http_across_instances(self):
+        """A WebSocket listener at instance 1, an HTTP connector at instance 2: 1 MiB each way."""
+        await self.pair_across("ws", "http")
