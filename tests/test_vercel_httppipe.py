@@ -15,6 +15,8 @@ from twisted.internet.error import ConnectionDone
 from pluresync.endpoints import pathcache
 from pluresync.keys import SyncKey
 
+from .relayprocess import escaped_url
+from .streamharness import MiB, RelayEndpoints, Transfer
 from .test_vercel_relay import _VercelCase
 
 
@@ -47,3 +49,33 @@ class VercelHttpPipeTests(_VercelCase):
     async def test_websocket_and_http_across_instances(self):
         """A WebSocket listener at instance 1, an HTTP connector at instance 2: 1 MiB each way."""
         await self.pair_across("ws", "http")
+
+
+class VercelHttpPipeCapTests(_VercelCase):
+    """The function's duration cap, on HTTP pipes: a stream outlives several capped pipes."""
+
+    timeout = 120
+
+    async def setUp(self) -> None:
+        self.key = SyncKey.generate()
+        self.patch(pathcache, "pipes", pathcache.PathCache())
+        self.patch(pathcache, "shared", pathcache.PathCache())
+
+    async def test_stream_across_caps(self):
+        """
+        Every pipe ends 4 s after it opened (1001); a 32 MiB stream paced
+        over 12 s from an HTTP client at instance 2 to an HTTP listener at
+        instance 1 moves to fresh pipes before each cap, whole, in order, on
+        one connection.
+        """
+        instances = await self.start_instances(2, {"PLURESYNC_MAX_DURATION": "5", "PLURESYNC_CLOSE_MARGIN": "1"})
+        relays = RelayEndpoints(self.key.to_text(), escaped_url(instances[0].port), escaped_url(instances[-1].port))
+        size = 32 * MiB
+        transfer = Transfer(self, relays, size, client={"pipe": "http"}, server={"pipe": "http"}, rate=size / 12.0)
+        await transfer.start()
+        await transfer.ended(within=90)
+        self.assertEqual(transfer.problems(), [], transfer.progress())
+        self.assertGreaterEqual(transfer.elapsed, 8.0)
+        stats = transfer.stats()["sender"]
+        self.assertIsNotNone(stats)
+        self.assertGreaterEqual(stats["swaps"], 2, stats)
