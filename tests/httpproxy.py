@@ -257,6 +257,7 @@ class _ProxyClientSide(Protocol):
         self.raw = False
         self.held: list[bytes] = []
         self.held_for_server = b""
+        self.forwarding = False
         # request parsing: "head", "length" (n bytes left), "chunk-size", "chunk" (n left), "chunk-end", "trailer"
         self.state = "connect"
         self.left = 0
@@ -307,12 +308,20 @@ class _ProxyClientSide(Protocol):
     def line(self, piece: bytes) -> bool:
         if self.state == "connect":
             first = piece.split(b"\r\n", 1)[0].split()
-            if len(first) < 2 or first[0] != b"CONNECT":
+            forward = len(first) == 3 and first[1].startswith(b"http://")
+            if len(first) < 2 or not (first[0] == b"CONNECT" or forward):
                 self.transport.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
                 self.transport.loseConnection()
                 return False
-            host, _, port = first[1].decode().rpartition(":")
-            self.proxy.connects += 1
+            if forward:
+                # A plain forward request (GET http://host:port/path): this
+                # connection's requests all go to that host, in origin form.
+                self.forwarding = True
+                authority = first[1][len(b"http://") :].split(b"/", 1)[0]
+                host, _, port = authority.decode().rpartition(":")
+            else:
+                host, _, port = first[1].decode().rpartition(":")
+                self.proxy.connects += 1
             self.transport.pauseProducing()
             from twisted.internet.endpoints import TCP4ClientEndpoint
 
@@ -321,8 +330,17 @@ class _ProxyClientSide(Protocol):
                 lambda _: self.transport.loseConnection()
             )
             self.state = "head"
-            return True
+            return self.line(piece) if forward else True
         if self.state == "head":
+            first, sep, rest = piece.partition(b"\r\n")
+            parts = first.split()
+            if len(parts) == 3 and parts[1].startswith(b"http://"):
+                if not self.forwarding:
+                    self.transport.loseConnection()
+                    return False
+                self.proxy.forwarded += 1
+                _, slash, path = parts[1][len(b"http://") :].partition(b"/")
+                piece = b" ".join((parts[0], (slash + path) or b"/", parts[2])) + sep + rest
             headers = {}
             for line in piece.split(b"\r\n")[1:]:
                 name, sep, value = line.partition(b":")
@@ -390,7 +408,8 @@ class _ProxyClientSide(Protocol):
         # Each side's outgoing buffer throttles the other's reading.
         server.transport.registerProducer(self.transport, True)
         self.transport.registerProducer(server.transport, True)
-        self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if not self.forwarding:
+            self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         early, self.held_for_server = self.held_for_server, b""
         if early:
             server.transport.write(early)
@@ -407,9 +426,10 @@ class _ProxyClientSide(Protocol):
 
 class InspectingProxy(Factory):
     """
-    An HTTP CONNECT proxy on 127.0.0.1, in this process, that reads the
-    HTTP inside its tunnels (to a C{ws://} relay, as a TLS-inspecting proxy
-    reads them after decrypting) and, as corporate proxies do:
+    An HTTP proxy on 127.0.0.1, in this process, that reads the HTTP inside
+    its CONNECT tunnels (to a C{ws://} relay, as a TLS-inspecting proxy
+    reads them after decrypting) and the plain requests it forwards
+    (C{POST http://host:port/pipe}), and, as corporate proxies do:
 
      - C{deny_upgrade}: answers any request with C{Upgrade:} with a 403 page;
      - C{hold_bodies}: holds every request's body until it has ended, then
@@ -417,7 +437,7 @@ class InspectingProxy(Factory):
      - C{mute_websocket}: lets the upgrade through, then swallows every
        frame the client sends (the relay never hears from it).
 
-    @ivar connects, requests, denied, held_requests: what it saw.
+    @ivar connects, requests, denied, held_requests, forwarded: what it saw.
     """
 
     def __init__(
@@ -427,7 +447,7 @@ class InspectingProxy(Factory):
         self.hold_bodies = hold_bodies
         self.mute_websocket = mute_websocket
         self.connections: list[_ProxyClientSide] = []
-        self.connects = self.requests = self.denied = self.held_requests = 0
+        self.connects = self.requests = self.denied = self.held_requests = self.forwarded = 0
         self.listening = reactor.listenTCP(0, self, interface="127.0.0.1")
         self.port = self.listening.getHost().port
         test.addCleanup(self.stop)

@@ -54,10 +54,14 @@ def squid_path(test) -> str:
     raise SkipTest(INSTALL_HINT)
 
 
-def config_text(directory: Path, port: int, bump_pem: Path, upstream_ca: Path, user: str) -> str:
-    """A squid.conf for a TLS-inspecting proxy that refuses WebSockets, for 127.0.0.1 clients only."""
-    return "\n".join(
-        [
+def config_text(directory: Path, port: int, bump_pem: Path | None, upstream_ca: Path | None, user: str) -> str:
+    """
+    A squid.conf for 127.0.0.1 clients only that refuses WebSockets: a
+    TLS-inspecting proxy (with C{bump_pem}), or else a plain forward proxy
+    that, like squid's stock configuration, tunnels (CONNECT) only to 443.
+    """
+    if bump_pem is not None:
+        mode = [
             f"http_port 127.0.0.1:{port} ssl-bump generate-host-certificates=on "
             f"dynamic_cert_mem_cache_size=4MB tls-cert={bump_pem}",
             f"sslcrtd_program {CERTGEN} -s {directory / 'ssl_db'} -M 4MB",
@@ -66,6 +70,17 @@ def config_text(directory: Path, port: int, bump_pem: Path, upstream_ca: Path, u
             "ssl_bump peek step1",
             "ssl_bump bump all",
             f"tls_outgoing_options cafile={upstream_ca}",
+        ]
+    else:
+        mode = [
+            f"http_port 127.0.0.1:{port}",
+            "acl SSL_ports port 443",
+            "acl CONNECT method CONNECT",
+            "http_access deny CONNECT !SSL_ports",
+        ]
+    return "\n".join(
+        [
+            *mode,
             "acl loopback src 127.0.0.1/32",
             "http_access allow loopback",
             "http_access deny all",
@@ -118,29 +133,33 @@ class Squid:
             return ""
 
     @classmethod
-    async def start(cls, test, bump_ca: TestCA, upstream_ca: Path) -> Squid:
+    async def start(cls, test, bump_ca: TestCA | None = None, upstream_ca: Path | None = None) -> Squid:
         """
         Start squid bumping TLS with certificates forged under C{bump_ca}
-        and trusting C{upstream_ca} for the servers it connects to; it is
-        stopped at C{test}'s cleanup.
+        and trusting C{upstream_ca} for the servers it connects to (without
+        them: a plain forward proxy); it is stopped at C{test}'s cleanup.
         """
         program = squid_path(test)
         directory = Path(tempfile.mkdtemp(prefix="squid-"))
         test.addCleanup(shutil.rmtree, directory, True)
-        bump_pem = bump_ca.signing_pem()
         user = pwd.getpwuid(os.getuid()).pw_name
         if os.getuid() == 0:
             # squid drops root; its files must be the proxy user's.
             user = "proxy"
-        subprocess.run([CERTGEN, "-c", "-s", str(directory / "ssl_db"), "-M", "4MB"], check=True, capture_output=True)
-        shutil.copy(bump_pem, directory / "bump.pem")
-        shutil.copy(upstream_ca, directory / "upstream-ca.pem")
+        bump = upstream = None
+        if bump_ca is not None:
+            subprocess.run(
+                [CERTGEN, "-c", "-s", str(directory / "ssl_db"), "-M", "4MB"], check=True, capture_output=True
+            )
+            bump, upstream = directory / "bump.pem", directory / "upstream-ca.pem"
+            shutil.copy(bump_ca.signing_pem(), bump)
+            shutil.copy(upstream_ca, upstream)
         if os.getuid() == 0:
             for path in [directory, *directory.rglob("*")]:
                 shutil.chown(path, user, user)
         port = free_port()
         config = directory / "squid.conf"
-        config.write_text(config_text(directory, port, directory / "bump.pem", directory / "upstream-ca.pem", user))
+        config.write_text(config_text(directory, port, bump, upstream, user))
         child = Child()
         transport = reactor.spawnProcess(
             child, program, [program, "-N", "-f", str(config)], env=dict(os.environ), path=str(directory)

@@ -11,6 +11,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
+from pluresync.errors import RelayUnreachableError
 from pluresync.interfaces import IPipe
 from pluresync.pipes.http import HttpPipe, HttpRelaySocket, RelayEndpoints, pipe_url
 from pluresync.pipes.websocket import RelayURL
@@ -41,16 +42,26 @@ class InterfaceTests(TestCase):
         reactor = MemoryReactorClock()
         socket = HttpRelaySocket(reactor, RelayURL.parse("ws://127.0.0.1:1"), b"{}")
         self.assertEqual(reactor.tcpClients, [])
-        socket.start()
+        answer = socket.start()
         self.assertEqual([(host, port) for host, port, *_ in reactor.tcpClients], [("127.0.0.1", 1)])
         socket.abort()
+        # Dropped before the relay answered: the answer says so.
+        failure = self.failureResultOf(answer, RelayUnreachableError)
+        self.assertIn("ended before it was open", failure.getErrorMessage())
 
     def test_endpoints_through_a_proxy(self):
-        """Every request goes the way the WebSocket would: to the proxy, for a tunnel."""
-        from pluresync.dial.proxy import ProxyConfig, ProxyTunnelEndpoint
+        """
+        To a wss:// relay through a proxy, requests go to the proxy (for a
+        tunnel), and Agent's connection factories are quiet.
+        """
+        from twisted.internet.protocol import Factory, Protocol
 
+        from pluresync.dial.proxy import ProxyConfig
+
+        reactor = MemoryReactorClock()
         proxy = ProxyConfig.parse("http://127.0.0.1:3128")
-        endpoint = RelayEndpoints(MemoryReactorClock(), RelayURL.parse("ws://relay:80"), None, proxy).endpointForURI(
-            None
-        )
-        self.assertIsInstance(endpoint, ProxyTunnelEndpoint)
+        endpoint = RelayEndpoints(reactor, RelayURL.parse("wss://relay:443"), None, proxy).endpointForURI(None)
+        factory = Factory.forProtocol(Protocol)
+        endpoint.connect(factory)
+        self.assertEqual([(host, port) for host, port, *_ in reactor.tcpClients], [("127.0.0.1", 3128)])
+        self.assertFalse(factory.noisy)

@@ -20,7 +20,7 @@ from pluresync.endpoints import pathcache
 from pluresync.keys import SyncKey
 from pluresync.relay.server.site import build_site
 
-from .relayprocess import sockets_closed
+from .relayprocess import sockets_closed, start_relay
 from .squidproxy import Squid, squid_path
 from .streamharness import STREAM_BYTES, MiB, RelayEndpoints, Transfer, mib, window
 from .testca import TestCA, TestPKI
@@ -111,5 +111,43 @@ class SquidInspectingProxyTests(unittest.TestCase):
             self.assertEqual(transfer.problems(), [], transfer.progress())
             self.assertEqual(receiving.during_pause, 0)
             self.assertLessEqual(ahead[0], window() + 4 * MiB, "the paused reader did not hold the writer back")
+
+        return _d(run())
+
+
+class SquidForwardProxyTests(unittest.TestCase):
+    """
+    Squid as a plain forward proxy, configured as its stock squid.conf is
+    (CONNECT only to 443) and refusing WebSockets: to a plain relay on
+    another port the WebSocket's tunnel is refused; the HTTP pipe's requests
+    are forwarded (absolute URIs), and two peers stream through them.
+    """
+
+    timeout = 300
+
+    def setUp(self) -> None:
+        squid_path(self)
+        self.key = SyncKey.generate().to_text()
+        self.patch(pathcache, "shared", pathcache.PathCache())
+        self.patch(pathcache, "pipes", pathcache.PathCache())
+        self.addCleanup(lambda: _d(sockets_closed(timeout=15)))
+
+    def test_streams_both_ways(self) -> Deferred:
+        async def run() -> None:
+            relay = await start_relay(self, [])
+            squid = await Squid.start(self)
+            self.addCleanup(lambda: log.info("squid access log:\n{log}", log=squid.access_log()[-3000:]))
+            endpoints = RelayEndpoints(self.key + f":proxy={_escaped(squid.url)}", relay.escaped_url, relay.escaped_url)
+            there = Transfer(self, endpoints, SIZE, client={"topic": "there"}, server={"topic": "there"})
+            back = Transfer(self, endpoints, SIZE, client={"topic": "back"}, server={"topic": "back"})
+            await there.start()
+            await back.start()
+            await gatherResults([_d(there.ended(within=240)), _d(back.ended(within=240))], consumeErrors=True)
+            for transfer in (there, back):
+                self.assertEqual(transfer.problems(), [], transfer.progress())
+            access = squid.access_log()
+            self.assertIn(f"CONNECT 127.0.0.1:{relay.port}", access)  # refused: TCP_DENIED/403
+            self.assertIn("TCP_DENIED/403", access)
+            self.assertIn(f"POST http://127.0.0.1:{relay.port}/pipe", access)
 
         return _d(run())

@@ -145,7 +145,7 @@ class RelayConfig:
             try:
                 return await self._open_with(open_relay_socket, reactor, hello, callbacks)
             except RelayError as error:
-                if not websocket_refused(error):
+                if not self._http_may_pass(error):
                     raise
                 refused = error
             try:
@@ -166,6 +166,22 @@ class RelayConfig:
             return opened
         opener = open_http_relay_socket if choice == "http" else open_relay_socket
         return await self._open_with(opener, reactor, hello, callbacks)
+
+    def _http_may_pass(self, error: RelayError) -> bool:
+        """
+        Whether the HTTP pipe may get through where this WebSocket did not:
+        something on the way refused or broke the WebSocket itself; or, to a
+        plain relay through a proxy, the proxy refused its tunnel (the HTTP
+        pipe needs none: the proxy forwards its requests).  A refusal by the
+        relay itself (401, 429, 503) is never one.
+        """
+        if websocket_refused(error):
+            return True
+        return (
+            not self.relay.secure
+            and self.proxy is not None
+            and type(error) is RelayUnreachableError  # not RelayAuthError, RelayBusyError
+        )
 
     def _open_with(self, opener, reactor, hello: bytes, callbacks: dict):
         return opener(

@@ -12,7 +12,9 @@ ended), so nothing above the pipe knows which kind it holds.
 
 Requests go through Twisted's HTTP client (L{Agent}) over the same
 connection a WebSocket would use: TCP, or a tunnel through the proxy
-(CONNECT), then TLS verified against C{ca=} or the system's store.  One
+(CONNECT), then TLS verified against C{ca=} or the system's store; to a
+plain C{ws://} relay through a proxy, the proxy forwards the requests
+themselves (absolute URIs, no tunnel), as it does for any C{http://} URL.  One
 request, the downstream, carries everything from the relay as a chunked
 response, read with backpressure (C{pauseReading} pauses its transport);
 the upstream streams a chunked request body registered with the TCP
@@ -31,11 +33,12 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
@@ -111,6 +114,22 @@ def pipe_url(relay: RelayURL) -> bytes:
     return f"{scheme}://{authority}{base}{PIPE_PATH}".encode("ascii")
 
 
+@implementer(IStreamClientEndpoint)
+class QuietEndpoint:
+    """
+    An endpoint whose connections' factories log nothing as they start and
+    stop: Agent makes one per connection, and a pipe in bounded POSTs may
+    open many.
+    """
+
+    def __init__(self, endpoint: Any) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, factory: Any) -> Deferred:
+        factory.noisy = False
+        return self._endpoint.connect(factory)
+
+
 @implementer(IAgentEndpointFactory)
 class RelayEndpoints:
     """Every request of a pipe goes the way a WebSocket to the relay would: direct or CONNECT, then TLS."""
@@ -134,7 +153,7 @@ class RelayEndpoints:
 
                 trust = trustRootFromCertificates(self._ca)
             endpoint = wrapClientTLS(optionsForClientTLS(relay.host, trustRoot=trust), endpoint)
-        return endpoint
+        return QuietEndpoint(endpoint)
 
 
 @implementer(IBodyProducer)
@@ -303,12 +322,23 @@ class HttpRelaySocket:
         self._on_lost = on_lost
         self._probe = probe
         self._url = pipe_url(relay)
-        endpoints = RelayEndpoints(reactor, relay, ca, proxy)
         self._down_pool = HTTPConnectionPool(reactor, persistent=False)
         self._up_pool = HTTPConnectionPool(reactor, persistent=True)
         self._up_pool.maxPersistentPerHost = 1
-        self._down_agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._down_pool)
-        self._up_agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._up_pool)
+        #: C{Proxy-Authorization} for a proxy that forwards our requests (never sent to the relay itself)
+        self._proxy_authorization: bytes | None = None
+        if proxy is not None and not relay.secure:
+            # A plain http:// relay through a proxy: the proxy forwards the
+            # requests themselves (absolute URIs), as it does for curl and
+            # browsers; no tunnel, which such proxies often allow only to 443.
+            to_proxy = QuietEndpoint(tcp_endpoint(reactor, proxy.host, proxy.port))
+            self._down_agent = ProxyAgent(to_proxy, reactor, pool=self._down_pool)
+            self._up_agent = ProxyAgent(to_proxy, reactor, pool=self._up_pool)
+            self._proxy_authorization = proxy.authorization()
+        else:
+            endpoints = RelayEndpoints(reactor, relay, ca, proxy)
+            self._down_agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._down_pool)
+            self._up_agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._up_pool)
         self.answer: Deferred[tuple[HttpRelaySocket, Answer]] = Deferred()
         self._reader = FrameReader(self._frame, MAX_INCOMING_MESSAGE, DOWNSTREAM_KINDS)
         self._pipe_token: str | None = None
@@ -340,6 +370,8 @@ class HttpRelaySocket:
     def start(self) -> Deferred[tuple[HttpRelaySocket, Answer]]:
         """Open the downstream; the Deferred fires with the relay's answer to the hello."""
         headers = Headers({b"Cache-Control": [b"no-store"]})
+        if self._proxy_authorization is not None:
+            headers.addRawHeader(b"Proxy-Authorization", self._proxy_authorization)
         if self._token:
             # Only on the downstream, only in this header (docs/protocol.md).
             headers.addRawHeader(b"Authorization", f"Bearer {self._token}".encode("latin-1"))
@@ -563,6 +595,8 @@ class HttpRelaySocket:
                 b"Cache-Control": [b"no-store"],
             }
         )
+        if self._proxy_authorization is not None:
+            headers.addRawHeader(b"Proxy-Authorization", self._proxy_authorization)
         self._seq += 1
         d = self._up_agent.request(b"POST", self._url, headers, body)
         self._posting = d
