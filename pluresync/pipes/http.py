@@ -16,13 +16,14 @@ connection a WebSocket would use: TCP, or a tunnel through the proxy
 plain C{ws://} relay through a proxy, the proxy forwards the requests
 themselves (absolute URIs, no tunnel), as it does for any C{http://} URL.  One
 request, the downstream, carries everything from the relay as a chunked
-response, read with backpressure (C{pauseReading} pauses its transport);
-the upstream streams a chunked request body registered with the TCP
-transport as a streaming producer, so the session's writer is paused when
-the connection is full.  If the relay's answer to the upstream's first ping
-does not come within C{probe} seconds, a proxy is holding the body: the
-client ends it and sends bounded POSTs from then on, one at a time, pausing
-its writer while more than one POST's worth waits.
+response, read with backpressure (C{pauseReading} pauses its transport).
+The upstream (L{pluresync.pipes.httpupstream}, an Automat machine) streams
+a chunked request body registered with the TCP transport as a streaming
+producer, so the session's writer is paused when the connection is full;
+if the relay's answer to the upstream's first ping does not come within
+C{probe} seconds, a proxy is holding the body: it ends it and sends bounded
+POSTs from then on, one at a time, pausing the writer while more than one
+POST's worth waits.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -40,7 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent, readBody
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from pluresync.dial.proxy import ProxyConfig, ProxyTunnelEndpoint
@@ -53,7 +54,8 @@ from pluresync.errors import (
     RelayUnreachableError,
 )
 from pluresync.interfaces import IPipe, IPipeReceiver
-from pluresync.pipes.websocket import PIPE_BUFFER, Answer, RelayURL, auth_error, busy_error
+from pluresync.pipes.httpupstream import BytesBody, HttpUpstream
+from pluresync.pipes.websocket import Answer, RelayURL, auth_error, busy_error
 from pluresync.relay.core.httpwire import (
     BINARY,
     CLOSE,
@@ -62,10 +64,8 @@ from pluresync.relay.core.httpwire import (
     DOWNSTREAM_KINDS,
     OPEN,
     PING,
-    PIPE_HEADER,
     PIPE_PATH,
     PONG,
-    SEQ_HEADER,
     TEXT,
     FrameBreach,
     FrameReader,
@@ -156,82 +156,6 @@ class RelayEndpoints:
         return QuietEndpoint(endpoint)
 
 
-@implementer(IBodyProducer)
-class BytesBody:
-    """A bounded upstream's body, already whole."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-@implementer(IBodyProducer)
-class StreamingBody:
-    """
-    A streaming upstream's chunked body: frames are written to the
-    connection as they come, and the connection's backpressure (Agent
-    registers the body as the transport's streaming producer) pauses the
-    socket's writer.
-    """
-
-    length = UNKNOWN_LENGTH
-
-    def __init__(self, socket: HttpRelaySocket) -> None:
-        self._socket = socket
-        self._consumer: Any = None
-        self._pending: list[bytes] = []
-        self._done: Deferred[None] | None = None
-        self.ended = False
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        self._consumer = consumer
-        pending, self._pending = self._pending, []
-        if pending:
-            consumer.write(b"".join(pending))
-        self._done = Deferred()
-        if self.ended:
-            self._done.callback(None)
-        return self._done
-
-    def write(self, data: bytes) -> None:
-        if self.ended:
-            return
-        if self._consumer is None:
-            self._pending.append(data)
-        else:
-            self._consumer.write(data)
-
-    def end(self) -> None:
-        """End the body at this frame boundary (the request then gets its answer)."""
-        if self.ended:
-            return
-        self.ended = True
-        if self._done is not None and not self._done.called:
-            self._done.callback(None)
-
-    def pauseProducing(self) -> None:
-        self._socket.upstream_full()
-
-    def resumeProducing(self) -> None:
-        self._socket.upstream_drained()
-
-    def stopProducing(self) -> None:
-        self.ended = True
-
-
 class Downstream(Protocol):
     """The downstream response's body: frames to the socket."""
 
@@ -298,8 +222,6 @@ class HttpRelaySocket:
     close_code: int | None = None
     #: whether the relay's C{ready} said it takes C{decline}
     takes_decline = False
-    #: how the upstream runs: C{"probing"}, C{"streaming"} or C{"bounded"}
-    mode = "probing"
 
     def __init__(
         self,
@@ -342,19 +264,11 @@ class HttpRelaySocket:
         self.answer: Deferred[tuple[HttpRelaySocket, Answer]] = Deferred()
         self._reader = FrameReader(self._frame, MAX_INCOMING_MESSAGE, DOWNSTREAM_KINDS)
         self._pipe_token: str | None = None
-        self._max_post = 0
         self._downstream: Deferred | None = None
         self._down_transport: Any = None
         self._reading_paused = False
-        self._body: StreamingBody | None = None
-        self._seq = 0
-        self._posting: Deferred | None = None
-        self._pending: list[bytes] = []
-        self._pending_size = 0
+        self._upstream: HttpUpstream | None = None
         self._producer: Any = None
-        self._producer_paused = False
-        self._up_full = False
-        self._probe_call: Any = None
         self._live_call: Any = None
         self._ping_interval = 0.0
         self._last_heard = reactor.seconds()
@@ -464,8 +378,8 @@ class HttpRelaySocket:
         elif kind == PING:
             self.send(frame(PONG, payload))
         elif kind == PONG:
-            if payload == PROBE and self.mode == "probing":
-                self._probed(streaming=True)
+            if payload == PROBE and self._upstream is not None:
+                self._upstream.probe_answered()
         elif kind == CLOSE:
             try:
                 code, reason = parse_close(payload)
@@ -484,16 +398,28 @@ class HttpRelaySocket:
             self._protocol_error(breach.message)
             return
         self._pipe_token = opened.pipe
-        self._max_post = opened.max_post
         self._ping_interval = opened.ping
         if opened.ping > 0:
             self._live_call = self._reactor.callLater(opened.ping + PING_GRACE, self._check_live)
+        relay = self.relay
+        self._upstream = HttpUpstream(
+            self._reactor,
+            self._up_agent,
+            self._url,
+            opened.pipe,
+            opened.max_post,
+            f"{relay.host}:{relay.port}",
+            self._upstream_failed,
+            self._proxy_authorization,
+        )
+        self._upstream.register_producer(self._producer)
         # The first upstream streams, and opens with the probe.
-        self._body = StreamingBody(self)
-        self._body.write(frame(PING, PROBE))
-        self._body.write(frame(TEXT, self._hello))
-        self._probe_call = self._reactor.callLater(self._probe, self._probed, False)
-        self._post(self._body)
+        self._upstream.start(frame(PING, PROBE) + frame(TEXT, self._hello), self._probe)
+
+    def _upstream_failed(self, error: Exception) -> None:
+        if not self._ended and not self._closing:
+            self._relay_error = error
+            self.abort()
 
     def _check_live(self) -> None:
         self._live_call = None
@@ -535,126 +461,18 @@ class HttpRelaySocket:
         self._relay_error = RelayError(f"protocol error: {text}", ErrorCode.BAD_REQUEST.value)
         self.abort()
 
-    # -- the upstream -------------------------------------------------------------------
-
-    def _probed(self, streaming: bool) -> None:
-        """The probe's answer came (the upstream streams), or its time ran out (step down to bounded POSTs)."""
-        if self._probe_call is not None and self._probe_call.active():
-            self._probe_call.cancel()
-        self._probe_call = None
-        if self.mode != "probing" or self._ended:
-            return
-        if streaming:
-            self.mode = "streaming"
-            return
-        self.mode = "bounded"
-        log.info(
-            "{relay}: a proxy holds HTTP request bodies; the HTTP pipe sends bounded POSTs",
-            relay=f"{self.relay.host}:{self.relay.port}",
-        )
-        body, self._body = self._body, None
-        if body is not None:
-            body.end()
-        if self._up_full:
-            self.upstream_drained()
+    # -- writing and reading ------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        """Send frames (whole) to the relay, on whichever upstream runs."""
-        if self._ended or self._closing:
-            return
-        if self.mode != "bounded" and self._body is not None:
-            self._body.write(data)
-            return
-        self._pending.append(data)
-        self._pending_size += len(data)
-        if self._pending_size > max(self._max_post, PIPE_BUFFER):
-            self.upstream_full()
-        self._flush()
-
-    def _flush(self) -> None:
-        """Send what waits as the next bounded upstream, if none is in flight."""
-        if self._posting is not None or not self._pending or self._ended or self._pipe_token is None:
-            return
-        if self.mode == "probing" or (self._body is not None and not self._body.ended):
-            return
-        limit = max(self._max_post, 1)
-        batch: list[bytes] = []
-        size = 0
-        while self._pending and (not batch or size + len(self._pending[0]) <= limit):
-            piece = self._pending.pop(0)
-            batch.append(piece)
-            size += len(piece)
-        self._pending_size -= size
-        self._post(BytesBody(b"".join(batch)))
-
-    def _post(self, body: Any) -> None:
-        headers = Headers(
-            {
-                PIPE_HEADER: [self._pipe_token.encode("ascii")],
-                SEQ_HEADER: [str(self._seq).encode("ascii")],
-                b"Cache-Control": [b"no-store"],
-            }
-        )
-        if self._proxy_authorization is not None:
-            headers.addRawHeader(b"Proxy-Authorization", self._proxy_authorization)
-        self._seq += 1
-        d = self._up_agent.request(b"POST", self._url, headers, body)
-        self._posting = d
-        d.addCallback(self._posted)
-        d.addErrback(self._post_failed)
-
-    def _posted(self, response: Any) -> Deferred:
-        code = response.code
-        done = readBody(response)
-
-        def answered(_: Any) -> None:
-            self._posting = None
-            if self._ended:
-                return
-            if code not in (200, 204):
-                self._relay_error = RelayLostError(
-                    f"the relay at {self.relay.host} refused an upstream request of the HTTP pipe (HTTP {code})"
-                )
-                self.abort()
-                return
-            if self._pending_size <= max(self._max_post, PIPE_BUFFER) and self._up_full:
-                self.upstream_drained()
-            self._flush()
-
-        return done.addBoth(answered)
-
-    def _post_failed(self, failure: Failure) -> None:
-        self._posting = None
-        if self._ended or self._closing:
-            return
-        self._relay_error = RelayLostError(
-            f"an upstream request of the HTTP pipe to {self.relay.host} failed: {failure.getErrorMessage()}"
-        )
-        self.abort()
-
-    def upstream_full(self) -> None:
-        """The upstream cannot take more for now: pause whoever writes."""
-        self._up_full = True
-        if self._producer is not None and not self._producer_paused:
-            self._producer_paused = True
-            self._producer.pauseProducing()
-
-    def upstream_drained(self) -> None:
-        if self.mode == "bounded" and self._pending_size > max(self._max_post, PIPE_BUFFER):
-            return
-        self._up_full = False
-        if self._producer is not None and self._producer_paused:
-            self._producer_paused = False
-            self._producer.resumeProducing()
+        """Send whole frames to the relay, on whichever upstream runs."""
+        if self._upstream is not None and not self._ended and not self._closing:
+            self._upstream.send(data)
 
     def register_producer(self, producer: Any) -> None:
+        """Pause C{producer} (or C{None}) while the upstream is full."""
         self._producer = producer
-        self._producer_paused = False
-        if producer is not None and self._up_full:
-            self._producer_paused = True
-            producer.pauseProducing()
-
-    # -- reading ----------------------------------------------------------------------
+        if self._upstream is not None:
+            self._upstream.register_producer(producer)
 
     def pause_reading(self) -> None:
         self._reading_paused = True
@@ -705,10 +523,12 @@ class HttpRelaySocket:
         """End the pipe in order: a close frame after what was written; the relay answers and ends it."""
         if self._ended or self._closing:
             return
-        self.send(encode_close(code))
         self._closing = True
-        if self._body is not None and self.mode == "streaming":
-            self._body.end()
+        if self._upstream is not None:
+            self._upstream.close(encode_close(code))
+        else:
+            # Not open yet: nothing to close in order.
+            self.abort()
 
     def abort(self) -> None:
         """Drop the pipe at once."""
@@ -727,15 +547,11 @@ class HttpRelaySocket:
             return
         self._ended = True
         self.close_code = code
-        for call in (self._probe_call, self._live_call):
-            if call is not None and call.active():
-                call.cancel()
-        self._probe_call = self._live_call = None
-        if self._body is not None:
-            self._body.end()
-        if self._posting is not None:
-            posting, self._posting = self._posting, None
-            posting.cancel()
+        if self._live_call is not None and self._live_call.active():
+            self._live_call.cancel()
+        self._live_call = None
+        if self._upstream is not None:
+            self._upstream.stop()
         self._up_pool.closeCachedConnections()
         transport = self._down_transport
         if transport is not None and code != CLOSE_ABNORMAL:
