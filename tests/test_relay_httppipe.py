@@ -7,7 +7,9 @@ L{StringTransport}, and the bytes checked against docs/protocol.md "HTTP pipe".
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
@@ -15,6 +17,7 @@ from pluresync.interfaces import IPairEnd
 from pluresync.relay.core import httpwire as w
 from pluresync.relay.core.auth import AuthResult
 from pluresync.relay.core.limits import RelayLimits
+from pluresync.relay.core.ratelimit import RateLimits
 from pluresync.relay.core.wire import encode_listen
 from pluresync.relay.server.site import build_site
 
@@ -230,3 +233,22 @@ class HttpPipeResourceTests(TestCase):
         _, _, body, ended = down.response()
         self.assertEqual(frames(body)[-1], (w.CLOSE, w.encode_close(1001, "going away")[5:]))
         self.assertTrue(ended)
+
+    def test_per_address_limit(self):
+        """
+        A pipe counts against the per-address limit as a WebSocket does (its
+        downstream is the connection counted): 429 with Retry-After, and the
+        slot is free again once the pipe ends.
+        """
+        limits = RelayLimits(ping_interval=5, rate=RateLimits(connections_per_address=1))
+        self.site, self.factory = build_site(self.clock, limits)
+        down, token = self.open()
+        second = Connection(self.site)
+        second.send(downstream_request())
+        status, headers, _, _ = second.response()
+        self.assertEqual(status, 429)
+        self.assertIn(b"retry-after", headers)
+        self.assertEqual(len(self.site.pipes), 1)
+        down.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNone(self.site.pipes.find(token))
+        self.open()

@@ -555,6 +555,12 @@ class HttpPipes:
             return self._refuse(request, 503, b"Service Unavailable: relay shutting down")
         if factory.opening.full(1):
             return self._refuse(request, 503, b"Service Unavailable: relay at its connection limit")
+        # From here the connection counts as a relay socket, not as one
+        # reading its request (opening.py), as an upgrade does.
+        channel = request.channel
+        upgrading = getattr(channel, "upgrading", None)
+        if upgrading is not None:
+            upgrading()
         address = None
         limiter = factory.connection_limiter
         if limiter.enabled:
@@ -586,6 +592,8 @@ class HttpPipes:
     def _refuse(self, request: Any, status: int, reason: bytes, retry: float = 1.0) -> bytes:
         if not self.factory.shutting_down:
             self.factory.metrics.handshake_refused(status)
+        # A refused upgrade closes its connection; so does a refused pipe.
+        request.channel.persistent = False
         request.setResponseCode(status, reason)
         request.setHeader(b"Cache-Control", b"no-store")
         if status == 401:
