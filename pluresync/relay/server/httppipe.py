@@ -362,6 +362,10 @@ class HttpPipe:
         try:
             pairing = factory.registry.accept(message.session)
         except ProtocolError as error:
+            if error.code is ErrorCode.NO_SESSION and factory.cluster is not None:
+                # Maybe another instance holds the connector (relay.cluster).
+                factory.cluster.remote_accept(self, message.session)
+                return
             session.failed(error)
             return
         other_session = pairing.connector.channel
@@ -414,6 +418,30 @@ class HttpPipe:
         acceptor.pair_remote(self, pairing.connector_peer, None, pairing.session)
         self._join(None, acceptor)
         log.info("paired {label} (WebSocket and HTTP pipe)", label=label)
+
+    def pair_remote(self, end: IPairEnd, peer: str | None, connector: Connector | None, session: str) -> None:
+        """
+        Pair this pipe with C{end}, a cluster link standing for a socket on
+        another relay instance (L{pluresync.relay.cluster}), as a WebSocket
+        pairs: C{connector} is this pipe's registry entry when this instance
+        owns the session.
+        """
+        factory = self.factory
+        if connector is not None:
+            factory.metrics.paired(factory.reactor.seconds() - self.connect_at)
+        self.session.paired(end, peer, session)
+        pair = Pair(
+            self,
+            end,
+            label=self.session.label,
+            connector=connector,
+            unpair=factory.registry.unpair,
+            closed=factory.metrics.pair_closed,
+            budget=SessionBudget(factory.limits.rate.session_bytes),
+            seconds=factory.reactor.seconds,
+        )
+        self._join(pair, end)
+        log.info("paired {label} (HTTP pipe, cluster link)", label=pair.label)
 
     def joined(self, pair: Pair, partner: IPairEnd) -> None:
         """The other pipe of an HTTP pair made C{pair}: this side's part of it."""
