@@ -9,11 +9,14 @@ answer its POST with 426 and the test would fail.
 from __future__ import annotations
 
 import os
+import time
 
 from twisted.internet.error import ConnectionDone
 
 from pluresync.endpoints import pathcache
+from pluresync.errors import RelayAuthError
 from pluresync.keys import SyncKey
+from pluresync.relay.core.auth import mint_token
 
 from .relayprocess import escaped_url
 from .streamharness import MiB, RelayEndpoints, Transfer
@@ -79,3 +82,32 @@ class VercelHttpPipeCapTests(_VercelCase):
         stats = transfer.stats()["sender"]
         self.assertIsNotNone(stats)
         self.assertGreaterEqual(stats["swaps"], 2, stats)
+
+
+class VercelHttpPipeAuthTests(_VercelCase):
+    """The function's HTTP pipe admits with the same tokens as its WebSocket."""
+
+    SECRET = b"pluresync-test-secret-of-at-least-32-bytes"
+
+    async def setUp(self) -> None:
+        self.key = SyncKey.generate()
+        self.patch(pathcache, "pipes", pathcache.PathCache())
+        env = {"PLURESYNC_AUTH": "signed", "PLURESYNC_AUTH_SECRETS": self.SECRET.decode()}
+        (self.one,) = await self.start_instances(1, env)
+
+    async def test_token_required(self):
+        """Without a token: RelayAuthError (401); with a signed token: paired over HTTP pipes."""
+        with self.assertRaises(RelayAuthError) as e:
+            await self.connect(self.one, wait="0", pipe="http")
+        self.assertIn("requires a relay token and none was given (HTTP 401", str(e.exception))
+        token = mint_token(self.SECRET, "tenant-a", 600, time.time())
+        listening, _ = await self.listen(self.one, pipe="http", token=token)
+        accepted = listening.next()
+        client = await self.connect(self.one, wait="10", pipe="http", token=token)
+        server = await accepted
+        blob = os.urandom(65536)
+        await self.transfer(client, server, blob)
+        self.assertEqual(server.data, blob)
+        client.transport.loseConnection()
+        await server.lost
+        await client.lost
