@@ -11,7 +11,10 @@ from __future__ import annotations
 import os
 import time
 
+from twisted.internet import reactor
 from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory
+from twisted.protocols import portforward
 
 from pluresync.endpoints import pathcache
 from pluresync.errors import RelayAuthError
@@ -111,3 +114,63 @@ class VercelHttpPipeAuthTests(_VercelCase):
         client.transport.loseConnection()
         await server.lost
         await client.lost
+
+
+class RoundRobin(Factory):
+    """
+    A TCP balancer on 127.0.0.1 that sends each new connection to the next
+    of its backends, as Vercel's may: a pipe's downstream and its upstream
+    (each on a connection of its own) land on different instances.
+    """
+
+    noisy = False
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = ports
+        self.counts = [0] * len(ports)
+        self._next = 0
+
+    def buildProtocol(self, addr):
+        index = self._next
+        self._next = (index + 1) % len(self.ports)
+        self.counts[index] += 1
+        backend = portforward.ProxyFactory("127.0.0.1", self.ports[index])
+        backend.noisy = False
+        return backend.buildProtocol(addr)
+
+
+class VercelBalancedHttpPipeTests(_VercelCase):
+    """Two instances behind a balancer that spreads connections: upstreams forwarded through Redis."""
+
+    async def setUp(self) -> None:
+        self.key = SyncKey.generate()
+        self.patch(pathcache, "pipes", pathcache.PathCache())
+        self.one, self.two = await self.start_instances(2)
+        self.balancer = RoundRobin([self.one.port, self.two.port])
+        self.port = reactor.listenTCP(0, self.balancer, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+
+    def endpoint(self, instance, **params: str) -> str:
+        extra = "".join(f":{k}={v}" for k, v in params.items())
+        return f"relay:url={escaped_url(self.port.getHost().port)}:key={self.key.to_text()}{extra}"
+
+    async def test_upstreams_on_other_instances(self):
+        """
+        The listener's control pipe opens its downstream on instance 1 and
+        its upstream on instance 2, which forwards it; peers on HTTP pipes
+        pair and move 1 MiB each way, and close cleanly.
+        """
+        listening, _ = await self.listen(None, pipe="http")
+        self.assertEqual(self.balancer.counts, [1, 1])
+        accepted = listening.next()
+        client = await self.connect(None, wait="10", pipe="http")
+        server = await accepted
+        up, down = os.urandom(1024 * 1024), os.urandom(1024 * 1024)
+        await self.transfer(client, server, up)
+        await self.transfer(server, client, down)
+        self.assertEqual((server.data, client.data), (up, down))
+        client.transport.loseConnection()
+        await server.lost
+        server.reason.trap(ConnectionDone)
+        await client.lost
+        client.reason.trap(ConnectionDone)

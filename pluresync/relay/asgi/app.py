@@ -25,7 +25,7 @@ from pluresync.relay.core.wire import SUBPROTOCOL
 
 from .config import ConfigError, RelayConfig
 from .connection import RelaySocket
-from .httppipe import HttpPipe
+from .httppipe import HttpPipe, forward_upstream
 from .instance import RelayInstance
 
 log = logging.getLogger("pluresync.relay.asgi")
@@ -174,6 +174,7 @@ class RelayApp:
 
         watching = relay.spawn(watch())
         keeping = relay.spawn(pipe.keepalive())
+        forwarded = relay.spawn(pipe.serve_forwarded(relay))
         try:
             await socket.run()
         finally:
@@ -181,14 +182,22 @@ class RelayApp:
             self.http_pipes.pop(pipe.token, None)
             watching.cancel()
             keeping.cancel()
+            forwarded.cancel()
             await pipe.end_response()
+            await pipe.forget(relay)
 
     async def _upstream(self, token: str, headers: dict[str, bytes], receive: Receive) -> int:
         """Read an upstream's body into its pipe; the status to answer with."""
         pipe = self.http_pipes.get(token)
-        if pipe is None:
-            return 404
         length = headers.get("content-length")
+        if pipe is None:
+            relay = self.relay
+            if relay is None or not relay.redis_ok or (length is not None and not length.isdigit()):
+                return 404
+            if length is not None and int(length) > DEFAULT_MAX_POST:
+                return 413
+            # Another instance may hold this pipe's downstream (Vercel's balancer chose this one).
+            return await forward_upstream(relay, token, headers.get("pluresync-seq", b""), receive)
         if length is not None and (not length.isdigit() or int(length) > DEFAULT_MAX_POST):
             pipe.begin_upstream(None)
             return 413

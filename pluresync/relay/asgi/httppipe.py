@@ -12,17 +12,20 @@ socket's session, its pairing through Redis with sockets on other
 instances, its limits and its cap at the function's maximum duration are
 those of a WebSocket, by construction.
 
-What it cannot do on Vercel itself: upstream requests must reach the
-instance that holds the downstream, and a load balancer may send them
-elsewhere (answered 404: the client's pipe ends and its session moves on).
-Under uvicorn, where a client's requests all go to one instance, it works
-in full.
+Vercel's load balancer may send a pipe's upstream requests to another
+function instance than the one that holds its downstream: that instance
+forwards the upstream through Redis (L{forward_upstream}: the body's
+pieces in the list C{P hu:TOKEN}, with a credit window acknowledged on
+C{P hk:TOKEN}), the owner feeds them to the pipe in order
+(L{HttpPipe.serve_forwarded}) and answers on C{P ha:TOKEN:SEQ}; C{P hp:TOKEN}
+says which pipes live somewhere.  Every key has a TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,6 +44,7 @@ from pluresync.relay.core.httpwire import (
     frame_head,
     new_pipe_token,
     parse_close,
+    parse_seq,
 )
 
 log = logging.getLogger("pluresync.relay.asgi")
@@ -51,6 +55,70 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 INBOX = 16
 #: A downstream that ended without a close frame.
 CLOSE_ABNORMAL = 1006
+#: Forwarded upstream items: an upstream begins (its number), a piece of its body, its end.
+_BEGIN, _DATA, _END = b"S", b"D", b"E"
+#: Forwarded items one instance may have unacknowledged in Redis per pipe.
+FORWARD_WINDOW = 16
+#: How long a forwarding instance waits for credit or for the owner's answer.
+FORWARD_TIMEOUT = 30.0
+
+
+def _keys(instance: Any, token: str) -> tuple[str, str, str]:
+    """The pipe's owner marker, its forwarded upstream list, and its credit list."""
+    key = instance.keys.key
+    return key("hp", token), key("hu", token), key("hk", token)
+
+
+def _answer_key(instance: Any, token: str, seq: bytes) -> str:
+    return instance.keys.key("ha", token, seq.decode("ascii", "replace"))
+
+
+async def forward_upstream(instance: Any, token: str, seq: bytes, receive: Callable[[], Awaitable[dict]]) -> int:
+    """
+    An upstream for a pipe this instance does not hold: if one lives on
+    another instance, pass the body on to it through Redis and return the
+    owner's answer; else 404.
+    """
+    redis = instance.redis
+    owner, items, credit = _keys(instance, token)
+    ttl = instance.config.data_ttl
+    if not await redis.exists(owner):
+        return 404
+    inflight = 0
+
+    async def push(item: bytes) -> bool:
+        nonlocal inflight
+        deadline = time.monotonic() + FORWARD_TIMEOUT
+        # Bounded in time: the owner acknowledges what it took, or is gone.
+        while inflight >= FORWARD_WINDOW:
+            if time.monotonic() > deadline:
+                return False
+            got = await redis.blpop([credit], timeout=instance.config.poll)
+            if got is not None:
+                inflight -= int(got[1])
+        pipe = redis.pipeline(transaction=False)
+        pipe.rpush(items, item)
+        pipe.expire(items, ttl)
+        await pipe.execute()
+        inflight += 1
+        return True
+
+    if not await push(_BEGIN + seq):
+        return 404
+    # Bounded: each turn reads one piece of the body, until its end or the client's.
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return 404
+        body = message.get("body") or b""
+        if body and not await push(_DATA + body):
+            return 404
+        if not message.get("more_body"):
+            break
+    if not await push(_END):
+        return 404
+    got = await redis.blpop([_answer_key(instance, token, seq)], timeout=FORWARD_TIMEOUT)
+    return int(got[1]) if got is not None else 404
 
 
 class HttpPipe:
@@ -145,6 +213,66 @@ class HttpPipe:
             await self._write(encode_close(code, str(message.get("reason") or "")))
             await self.end_response()
             self._disconnect(code)
+
+    # -- upstreams forwarded by other instances --------------------------------------
+
+    async def serve_forwarded(self, instance: Any) -> None:
+        """
+        Take the upstreams other instances forward for this pipe (through
+        Redis), in order, until the pipe ends; mark the pipe as living here.
+        """
+        redis = instance.redis
+        owner, items, credit = _keys(instance, self.token)
+        ttl = int(instance.config.max_duration + instance.config.data_ttl)
+        config = instance.config
+        seq = b""
+        accepted = False
+        try:
+            await redis.set(owner, b"1", ex=ttl)
+            while not self._disconnected:
+                got = await redis.blpop([items], timeout=config.poll)
+                if got is None:
+                    continue
+                item = got[1]
+                kind, rest = item[:1], item[1:]
+                if kind == _BEGIN:
+                    seq = rest
+                    status = self.begin_upstream(parse_seq(rest))
+                    accepted = status == 0
+                    if not accepted:
+                        await self._answer_forwarded(instance, seq, status)
+                elif kind == _DATA and accepted:
+                    await self.upstream_data(rest)
+                elif kind == _END:
+                    if accepted:
+                        self.end_upstream()
+                        accepted = False
+                        await self._answer_forwarded(instance, seq, 204)
+                pipe = redis.pipeline(transaction=False)
+                pipe.rpush(credit, b"1")
+                pipe.expire(credit, config.data_ttl)
+                await pipe.execute()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.warning("forwarded upstreams failed: %r", error)
+        finally:
+            if accepted:
+                self.end_upstream()
+
+    async def _answer_forwarded(self, instance: Any, seq: bytes, status: int) -> None:
+        key = _answer_key(instance, self.token, seq)
+        pipe = instance.redis.pipeline(transaction=False)
+        pipe.rpush(key, str(status).encode())
+        pipe.expire(key, instance.config.data_ttl)
+        await pipe.execute()
+
+    async def forget(self, instance: Any) -> None:
+        """The pipe is over: its keys go (what is still forwarded is answered 404 by its TTL)."""
+        try:
+            await instance.redis.delete(*_keys(instance, self.token))
+        except Exception as error:
+            log.warning("HTTP pipe clean-up failed: %r", error)
 
     # -- upstreams -----------------------------------------------------------------
 
