@@ -161,6 +161,12 @@ class RelayApp:
             return
         limits = relay.config.limits
         pipe = HttpPipe(send, limits.max_message, limits.ping_interval)
+        try:
+            await pipe.claim(relay)
+        except Exception as error:
+            log.warning("HTTP pipe refused: Redis: %r", error)
+            await _respond(send, 503, _dumps({"error": "relay unavailable"}).encode(), [(b"retry-after", b"1")])
+            return
         await pipe.open(DEFAULT_MAX_POST)
         self.http_pipes[pipe.token] = pipe
         socket = RelaySocket(relay, pipe.receive, pipe.send, refusal)

@@ -216,19 +216,22 @@ class HttpPipe:
 
     # -- upstreams forwarded by other instances --------------------------------------
 
+    async def claim(self, instance: Any) -> None:
+        """
+        Say in Redis that this pipe lives (here), before its client learns
+        its token: an upstream may reach another instance at once.
+        """
+        owner, _, _ = _keys(instance, self.token)
+        await instance.redis.set(owner, b"1", ex=int(instance.config.max_duration + instance.config.data_ttl))
+
     async def serve_forwarded(self, instance: Any) -> None:
-        """
-        Take the upstreams other instances forward for this pipe (through
-        Redis), in order, until the pipe ends; mark the pipe as living here.
-        """
+        """Take the upstreams other instances forward for this pipe (through Redis), in order, until it ends."""
         redis = instance.redis
-        owner, items, credit = _keys(instance, self.token)
-        ttl = int(instance.config.max_duration + instance.config.data_ttl)
+        _, items, credit = _keys(instance, self.token)
         config = instance.config
         seq = b""
         accepted = False
         try:
-            await redis.set(owner, b"1", ex=ttl)
             while not self._disconnected:
                 got = await redis.blpop([items], timeout=config.poll)
                 if got is None:
