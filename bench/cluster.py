@@ -62,14 +62,25 @@ def start_redis(scratch: Path) -> tuple[subprocess.Popen, int]:
         sys.exit("redis-server is not installed (apt-get install redis-server)")
     port = free_port()
     log = open(scratch / "redis.log", "wb")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
     time.sleep(0.3)
     return proc, port
 
 
-def stream(listen_port: int, connect_port: int, keyfile: Path, listen_role: str, connect_role: str,
-           extra: list[str], timeout: float) -> tuple[dict, dict]:
+def stream(
+    listen_port: int,
+    connect_port: int,
+    keyfile: Path,
+    listen_role: str,
+    connect_role: str,
+    extra: list[str],
+    timeout: float,
+) -> tuple[dict, dict]:
     common = ["--transport", "pluresync", "--keyfile", str(keyfile), "--timeout", str(timeout)]
     listener = _peer([*common, "--port", str(listen_port), "--role", listen_role, *extra])
     try:
@@ -93,8 +104,15 @@ def throughput(ports: dict[str, tuple[int, int]], keyfile: Path, size: int, repe
         runs = []
         for i in range(repeat):
             print(f"  throughput {name} run {i + 1} ...", file=sys.stderr, flush=True)
-            received, sent = stream(listen_port, connect_port, keyfile, "recv", "send",
-                                    ["--size", str(size), "--chunk", str(64 << 10)], max(60.0, size / 2e6))
+            received, sent = stream(
+                listen_port,
+                connect_port,
+                keyfile,
+                "recv",
+                "send",
+                ["--size", str(size), "--chunk", str(64 << 10)],
+                max(60.0, size / 2e6),
+            )
             runs.append(size / (received["last_byte"] - sent["start"]) / 1e6)
         results[name] = runs
     return results
@@ -104,8 +122,15 @@ def round_trips(ports: dict[str, tuple[int, int]], keyfile: Path, count: int) ->
     results = {}
     for name, (listen_port, connect_port) in ports.items():
         print(f"  latency {name} ...", file=sys.stderr, flush=True)
-        _, pinged = stream(listen_port, connect_port, keyfile, "echo", "ping",
-                           ["--count", str(count), "--warmup", "200", "--msg", "64"], 60.0)
+        _, pinged = stream(
+            listen_port,
+            connect_port,
+            keyfile,
+            "echo",
+            "ping",
+            ["--count", str(count), "--warmup", "200", "--msg", "64"],
+            60.0,
+        )
         rtts = [ns / 1000 for ns in pinged["rtts_ns"]]
         results[name] = {"median_us": statistics.median(rtts), "p99_us": percentile(rtts, 0.99)}
     return results
@@ -283,11 +308,21 @@ def main() -> None:
             secret.write_text(os.urandom(32).hex())
             for _ in range(3):
                 link = free_port()
-                relays.append(pluresync_relay(scratch, [
-                    "--redis", f"redis://127.0.0.1:{redis_port}/0",
-                    "--cluster-listen", f"tcp:{link}:interface=127.0.0.1",
-                    "--cluster-address", f"127.0.0.1:{link}",
-                    "--cluster-secret-file", str(secret)]))
+                relays.append(
+                    pluresync_relay(
+                        scratch,
+                        [
+                            "--redis",
+                            f"redis://127.0.0.1:{redis_port}/0",
+                            "--cluster-listen",
+                            f"tcp:{link}:interface=127.0.0.1",
+                            "--cluster-address",
+                            f"127.0.0.1:{link}",
+                            "--cluster-secret-file",
+                            str(secret),
+                        ],
+                    )
+                )
             for relay in relays:
                 wait_redis_ok(relay.port)
             keyfile = keygen(scratch)
@@ -303,20 +338,38 @@ def main() -> None:
             redis.wait(10)
 
     out = [f"Machine: {machine()}", "", f"Command: `{' '.join([Path(PYTHON).name, *sys.argv])}`", ""]
-    out += [f"Throughput, {args.size} MiB per stream, `relay:` endpoints (encrypted), median of {args.repeat}:", "",
-            "| path | MB/s (median) | runs |", "|---|---|---|"]
+    out += [
+        f"Throughput, {args.size} MiB per stream, `relay:` endpoints (encrypted), median of {args.repeat}:",
+        "",
+        "| path | MB/s (median) | runs |",
+        "|---|---|---|",
+    ]
     for name, runs in raw["throughput"].items():
         out.append(f"| {name} | {statistics.median(runs):.0f} | {', '.join(f'{r:.0f}' for r in runs)} |")
-    out += ["", f"Round trips, 64-byte messages, {args.count} timed:", "",
-            "| path | median µs | p99 µs |", "|---|---|---|"]
+    out += [
+        "",
+        f"Round trips, 64-byte messages, {args.count} timed:",
+        "",
+        "| path | median µs | p99 µs |",
+        "|---|---|---|",
+    ]
     for name, r in raw["latency"].items():
         out.append(f"| {name} | {r['median_us']:.0f} | {r['p99_us']:.0f} |")
-    out += ["", f"Pairing (connect → paired, raw protocol), {args.pairings} timed per case:", "",
-            "| case | median ms | p99 ms |", "|---|---|---|"]
+    out += [
+        "",
+        f"Pairing (connect → paired, raw protocol), {args.pairings} timed per case:",
+        "",
+        "| case | median ms | p99 ms |",
+        "|---|---|---|",
+    ]
     for name, r in raw["pairing"].items():
         out.append(f"| {name} | {r['median_ms']:.2f} | {r['p99_ms']:.2f} |")
-    out += ["", "Redis pub/sub as a byte transport (64 KiB messages, at most 2 MiB unacknowledged, no relay): "
-            f"{raw['pubsub']['mb_s']:.0f} MB/s", ""]
+    out += [
+        "",
+        "Redis pub/sub as a byte transport (64 KiB messages, at most 2 MiB unacknowledged, no relay): "
+        f"{raw['pubsub']['mb_s']:.0f} MB/s",
+        "",
+    ]
     unbounded = raw["pubsub_unbounded"]
     if "dropped" in unbounded:
         out += [f"Without that window: {unbounded['dropped']} ({unbounded['dropped_mb']:.0f} MB delivered).", ""]

@@ -98,8 +98,9 @@ class TransitClient(WebSocketClientProtocol):
 def open_socket(bench: Counter, protocol, hello, port: int, protocols=None) -> None:
     factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}/", protocols=protocols)
     factory.protocol = protocol
-    factory.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=60,
-                               perMessageCompressionOffers=[], tcpNoDelay=True)
+    factory.setProtocolOptions(
+        autoPingInterval=0, openHandshakeTimeout=60, perMessageCompressionOffers=[], tcpNoDelay=True
+    )
     factory.hello = hello
     factory.bench = bench
     d = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=60).connect(factory)
@@ -107,8 +108,7 @@ def open_socket(bench: Counter, protocol, hello, port: int, protocols=None) -> N
 
 
 def accept(bench: Counter, session: str) -> None:
-    open_socket(bench, RelayV1Client, {"v": 1, "op": "accept", "session": session},
-                bench.port, [SUBPROTOCOL])
+    open_socket(bench, RelayV1Client, {"v": 1, "op": "accept", "session": session}, bench.port, [SUBPROTOCOL])
 
 
 class StdinWatch(Protocol):
@@ -135,10 +135,13 @@ def main() -> None:
     rdv = f"{args.id:08x}{nonce}".ljust(64, "0")
 
     if args.relay == "pluresync":
+
         def start_one(i: int) -> None:
-            open_socket(bench, RelayV1Client,
-                        {"v": 1, "op": "connect", "rdv": rdv, "wait": 60}, args.port, [SUBPROTOCOL])
+            open_socket(
+                bench, RelayV1Client, {"v": 1, "op": "connect", "rdv": rdv, "wait": 60}, args.port, [SUBPROTOCOL]
+            )
     else:
+
         def start_one(i: int) -> None:
             token = f"{args.id:08x}{nonce}{i:016x}".ljust(64, "0")
             for side in ("a" * 16, "b" * 16):

@@ -19,8 +19,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure(path: str, relays: Relays, count: int = 2000, warmup: int = 200, msg: int = 64) -> dict:
-    _, pinged, _ = run_pair(path, relays, "echo", "ping",
-                         ["--count", str(count), "--warmup", str(warmup), "--msg", str(msg)], 60.0)
+    _, pinged, _ = run_pair(
+        path, relays, "echo", "ping", ["--count", str(count), "--warmup", str(warmup), "--msg", str(msg)], 60.0
+    )
     rtts_us = [ns / 1000 for ns in pinged["rtts_ns"]]
-    return {"path": path, "count": len(rtts_us), "median_us": statistics.median(rtts_us),
-            "p99_us": percentile(rtts_us, 0.99), "mean_us": statistics.fmean(rtts_us)}
+    return {
+        "path": path,
+        "count": len(rtts_us),
+        "median_us": statistics.median(rtts_us),
+        "p99_us": percentile(rtts_us, 0.99),
+        "mean_us": statistics.fmean(rtts_us),
+    }

@@ -60,10 +60,24 @@ def measure(kind: str, scratch: Path, pair_counts: list[int]) -> list[dict]:
             started = time.monotonic()
             for share in shares:
                 proc = subprocess.Popen(
-                    [PYTHON, str(HERE / "idle_clients.py"), "--relay", kind, "--port", str(relay.port),
-                     "--pairs", str(share), "--id", str(len(clients))],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    env=child_env(), text=True, preexec_fn=raise_nofile,
+                    [
+                        PYTHON,
+                        str(HERE / "idle_clients.py"),
+                        "--relay",
+                        kind,
+                        "--port",
+                        str(relay.port),
+                        "--pairs",
+                        str(share),
+                        "--id",
+                        str(len(clients)),
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=child_env(),
+                    text=True,
+                    preexec_fn=raise_nofile,
                 )
                 clients.append(proc)
                 batch.append(proc)
@@ -71,9 +85,17 @@ def measure(kind: str, scratch: Path, pair_counts: list[int]) -> list[dict]:
             setup = time.monotonic() - started
             time.sleep(2.0)
             after = relay.rss_kib()
-            results.append({"relay": kind, "pairs": target, "rss_before_kib": before,
-                            "rss_after_kib": after, "kib_per_pair": (after - before) / target,
-                            "setup_s": setup, "client_processes": len(clients)})
+            results.append(
+                {
+                    "relay": kind,
+                    "pairs": target,
+                    "rss_before_kib": before,
+                    "rss_after_kib": after,
+                    "kib_per_pair": (after - before) / target,
+                    "setup_s": setup,
+                    "client_processes": len(clients),
+                }
+            )
             have = target
         if len(results) >= 2:
             a, b = results[-2], results[-1]

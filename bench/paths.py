@@ -34,8 +34,11 @@ class Relays:
 def _peer(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         [PYTHON, str(HERE / "peer.py"), *args],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=child_env(), text=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+        text=True,
     )
 
 
@@ -65,8 +68,15 @@ def _result(proc: subprocess.Popen, timeout: float) -> dict:
     raise RuntimeError(f"peer {proc.args[2:]} printed no result (rc {proc.returncode}):\n{err[-3000:]}")
 
 
-def run_pair(path: str, relays: Relays, listen_role: str, connect_role: str,
-             extra: list[str], timeout: float, profile_prefix: str | None = None) -> tuple[dict, dict, float]:
+def run_pair(
+    path: str,
+    relays: Relays,
+    listen_role: str,
+    connect_role: str,
+    extra: list[str],
+    timeout: float,
+    profile_prefix: str | None = None,
+) -> tuple[dict, dict, float]:
     """
     Run a listening and a connecting peer over `path`; return both results
     and the CPU seconds the relay process (if any) used meanwhile.
@@ -78,11 +88,23 @@ def run_pair(path: str, relays: Relays, listen_role: str, connect_role: str,
         if path in ("direct", "portforward"):
             common = ["--transport", "tcp"]
         elif path == "transit":
-            common = ["--transport", "transit", "--port", str(relays.transit.port),
-                      "--token", f"{time.time_ns():064x}"[-64:]]
+            common = [
+                "--transport",
+                "transit",
+                "--port",
+                str(relays.transit.port),
+                "--token",
+                f"{time.time_ns():064x}"[-64:],
+            ]
         else:
-            common = ["--transport", "pluresync", "--port", str(relays.pluresync.port),
-                      "--keyfile", str(relays.keyfile)]
+            common = [
+                "--transport",
+                "pluresync",
+                "--port",
+                str(relays.pluresync.port),
+                "--keyfile",
+                str(relays.keyfile),
+            ]
         if profile_prefix:
             listener_extra = [*extra, "--profile", f"{profile_prefix}-{listen_role}.prof"]
             extra = [*extra, "--profile", f"{profile_prefix}-{connect_role}.prof"]
@@ -96,8 +118,7 @@ def run_pair(path: str, relays: Relays, listen_role: str, connect_role: str,
         elif path == "portforward":
             forward = portforward(port, relays.scratch)
             common = [*common, "--port", str(forward.port)]
-        relay = {"direct": None, "portforward": forward, "transit": relays.transit,
-                 "pluresync": relays.pluresync}[path]
+        relay = {"direct": None, "portforward": forward, "transit": relays.transit, "pluresync": relays.pluresync}[path]
         cpu_before = relay.cpu_seconds() if relay is not None else 0.0
         connector = _peer([*common, "--role", connect_role, *extra])
         procs.append(connector)

@@ -47,7 +47,7 @@ def top(path: Path, n: int) -> str:
     stats = pstats.Stats(str(path), stream=out)
     stats.sort_stats("tottime").print_stats(n)
     text = out.getvalue()
-    return text[text.find("   ncalls"):] if "   ncalls" in text else text
+    return text[text.find("   ncalls") :] if "   ncalls" in text else text
 
 
 def main() -> None:
@@ -75,16 +75,25 @@ def main() -> None:
                 plure = pluresync_relay(scratch, profile=relay_prof)
             relays = Relays(scratch, transit, plure, keygen(scratch))
             if args.latency:
-                _, pinged, relay_cpu = run_pair(args.path, relays, "echo", "ping",
-                                                ["--count", str(args.count), "--warmup", "200", "--msg", "64"],
-                                                120.0, profile_prefix=str(scratch / "peer"))
+                _, pinged, relay_cpu = run_pair(
+                    args.path,
+                    relays,
+                    "echo",
+                    "ping",
+                    ["--count", str(args.count), "--warmup", "200", "--msg", "64"],
+                    120.0,
+                    profile_prefix=str(scratch / "peer"),
+                )
                 rtts = [ns / 1000 for ns in pinged["rtts_ns"]]
-                summary = (f"median round trip {statistics.median(rtts):.0f} us under cProfile; relay CPU "
-                           f"{relay_cpu / len(rtts) * 1e6:.1f} us per round trip")
+                summary = (
+                    f"median round trip {statistics.median(rtts):.0f} us under cProfile; relay CPU "
+                    f"{relay_cpu / len(rtts) * 1e6:.1f} us per round trip"
+                )
                 roles = ("ping", "echo")
             else:
-                result = throughput.measure(args.path, relays, args.size << 20, args.chunk,
-                                            profile_prefix=str(scratch / "peer"))
+                result = throughput.measure(
+                    args.path, relays, args.size << 20, args.chunk, profile_prefix=str(scratch / "peer")
+                )
                 summary = f"{result['mb_s']:.1f} MB/s under cProfile; CPU s/GB {result['cpu_s_per_gb']}"
                 roles = ("send", "recv")
         finally:
@@ -92,8 +101,11 @@ def main() -> None:
                 if relay is not None:
                     relay.stop()
         print(f"{args.path}: {summary}\n")
-        for name, prof in (("relay", relay_prof), ("sender", scratch / f"peer-{roles[0]}.prof"),
-                           ("receiver", scratch / f"peer-{roles[1]}.prof")):
+        for name, prof in (
+            ("relay", relay_prof),
+            ("sender", scratch / f"peer-{roles[0]}.prof"),
+            ("receiver", scratch / f"peer-{roles[1]}.prof"),
+        ):
             print(f"## {name}\n")
             print(top(prof, args.top) if prof.exists() else "(no profile written)\n")
             if args.keep and prof.exists():

@@ -82,8 +82,7 @@ def cpu_seconds(pid: int) -> float:
 class RelayProcess:
     """One `twist ...` process; `port` is where clients connect."""
 
-    def __init__(self, name: str, twist_args: list[str], port: int, scratch: Path,
-                 profile: Path | None = None) -> None:
+    def __init__(self, name: str, twist_args: list[str], port: int, scratch: Path, profile: Path | None = None) -> None:
         self.name = name
         self.port = port
         self.log_path = scratch / f"{name}-{port}.log"
@@ -94,8 +93,12 @@ class RelayProcess:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             command,
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env=child_env(), cwd=str(scratch), preexec_fn=raise_nofile,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+            cwd=str(scratch),
+            preexec_fn=raise_nofile,
         )
         try:
             wait_for_port(port, self.proc)
@@ -128,9 +131,18 @@ def portforward(dest_port: int, scratch: Path) -> RelayProcess:
     port = free_port()
     return RelayProcess(
         "portforward",
-        ["portforward", "--port", f"tcp:{port}:interface=127.0.0.1",
-         "--dest_port", str(dest_port), "--host", "127.0.0.1"],
-        port, scratch)
+        [
+            "portforward",
+            "--port",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--dest_port",
+            str(dest_port),
+            "--host",
+            "127.0.0.1",
+        ],
+        port,
+        scratch,
+    )
 
 
 def transit_relay(scratch: Path, profile: Path | None = None) -> RelayProcess:
@@ -138,10 +150,16 @@ def transit_relay(scratch: Path, profile: Path | None = None) -> RelayProcess:
     port, tcp_port = free_port(), free_port()
     return RelayProcess(
         "transitrelay",
-        ["transitrelay", f"--websocket=tcp:{port}:interface=127.0.0.1",
-         f"--websocket-url=ws://127.0.0.1:{port}/",
-         f"--port=tcp:{tcp_port}:interface=127.0.0.1"],
-        port, scratch, profile=profile)
+        [
+            "transitrelay",
+            f"--websocket=tcp:{port}:interface=127.0.0.1",
+            f"--websocket-url=ws://127.0.0.1:{port}/",
+            f"--port=tcp:{tcp_port}:interface=127.0.0.1",
+        ],
+        port,
+        scratch,
+        profile=profile,
+    )
 
 
 def pluresync_relay(scratch: Path, extra: list[str] = (), profile: Path | None = None) -> RelayProcess:
@@ -149,4 +167,7 @@ def pluresync_relay(scratch: Path, extra: list[str] = (), profile: Path | None =
     return RelayProcess(
         "pluresync-relay",
         ["pluresync-relay", "--port", f"tcp:{port}:interface=127.0.0.1", *extra],
-        port, scratch, profile=profile)
+        port,
+        scratch,
+        profile=profile,
+    )

@@ -81,6 +81,11 @@ class LocalRelay:
         """Every byte every client sent, unmasked, connection after connection."""
         return b"".join(websocket_payloads(stream) for stream in self._tap.tapped)
 
+    @property
+    def tapped_raw(self) -> bytes:
+        """Every byte every client sent, as it came (HTTP pipes: nothing is masked)."""
+        return b"".join(bytes(stream) for stream in self._tap.tapped)
+
     def endpoint(self, key: SyncKey, **params: str) -> str:
         """An endpoint string for this relay (key passed as text: test only)."""
         url = self.url.replace(":", "\\:")

@@ -109,6 +109,17 @@ class TestCA:
         self.ca_path.write_bytes(self.pem)
         self._issued = 0
 
+    def signing_pem(self) -> Path:
+        """
+        Write the CA's certificate and its private key into one PEM file and
+        return its path: what a TLS-inspecting proxy (squid's C{ssl-bump}
+        C{tls-cert=}) signs its forged certificates with.
+        """
+        path = self._unique("ca-with-key", ".pem")
+        path.write_bytes(self.pem + _key_pem(self._key))
+        path.chmod(0o600)
+        return path
+
     def _unique(self, stem: str, suffix: str) -> Path:
         slug = "".join(c if c.isalnum() else "-" for c in self.name)
         return self.directory / f"{slug}-{stem}{suffix}"

@@ -6,7 +6,8 @@ C{auto:} endpoint or of a seed config file, or the default C{auto:}) it
 checks, in order and each within C{--timeout} seconds: DNS, TCP (to the
 relay or to its HTTP proxy), the proxy's CONNECT tunnel, TLS (with the
 certificate and a hint when it looks like a TLS-inspecting proxy's), the
-WebSocket upgrade with subprotocol C{pluresync.v1}, the relay's C{/health},
+WebSocket upgrade with subprotocol C{pluresync.v1}, the relay's HTTP pipe
+(which works from here when WebSockets are refused), the relay's C{/health},
 and a full pairing round trip with itself under a fresh random key. It prints
 one table per transport and an overall verdict, and exits 0 when at least one
 transport works end to end, 1 otherwise. See docs/doctor.md.

@@ -38,6 +38,7 @@ from pluresync.endpoints.relay import RelayClientEndpoint, RelayConfig
 from pluresync.endpoints.relaylistener import RelayListeningPort
 from pluresync.errors import RelayError
 from pluresync.keys import PeerIdentity, SyncKey
+from pluresync.pipes.http import open_http_relay_socket
 from pluresync.pipes.websocket import open_relay_socket
 from pluresync.relay.core.wire import CLOSE_NORMAL, SUBPROTOCOL, ErrorCode, encode_listen
 
@@ -518,6 +519,60 @@ async def check_websocket(ctx: _Context) -> Row:
     return Row("websocket", OK, took, f"upgraded to {SUBPROTOCOL}; a listener registration was ready")
 
 
+async def check_http_pipe(ctx: _Context, upgrade_ok: bool) -> Row:
+    """
+    The relay's HTTP pipe (what C{pipe=auto} falls back to where WebSockets
+    are refused): the same listener registration as L{check_websocket},
+    over plain HTTP requests.
+    """
+    config = ctx.config
+    hello = encode_listen(os.urandom(32).hex(), PeerIdentity.generate().peer_id)
+    started = ctx.now()
+    try:
+        socket, _ = await _bounded(
+            ctx.reactor,
+            open_http_relay_socket(
+                ctx.reactor,
+                ctx.relay,
+                hello,
+                ca=list(config.ca) if config.ca else None,
+                proxy=ctx.proxy,
+                token=config.token,
+            ),
+            ctx.timeout,
+        )
+    except Exception:
+        failure = Failure()
+        took = ctx.now() - started
+        why = _why(failure, ctx.timeout)
+        if upgrade_ok:
+            return Row(
+                "http pipe",
+                WARN,
+                took,
+                f"the relay's HTTP pipe did not work ({why}); the WebSocket does, and is what is used",
+                "nothing to do here; an older relay has no HTTP pipe (it matters only where WebSockets are refused)",
+            )
+        return Row(
+            "http pipe",
+            FAIL,
+            took,
+            f"neither a WebSocket nor the relay's HTTP pipe gets through: {why}",
+            "something between here and the relay refuses it altogether: ask the proxy's admins to allow the "
+            "relay's host (CONNECT to its port, then HTTPS POSTs to /pipe)",
+        )
+    took = ctx.now() - started
+    socket.abort()
+    if upgrade_ok:
+        return Row("http pipe", OK, took, "the relay's HTTP pipe works too (pipe=auto uses the WebSocket)")
+    return Row(
+        "http pipe",
+        OK,
+        took,
+        "WebSockets are refused from here, the relay's HTTP pipe works: relay: and auto: use it by themselves",
+    )
+
+
 # -- 5. /health ---------------------------------------------------------------------------
 
 
@@ -659,7 +714,7 @@ class _Ping(Protocol):
             self.lost.callback(None)
 
 
-async def check_round_trip(ctx: _Context) -> Row:
+async def check_round_trip(ctx: _Context, pipe: str = "auto") -> Row:
     reactor = ctx.reactor
     # A fresh random key: this listener and client meet only each other,
     # never a real peer, and nothing of the user's key is used.
@@ -671,6 +726,7 @@ async def check_round_trip(ctx: _Context) -> Row:
         timeout=ctx.timeout,
         ping_interval=0.0,
         ping_timeout=0.0,
+        pipe=pipe,
     )
     accepted: list[_Echo] = []
     # Its outcome is the row, not log lines ("listening through ...").
@@ -712,11 +768,13 @@ async def check_round_trip(ctx: _Context) -> Row:
         return Row("round trip", FAIL, took, f"{stage}: {why}", fix)
     took = ctx.now() - started
     await _teardown(reactor, port, client, accepted, clean=True)
+    over = " (over the HTTP pipe)" if pipe == "http" else ""
     return Row(
         "round trip",
         OK,
         took,
-        f"paired with itself in {pairing * 1000:.0f} ms; end-to-end encrypted message round trip {rtt * 1000:.1f} ms",
+        f"paired with itself in {pairing * 1000:.0f} ms; end-to-end encrypted message round trip "
+        f"{rtt * 1000:.1f} ms{over}",
     )
 
 
@@ -795,12 +853,19 @@ async def diagnose(reactor, config: RelayConfig, timeout: float) -> Section:
         upgrade_ok = (await run(check_websocket)).verdict == OK
     else:
         rows.append(_skipped("websocket", blocked))
+    http_ok = False
+    if blocked is None:
+        http_ok = (await run(check_http_pipe, upgrade_ok)).verdict == OK
+    else:
+        rows.append(_skipped("http pipe", blocked))
     if blocked is None:
         await run(check_health, upgrade_ok)
     else:
         rows.append(_skipped("health", blocked))
     if blocked is None and upgrade_ok:
-        await run(check_round_trip)
+        await run(check_round_trip, "ws")
+    elif blocked is None and http_ok:
+        await run(check_round_trip, "http")
     else:
-        rows.append(_skipped("round trip", blocked or "the WebSocket upgrade failed"))
+        rows.append(_skipped("round trip", blocked or "neither the WebSocket upgrade nor the HTTP pipe worked"))
     return section

@@ -27,6 +27,7 @@ RELAY_PARAMETERS = frozenset(
     {"url", "keyfile", "key", "topic", "peer", "identity", "wait", "timeout", "ca", "ping", "proxy"}
     | {"token", "tokenfile"}
     | {"resume", "window", "stall", "rotate", "reuse"}
+    | {"pipe"}
 )
 
 #: The environment variable with the relay token (the token, or a file holding it).
@@ -133,7 +134,7 @@ def relay_config(*args: str, **kwargs: str):
     import os
 
     from pluresync.dial.proxy import proxy_for
-    from pluresync.endpoints.relay import PRESETS, RelayConfig
+    from pluresync.endpoints.relay import PIPES, PRESETS, RelayConfig
     from pluresync.keys import PeerIdentity, load_sync_key, parse_peer_id
     from pluresync.pipes.websocket import RelayURL
 
@@ -163,6 +164,9 @@ def relay_config(*args: str, **kwargs: str):
     ping = _number("ping", kwargs.get("ping"), 25.0)
     session = _session_params(kwargs)
     proxy = proxy_for(relay.host, relay.port, relay.secure, explicit=kwargs.get("proxy"), environ=os.environ)
+    pipe = kwargs.get("pipe", "auto").strip().lower()
+    if pipe not in PIPES:
+        raise ConfigurationError(f"relay endpoint: pipe= is {', '.join(PIPES)}, got {kwargs['pipe']!r}")
     return RelayConfig(
         name=name,
         relay=relay,
@@ -177,6 +181,7 @@ def relay_config(*args: str, **kwargs: str):
         proxy=proxy,
         token=relay_token(kwargs.get("token"), kwargs.get("tokenfile"), os.environ),
         session=session,
+        pipe=pipe,
     )
 
 

@@ -69,3 +69,7 @@ class PathCache:
 
 #: The process-wide cache every C{auto:} endpoint shares by default.
 shared = PathCache()
+#: Which pipe reached each relay (C{host:port}) on each network, when a
+#: WebSocket was refused on the way and the HTTP pipe got through
+#: (C{relay:} and C{auto:} with C{pipe=auto}).
+pipes = PathCache()

@@ -21,16 +21,19 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.internet.ssl import Certificate
 from twisted.internet.task import deferLater
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from pluresync.address import PeerAddress
 from pluresync.dial.proxy import ProxyConfig
+from pluresync.endpoints import pathcache
 from pluresync.endpoints.deadline import with_timeout
 from pluresync.endpoints.relaylistener import RelayListeningPort
-from pluresync.errors import RelayBusyError, RelayError
+from pluresync.errors import RelayBusyError, RelayError, RelayUnreachableError
 from pluresync.interfaces import IPath, IPathClient
 from pluresync.keys import PeerIdentity, Topic, format_peer_id
-from pluresync.pipes.websocket import RelaySocketProtocol, RelayURL, open_relay_socket
+from pluresync.pipes.http import open_http_relay_socket
+from pluresync.pipes.websocket import RelaySocketProtocol, RelayURL, open_relay_socket, websocket_refused
 from pluresync.relay.core.wire import ErrorCode, encode_connect
 from pluresync.secure.establish import secure_link
 from pluresync.secure.link import Link
@@ -51,6 +54,11 @@ MAX_BUSY_TRIES = 8
 BUSY_MARGIN = 0.5
 #: The wait before a retry when a busy relay gave no C{Retry-After} (doubles each time).
 BUSY_FIRST_DELAY = 0.25
+
+#: C{pipe=}'s values: a WebSocket first and the HTTP pipe where it is refused, or either alone.
+PIPES = ("auto", "ws", "http")
+
+log = Logger(namespace="pluresync.relay.client")
 
 
 def _digest(secret: str | None) -> bytes | None:
@@ -97,6 +105,10 @@ class RelayConfig:
     token: str | None = field(default=None, repr=False)
     #: The session's knobs (C{resume=}, C{window=}, C{stall=}, C{ping=}, C{rotate=}).
     session: SessionParams = SessionParams()
+    #: Which pipe carries the relay protocol (C{pipe=}): C{auto}, C{ws} or C{http}.
+    pipe: str = "auto"
+    #: Where C{pipe=auto} remembers, per network, a relay whose WebSocket was refused.
+    pipes: pathcache.PathCache = field(default_factory=lambda: pathcache.pipes, compare=False, repr=False)
 
     def open(self, reactor, hello: bytes, *, within: float | None = None, **callbacks) -> Deferred:
         """
@@ -111,17 +123,7 @@ class RelayConfig:
         deadline = reactor.seconds() + within
         for attempt in range(MAX_BUSY_TRIES):
             try:
-                return await open_relay_socket(
-                    reactor,
-                    self.relay,
-                    hello,
-                    ca=list(self.ca) if self.ca else None,
-                    ping_interval=self.ping_interval,
-                    ping_timeout=self.ping_timeout,
-                    proxy=self.proxy,
-                    token=self.token,
-                    **callbacks,
-                )
+                return await self._open_pipe(reactor, hello, callbacks)
             except RelayBusyError as error:
                 delay = busy_delay(error.retry_after, attempt)
                 if attempt + 1 >= MAX_BUSY_TRIES or reactor.seconds() + delay > deadline - BUSY_MARGIN:
@@ -132,6 +134,73 @@ class RelayConfig:
                     ) from None
                 await deferLater(reactor, delay, lambda: None)
         raise AssertionError("unreachable")
+
+    async def _open_pipe(self, reactor, hello: bytes, callbacks: dict):
+        """
+        One relay socket on the pipe C{pipe=} asks for: with C{auto}, a
+        WebSocket unless this network refused one to this relay lately, and
+        the HTTP pipe when something in the way refuses or breaks the
+        WebSocket (remembered, and said once).
+        """
+        choice = self.pipe
+        relay = self.relay
+        where = f"{relay.host}:{relay.port}"
+        if choice == "auto" and self.pipes.order(("ws", "http"), where, reactor.seconds())[0] == "http":
+            choice = "http"
+        if choice == "auto":
+            try:
+                return await self._open_with(open_relay_socket, reactor, hello, callbacks)
+            except RelayError as error:
+                if not self._http_may_pass(error):
+                    raise
+                refused = error
+            try:
+                opened = await self._open_with(open_http_relay_socket, reactor, hello, callbacks)
+            except RelayUnreachableError as error:
+                # Neither got through: the WebSocket's failure says more.
+                raise RelayUnreachableError(
+                    f"{refused}; the relay's HTTP pipe did not get through either: {error}"
+                ) from None
+            log.info(
+                "{name}: the WebSocket to {where} was refused or broken on the way ({why}); "
+                "using the relay's HTTP pipe on this network",
+                name=self.name,
+                where=where,
+                why=str(refused),
+            )
+            self.pipes.remember("http", where, reactor.seconds())
+            return opened
+        opener = open_http_relay_socket if choice == "http" else open_relay_socket
+        return await self._open_with(opener, reactor, hello, callbacks)
+
+    def _http_may_pass(self, error: RelayError) -> bool:
+        """
+        Whether the HTTP pipe may get through where this WebSocket did not:
+        something on the way refused or broke the WebSocket itself; or, to a
+        plain relay through a proxy, the proxy refused its tunnel (the HTTP
+        pipe needs none: the proxy forwards its requests).  A refusal by the
+        relay itself (401, 429, 503) is never one.
+        """
+        if websocket_refused(error):
+            return True
+        return (
+            not self.relay.secure
+            and self.proxy is not None
+            and type(error) is RelayUnreachableError  # not RelayAuthError, RelayBusyError
+        )
+
+    def _open_with(self, opener, reactor, hello: bytes, callbacks: dict):
+        return opener(
+            reactor,
+            self.relay,
+            hello,
+            ca=list(self.ca) if self.ca else None,
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            proxy=self.proxy,
+            token=self.token,
+            **callbacks,
+        )
 
     @property
     def pool_key(self):

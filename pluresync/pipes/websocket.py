@@ -82,6 +82,12 @@ PIPE_BUFFER = 256 * 1024
 #: a larger max_message: enough for any relay's use, and a bound on what one
 #: message can make us buffer, whatever a relay claims.
 MAX_ANNOUNCED_MESSAGE = 4 * 1024 * 1024
+#: How long after the upgrade a frame from the relay (the pong to the ping
+#: we send at once, or its answer) must arrive; else something on the way
+#: holds the WebSocket's frames (L{websocket_refused}).
+FLOW_PROBE = 5.0
+#: The probe ping's payload.
+_FLOW_PING = b"pluresync-flow"
 
 _STATE_OPEN = WebSocketClientProtocol.STATE_OPEN
 #: The relay's refusal reason code at the end of its 401 reason phrase.
@@ -130,6 +136,22 @@ def busy_error(host: str, status: int, headers: dict, status_text: str = "") -> 
         "busy",
         retry_after,
     )
+
+
+def websocket_refused(error: Exception) -> bool:
+    """
+    Whether C{error} (from L{open_relay_socket}) says that something between
+    us and the relay refused or broke the WebSocket itself (a proxy's 4xx/5xx
+    or a 200 instead of the 101, a reset during or right after the upgrade),
+    rather than that the relay could not be reached or refused us: then the
+    HTTP pipe (L{pluresync.pipes.http}) may get through where it did not.
+    """
+    return getattr(error, "websocket_refused", False) is True
+
+
+def _refused(error: RelayError) -> RelayError:
+    error.websocket_refused = True
+    return error
 
 
 def _status_text(status_line: str) -> str:
@@ -281,6 +303,7 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
         self._relay_error: RelayError | None = None
         self._channel: IPipeReceiver | None = None
         self._lost_reason: Failure | None = None
+        self._flow_call = None
 
     def connectionLost(self, reason: Failure) -> None:
         # Autobahn keeps only a text of why (wasNotCleanReason); a TLS
@@ -332,8 +355,37 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
             return
         self._opened = True
         self.sendMessage(self.factory.hello, isBinary=False)
+        if FLOW_PROBE > 0:
+            # A connector's answer may take its whole wait; a pong comes at once.
+            self.sendPing(_FLOW_PING)
+            self._flow_call = self.factory.reactor.callLater(FLOW_PROBE, self._no_flow)
+
+    def onPong(self, payload: bytes) -> None:
+        if payload == _FLOW_PING:
+            self._flowing()
+
+    def _flowing(self) -> None:
+        call, self._flow_call = self._flow_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _no_flow(self) -> None:
+        """Nothing came back after the upgrade: something on the way holds the WebSocket's frames."""
+        self._flow_call = None
+        if self._answered or self.state != _STATE_OPEN:
+            return
+        relay = self.factory.relay
+        self._relay_error = _refused(
+            RelayUnreachableError(
+                f"no WebSocket frame came back from {relay.host}:{relay.port} within {FLOW_PROBE:g} s of the "
+                "upgrade: something on the way holds WebSocket traffic"
+            )
+        )
+        self.dropConnection(abort=True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._flow_call is not None:
+            self._flowing()
         if isBinary:
             if self._channel is not None:
                 self._channel.pipeDataReceived(payload)
@@ -407,6 +459,7 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
         if self.closeHandshakeTimeoutCall is not None:
             self.closeHandshakeTimeoutCall.cancel()
             self.closeHandshakeTimeoutCall = None
+        self._flowing()
         self.close_code = code
         if self._channel is not None:
             channel, self._channel = self._channel, None
@@ -438,14 +491,20 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
             if status_line and status != 101:
                 # It answered in HTTP, but not as a relay does (a web server,
                 # a proxy's page, an HTTP/1.0 server): say so, once.
-                return RelayUnreachableError(
-                    f"HTTP {_status_text(status_line)} instead of the WebSocket upgrade from "
-                    f"{relay.host}:{relay.port}: this is not a pluresync relay (check the relay URL)"
+                return _refused(
+                    RelayUnreachableError(
+                        f"HTTP {_status_text(status_line)} instead of the WebSocket upgrade from "
+                        f"{relay.host}:{relay.port}: this is not a pluresync relay (check the relay URL), "
+                        "or a proxy refused the WebSocket"
+                    )
                 )
-            return RelayUnreachableError(f"could not open a WebSocket to the relay at {relay.host}: {detail}")
+            return _refused(RelayUnreachableError(f"could not open a WebSocket to the relay at {relay.host}: {detail}"))
         if code == CLOSE_GOING_AWAY:
             return RelayError(f"the relay at {relay.host} is shutting down", "going-away")
-        return RelayError(f"the relay at {relay.host} closed the connection (code {code}: {reason})")
+        error = RelayError(f"the relay at {relay.host} closed the connection (code {code}: {reason})")
+        # Dropped without a close frame before the relay said anything: a
+        # proxy that lets the upgrade through and then cuts the socket.
+        return _refused(error) if code in (None, 1006) else error
 
     def _pipeEnd(self, wasClean: bool, code: int | None) -> Failure:
         relay = self.factory.relay.host

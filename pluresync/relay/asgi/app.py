@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pluresync import __version__
+from pluresync.relay.core.httpwire import DEFAULT_MAX_POST, parse_seq
 from pluresync.relay.core.wire import SUBPROTOCOL
 
 from .config import ConfigError, RelayConfig
 from .connection import RelaySocket
+from .httppipe import HttpPipe, forward_upstream
 from .instance import RelayInstance
 
 log = logging.getLogger("pluresync.relay.asgi")
@@ -53,6 +55,8 @@ class RelayApp:
     config: RelayConfig | None
     error: str | None = None
     relay: RelayInstance | None = field(default=None, init=False)
+    #: this instance's HTTP pipes, by token (httppipe.py)
+    http_pipes: dict[str, HttpPipe] = field(default_factory=dict, init=False)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> RelayApp:
@@ -93,6 +97,9 @@ class RelayApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "/")
+        if scope.get("method") == "POST" and path.rstrip("/").endswith("/pipe"):
+            await self._pipe(scope, receive, send)
+            return
         if path.rstrip("/").endswith("/health") or path == "/health":
             relay = self.relay
             if relay is not None:
@@ -129,6 +136,94 @@ class RelayApp:
             [(b"upgrade", b"websocket")],
             scope.get("method") == "HEAD",
         )
+
+    async def _pipe(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The HTTP pipe: an upstream (it carries C{Pluresync-Pipe}) or a new pipe's downstream."""
+        headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", ())}
+        token = headers.get("pluresync-pipe")
+        if token is not None:
+            status = await self._upstream(token.decode("ascii", "replace"), headers, receive)
+            await send({"type": "http.response.start", "status": status, "headers": [(b"cache-control", b"no-store")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        relay = self.relay
+        if relay is None:
+            await _respond(send, 503, b"", [(b"retry-after", b"1")])
+            return
+        try:
+            await relay.ensure_started()
+        except Exception as error:
+            log.warning("start failed: %r", error)
+        refusal = _refusal(relay, {k: v.decode("latin-1") for k, v in headers.items()})
+        if isinstance(refusal, tuple):
+            status, text, extra = refusal
+            await _respond(send, status, _dumps({"error": text}).encode(), extra)
+            return
+        limits = relay.config.limits
+        pipe = HttpPipe(send, limits.max_message, limits.ping_interval)
+        try:
+            await pipe.claim(relay)
+        except Exception as error:
+            log.warning("HTTP pipe refused: Redis: %r", error)
+            await _respond(send, 503, _dumps({"error": "relay unavailable"}).encode(), [(b"retry-after", b"1")])
+            return
+        await pipe.open(DEFAULT_MAX_POST)
+        self.http_pipes[pipe.token] = pipe
+        socket = RelaySocket(relay, pipe.receive, pipe.send, refusal)
+        relay.sockets.add(socket)
+
+        async def watch() -> None:
+            # The downstream's request has no body; what comes next is its client leaving.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            pipe.lost()
+
+        watching = relay.spawn(watch())
+        keeping = relay.spawn(pipe.keepalive())
+        forwarded = relay.spawn(pipe.serve_forwarded(relay))
+        try:
+            await socket.run()
+        finally:
+            relay.sockets.discard(socket)
+            self.http_pipes.pop(pipe.token, None)
+            watching.cancel()
+            keeping.cancel()
+            forwarded.cancel()
+            await pipe.end_response()
+            await pipe.forget(relay)
+
+    async def _upstream(self, token: str, headers: dict[str, bytes], receive: Receive) -> int:
+        """Read an upstream's body into its pipe; the status to answer with."""
+        pipe = self.http_pipes.get(token)
+        length = headers.get("content-length")
+        if pipe is None:
+            relay = self.relay
+            if relay is None or not relay.redis_ok or (length is not None and not length.isdigit()):
+                return 404
+            if length is not None and int(length) > DEFAULT_MAX_POST:
+                return 413
+            # Another instance may hold this pipe's downstream (Vercel's balancer chose this one).
+            return await forward_upstream(relay, token, headers.get("pluresync-seq", b""), receive)
+        if length is not None and (not length.isdigit() or int(length) > DEFAULT_MAX_POST):
+            pipe.begin_upstream(None)
+            return 413
+        status = pipe.begin_upstream(parse_seq(headers.get("pluresync-seq", b"")))
+        if status not in (0, 204):
+            return status
+        try:
+            # Bounded: each turn reads one piece of the body, until its end or the client's.
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                if status == 0 and message.get("body"):
+                    await pipe.upstream_data(message["body"])
+                if not message.get("more_body"):
+                    break
+        finally:
+            if status == 0:
+                pipe.end_upstream()
+        return 204
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         first = await receive()
@@ -170,6 +265,26 @@ class RelayApp:
             await socket.run()
         finally:
             relay.sockets.discard(socket)
+
+
+def _refusal(relay: RelayInstance, headers: dict[str, str]) -> tuple[int, str, list] | str | None:
+    """
+    Whether an HTTP pipe may open (the same checks as an upgrade): the
+    tenant (C{None}: open relay), or the refusal's status, text and headers.
+    """
+    limits = relay.config.limits
+    if relay.shutting_down or not relay.redis_ok:
+        return 503, "relay unavailable", [(b"retry-after", b"1")]
+    if limits.max_connections and len(relay.sockets) >= limits.max_connections:
+        return 503, "too many connections", [(b"retry-after", b"1")]
+    result = relay.config.auth.check(headers.get("authorization"), time.time())
+    if not result.ok:
+        return (
+            401,
+            f"{UNAUTHORIZED_REASON} ({result.reason})",
+            [(b"www-authenticate", b'Bearer realm="pluresync-relay"')],
+        )
+    return result.tenant
 
 
 async def _respond(

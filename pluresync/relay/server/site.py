@@ -14,6 +14,7 @@ from twisted.web.server import Site
 from pluresync.relay.core.auth import Authenticator
 from pluresync.relay.core.limits import RelayLimits
 from pluresync.relay.server.health import HealthResource
+from pluresync.relay.server.httppipe import HttpPipes, PipeRequest, PipeResource
 from pluresync.relay.server.metrics import MetricsResource, RelayMetrics
 from pluresync.relay.server.opening import OpeningChannel, OpeningConnections, Refusal
 from pluresync.relay.server.websocket import RelayFactory, RelayResource
@@ -28,6 +29,10 @@ class RelaySite(Site):
 
     noisy = False
     protocol = OpeningChannel
+    #: reads an HTTP pipe's upstream bodies as they arrive (httppipe.py)
+    requestFactory = PipeRequest
+    #: the HTTP pipes at C{/pipe}, by token (C{None}: this site serves none)
+    pipes: HttpPipes | None = None
     health: HealthResource | None = None
     #: the connections not upgraded yet; C{None}: no deadline, not counted
     opening: OpeningConnections | None = None
@@ -57,7 +62,8 @@ def build_site(
 ) -> tuple[RelaySite, RelayFactory]:
     """
     Build the relay: its WebSocket factory, and the C{Site} serving it at
-    C{/} (subprotocol C{pluresync.v1}) next to C{/health} and C{/metrics}.
+    C{/} (subprotocol C{pluresync.v1}) next to the HTTP pipe (C{/pipe},
+    for clients whose proxy refuses WebSockets), C{/health} and C{/metrics}.
 
     @param metrics: serve C{/metrics} on this site (false when it gets a
         port of its own, L{build_metrics_site}).
@@ -75,6 +81,8 @@ def build_site(
     root.putChild(b"", RelayResource(factory))
     health = HealthResource(factory.stats, reactor, accepting=lambda: not factory.shutting_down)
     root.putChild(b"health", health)
+    pipes = HttpPipes(factory)
+    root.putChild(b"pipe", PipeResource(pipes))
     if metrics:
         root.putChild(b"metrics", MetricsResource(factory.metrics.registry))
     # Not twisted.web's idle timer: a deadline from the accept to the
@@ -82,6 +90,7 @@ def build_site(
     site = RelaySite(root, timeout=None, reactor=reactor)
     site.opening = factory.opening
     site.health = health
+    site.pipes = pipes
     return site, factory
 
 

@@ -348,7 +348,10 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
             return
         other_session = pairing.connector.channel
         other = other_session.front
-        assert isinstance(other, RelayProtocol)
+        if not isinstance(other, RelayProtocol):
+            # Another kind of relay socket (an HTTP pipe, httppipe.py) pairs itself with this one.
+            other.accepted_by(self, pairing)
+            return
         if not other.can_pair:
             # The connector's client is closing this very moment.
             factory.registry.unpair(pairing.connector)
