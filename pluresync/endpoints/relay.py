@@ -218,6 +218,7 @@ class RelayConfig:
             self.identity.pool_key,
             self.peer,
             self.session,
+            self.pipe,
             self.proxy,
             tuple(cert.digest() for cert in self.ca) if self.ca else None,
             _digest(self.token),
