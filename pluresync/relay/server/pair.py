@@ -44,6 +44,14 @@ class TransportEnd:
         if self.writable:
             self.transport.writeSequence((frame_header(len(payload), opcode, fin), payload))
 
+    def writeFrames(self, frames: list) -> None:
+        """
+        Bytes that are already server frames (from L{pluresync.wsframes.FrameForwarder}):
+        written as they are, in one C{writeSequence}.
+        """
+        if self.writable:
+            self.transport.writeSequence(frames)
+
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         self.transport.registerProducer(producer, streaming)
 

@@ -241,6 +241,15 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
             if delay:
                 self._rate_wait(delay)
 
+    def _forward_frames(self, frames: list, moved: int) -> None:
+        partner = self._partner
+        if partner is not None:
+            self.received += moved
+            partner.writeFrames(frames)
+            delay = self._bucket.take(moved)
+            if delay:
+                self._rate_wait(delay)
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         # Binary messages come here only if they arrived before the fast
         # path took over (see dataReceived); no logging, no JSON.
@@ -437,13 +446,19 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
     def _join(self, pair: Pair, partner: IPairEnd) -> None:
         """
         This side's part of a pair: its partner, its limits, and from now on
-        each frame costs a header parse, an unmask and one write (wsframes);
-        Autobahn sees only control frames.
+        each read costs a header parse per frame, one unmasking pass and one
+        write (L{pluresync.wsframes.FrameForwarder}); Autobahn sees only
+        control frames.
         """
         self._pair = pair
         self._partner = partner
         self._start_limits(pair.budget)
-        self.startFastDataPath(masked=True, max_message=self.factory.limits.max_message, on_data=self._forward)
+        max_message = self.factory.limits.max_message
+        if isinstance(partner, TransportEnd):
+            # A socket or a cluster link: both take server frames as they are.
+            self.startForwarding(max_message=max_message, on_frames=self._forward_frames)
+        else:
+            self.startFastDataPath(masked=True, max_message=max_message, on_data=self._forward)
 
     # -- IPairEnd --------------------------------------------------------------
 
