@@ -209,6 +209,22 @@ AUTOBAHN_INTERNALS: tuple[AutobahnInternal, ...] = (
         "the close codes 1000-2999 onCloseFrame accepts, read from WebSocketProtocol itself (1014 is missing)",
     ),
     AutobahnInternal(
+        "CONFIG_ATTRS",
+        "protocol",
+        None,
+        _RELAY,
+        "the factory options _connectionMade copies into a protocol that lacks them (hasattr); "
+        "a relay socket reads them from its factory instead (__getattr__)",
+    ),
+    AutobahnInternal(
+        "send_queue",
+        "protocol",
+        None,
+        _RELAY,
+        "the queue of chopped or synchronous writes, appended to only for sendData(sync=True) or a chopsize; "
+        "one shared empty queue on relay sockets",
+    ),
+    AutobahnInternal(
         "_batched_timer",
         "factory",
         None,
