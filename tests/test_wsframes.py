@@ -14,6 +14,7 @@ from websockets.protocol import Protocol, Side, State
 from pluresync.wsframes import (
     OP_BINARY,
     OP_CONTINUATION,
+    FastDataPath,
     FrameError,
     FrameForwarder,
     FrameReader,
@@ -309,3 +310,33 @@ class FrameForwarderTests(SynchronousTestCase):
         masked = create_xor_masker(mask, len(data)).process(data)
         self.assertEqual(apply_mask(data, mask), masked)
         self.assertEqual(apply_mask(memoryview(b"--" + masked)[2:], mask), data)
+
+
+class ControlFrameTests(SynchronousTestCase):
+    """What the fast path hands back to Autobahn."""
+
+    def handed(self, frame: bytes, pending: bytes | None) -> list[bytes]:
+        class Socket(FastDataPath):
+            autoPingPending = pending
+
+            def __init__(self) -> None:
+                self.parsed: list[bytes] = []
+
+            def _dataReceived(self, data: bytes) -> None:
+                self.parsed.append(data)
+
+        socket = Socket()
+        socket._controlFrame(frame)
+        return socket.parsed
+
+    def test_pong_answering_nothing_dropped(self) -> None:
+        """A pong when no ping is pending (traffic already counted as the answer) is not parsed."""
+        pong = frame_header(4, 0xA, mask=b"\0\0\0\0") + b"pong"
+        self.assertEqual(self.handed(pong, None), [])
+
+    def test_pong_for_pending_ping_and_pings_handed_over(self) -> None:
+        """A pong for a pending ping, and every ping, go to Autobahn (it answers pings)."""
+        pong = frame_header(4, 0xA, mask=b"\0\0\0\0") + b"pong"
+        ping = frame_header(4, 0x9, mask=b"\0\0\0\0") + b"ping"
+        self.assertEqual(self.handed(pong, b"pong"), [pong])
+        self.assertEqual(self.handed(ping, None), [ping])
