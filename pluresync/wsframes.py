@@ -23,6 +23,23 @@ from typing import NamedTuple
 from autobahn.websocket.protocol import WebSocketProtocol as _WebSocketProtocol
 from autobahn.websocket.xormasker import create_xor_masker
 
+try:
+    # One pass in C, straight from a memoryview: 1.2 µs per 64 KiB and 0.07 µs
+    # per 64 B on this machine, against 5.2 and 2.4 µs for Autobahn's NVX
+    # masker (two objects, a zero-filled buffer, a copy in and a copy out).
+    from websockets.speedups import apply_mask as _apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    _apply_mask = None
+
+
+def apply_mask(data: bytes | memoryview, mask: bytes) -> bytes:
+    """XOR C{data} with the 4-byte C{mask} repeated (RFC 6455 section 5.3): masking and unmasking alike."""
+    return create_xor_masker(mask, len(data)).process(bytes(data))
+
+
+if _apply_mask is not None:
+    apply_mask = _apply_mask  # noqa: F811
+
 
 class AutobahnInternal(NamedTuple):
     """
@@ -88,7 +105,11 @@ AUTOBAHN_INTERNALS: tuple[AutobahnInternal, ...] = (
         "incoming traffic counts as a pong: cancels the timeout and schedules the next ping",
     ),
     AutobahnInternal(
-        "autoPingPending", "protocol", None, _RELAY, "the payload of the unanswered ping (None: no ping pending)"
+        "autoPingPending",
+        "protocol",
+        None,
+        _FAST + _RELAY,
+        "the payload of the unanswered ping (None: no ping pending, and a pong is then ignored by Autobahn)",
     ),
     AutobahnInternal(
         "autoPingPendingCall",
@@ -192,6 +213,22 @@ AUTOBAHN_INTERNALS: tuple[AutobahnInternal, ...] = (
         "the close codes 1000-2999 onCloseFrame accepts, read from WebSocketProtocol itself (1014 is missing)",
     ),
     AutobahnInternal(
+        "CONFIG_ATTRS",
+        "protocol",
+        None,
+        _RELAY,
+        "the factory options _connectionMade copies into a protocol that lacks them (hasattr); "
+        "a relay socket reads them from its factory instead (__getattr__)",
+    ),
+    AutobahnInternal(
+        "send_queue",
+        "protocol",
+        None,
+        _RELAY,
+        "the queue of chopped or synchronous writes, appended to only for sendData(sync=True) or a chopsize; "
+        "one shared empty queue on relay sockets",
+    ),
+    AutobahnInternal(
         "_batched_timer",
         "factory",
         None,
@@ -208,6 +245,7 @@ OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
 OP_BINARY = 0x2
 OP_CLOSE = 0x8
+_OP_PONG = 0xA
 
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
@@ -250,7 +288,7 @@ def frame_header(length: int, opcode: int = OP_BINARY, fin: bool = True, mask: b
 def client_frame(payload: bytes) -> tuple[bytes, bytes]:
     """One masked binary frame, as a client must send it: (header, masked payload)."""
     mask = os.urandom(4)
-    return frame_header(len(payload), mask=mask), create_xor_masker(mask, len(payload)).process(payload)
+    return frame_header(len(payload), mask=mask), apply_mask(payload, mask)
 
 
 class FrameReader:
@@ -373,9 +411,10 @@ class FrameReader:
                 raise FrameError(PROTOCOL, "WebSocket fragments out of order")
             if opcode > OP_BINARY:
                 raise FrameError(PROTOCOL, f"unknown WebSocket opcode {opcode}")
-            payload = buf[h:end]
             if mask is not None:
-                payload = create_xor_masker(mask, length).process(payload)
+                payload = apply_mask(memoryview(buf)[h:end], mask)
+            else:
+                payload = buf[h:end]
             fin = bool(b0 & 0x80)
             if fin:
                 self._message_size = 0
@@ -391,6 +430,184 @@ class FrameReader:
             self._have = len(rest)
             self._need = need
         return None
+
+
+class FrameForwarder:
+    """
+    The relay's data path: a client's masked frames, forwarded to the partner
+    as unmasked server frames.
+
+    Each data frame's header is replaced by the header a server writes (the
+    same length, opcode and FIN, no mask) and its payload is unmasked piece
+    by piece as it arrives, straight from the received bytes (memoryviews):
+    one pass over each byte and nothing joined here.  Whole frames only are
+    forwarded, so that a close frame the relay writes to the partner (the
+    pair ended) always falls between frames: the pieces of a frame still
+    arriving are held (at most one frame, bounded by C{max_message}) and go
+    out with the read that completes it.  What one read completes goes out
+    in one C{writeSequence}.
+
+    The rules are L{FrameReader}'s (masked, as from a client), checked from
+    each header before its payload is taken in.
+
+    @param max_message: the largest message, summed over its fragments.
+    @param on_frames: called once per read that completed data frames, with
+        the list of byte strings to write to the partner and the number of
+        payload bytes among them; also before a L{FrameError} is raised or a
+        close frame handed back, with the frames that came before.
+    @param on_control: called with the raw bytes of each ping or pong frame.
+    """
+
+    __slots__ = (
+        "_head",
+        "_pending",
+        "_left",
+        "_length",
+        "_mask",
+        "_max_message",
+        "_message_size",
+        "_in_message",
+        "_on_frames",
+        "_on_control",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_message: int,
+        on_frames: Callable[[list, int], None],
+        on_control: Callable[[bytes], None],
+    ) -> None:
+        self._head = b""  # a header or control frame split across reads
+        self._pending: list = []  # the frame still arriving: its new header, its unmasked pieces
+        self._left = 0  # payload bytes of that frame still to come
+        self._length = 0  # its payload length
+        self._mask = b""  # its mask, rotated to the next byte to come
+        self._max_message = max_message
+        self._message_size = 0
+        self._in_message = False
+        self._on_frames = on_frames
+        self._on_control = on_control
+
+    def feed(self, data: bytes) -> bytes | None:
+        """
+        Take bytes from the network and forward the frames they complete.
+
+        @return: C{None}, or, when a close frame arrives, that frame and
+            everything after it, for Autobahn to run the closing handshake.
+        @raise FrameError: the stream breaks the rules; stop reading it.
+        """
+        if self._head:
+            data = self._head + data
+            self._head = b""
+        n = len(data)
+        left = self._left
+        if left > n:
+            # Inside a frame that began in an earlier read, and not its end.
+            self._pending.append(apply_mask(data, self._mask))
+            self._left = left - n
+            k = n & 3
+            if k:
+                mask = self._mask
+                self._mask = mask[k:] + mask[:k]
+            return None
+        out: list = []
+        moved = 0
+        pos = 0
+        try:
+            if left:
+                out = self._pending
+                out.append(apply_mask(memoryview(data)[:left], self._mask))
+                self._pending = []
+                self._left = 0
+                moved = self._length
+                pos = left
+            while n - pos >= 2:
+                b0 = data[pos]
+                b1 = data[pos + 1]
+                length = b1 & 0x7F
+                h = pos + 2
+                if length == 126:
+                    if n - h < 2:
+                        break
+                    length = (data[h] << 8) | data[h + 1]
+                    h += 2
+                    if length < 126:
+                        raise FrameError(PROTOCOL, "a WebSocket frame length not in its shortest form")
+                elif length == 127:
+                    if n - h < 8:
+                        break
+                    length = _U64.unpack_from(data, h)[0]
+                    h += 8
+                    if length < 0x10000 or length >> 63:
+                        raise FrameError(PROTOCOL, "a WebSocket frame length not in its shortest form")
+                opcode = b0 & 0x0F
+                if b0 & 0x70:
+                    raise FrameError(PROTOCOL, "reserved WebSocket frame bits are set")
+                if not b1 & 0x80:
+                    raise FrameError(PROTOCOL, "unmasked frame from a client")
+                if opcode >= 0x8:
+                    if length > 125 or not b0 & 0x80:
+                        raise FrameError(PROTOCOL, "malformed WebSocket control frame")
+                    end = h + 4 + length
+                    if end > n:
+                        break  # a control frame is handed over whole
+                    if opcode == OP_CLOSE:
+                        return data[pos:]
+                    self._on_control(data[pos:end])
+                    pos = end
+                    continue
+                if opcode == OP_TEXT:
+                    raise FrameError("bad-request", "text message after pairing")
+                if (opcode == OP_CONTINUATION) != self._in_message:
+                    raise FrameError(PROTOCOL, "WebSocket fragments out of order")
+                if opcode > OP_BINARY:
+                    raise FrameError(PROTOCOL, f"unknown WebSocket opcode {opcode}")
+                if self._message_size + length > self._max_message:
+                    raise FrameError("too-large", f"messages are at most {self._max_message} bytes")
+                if n - h < 4:
+                    break
+                mask = data[h : h + 4]
+                h += 4
+                fin = b0 & 0x80
+                if fin:
+                    self._message_size = 0
+                    self._in_message = False
+                else:
+                    self._message_size += length
+                    self._in_message = True
+                # The server's header: the client's without the mask bit and key.
+                if length < 126:
+                    header = bytes((b0, length))
+                else:
+                    header = bytes((b0, b1 & 0x7F)) + data[pos + 2 : h - 4]
+                end = h + length
+                if end > n:
+                    # The frame goes on in the next reads: hold what is here.
+                    take = n - h
+                    pending = [header]
+                    if take:
+                        pending.append(apply_mask(memoryview(data)[h:], mask))
+                        k = take & 3
+                        if k:
+                            mask = mask[k:] + mask[:k]
+                    self._pending = pending
+                    self._left = length - take
+                    self._length = length
+                    self._mask = mask
+                    pos = n
+                    break
+                out.append(header)
+                if length:
+                    out.append(apply_mask(memoryview(data)[h:end], mask))
+                    moved += length
+                pos = end
+            if pos < n:
+                self._head = data[pos:]
+            return None
+        finally:
+            if out:
+                self._on_frames(out, moved)
 
 
 #: A socket whose stream broke the framing rules: what it sends is ignored.
@@ -410,7 +627,7 @@ class FastDataPath:
     of the stream cannot be parsed).
     """
 
-    _frames: FrameReader | object | None = None
+    _frames: FrameReader | FrameForwarder | object | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -435,8 +652,24 @@ class FastDataPath:
 
     def startFastDataPath(self, *, masked: bool, max_message: int, on_data: Callable[[bytes, int, bool], None]) -> None:
         self._frames = FrameReader(
-            masked=masked, max_message=max_message, on_data=on_data, on_control=self._dataReceived
+            masked=masked, max_message=max_message, on_data=on_data, on_control=self._controlFrame
         )
+
+    def startForwarding(self, *, max_message: int, on_frames: Callable[[list, int], None]) -> None:
+        """Like C{startFastDataPath} for a relay socket whose partner takes server frames (L{FrameForwarder})."""
+        self._frames = FrameForwarder(max_message=max_message, on_frames=on_frames, on_control=self._controlFrame)
+
+    def _controlFrame(self, frame: bytes) -> None:
+        """
+        A ping or pong frame, for Autobahn, but for a pong that answers no
+        ping: the traffic it arrived with already counted as the answer
+        (C{dataReceived} cleared C{autoPingPending}), so Autobahn would parse
+        it only to find nothing to do.  A relay pings each of tens of
+        thousands of idle sockets every 25 s: this is most of its idle work.
+        """
+        if frame[0] & 0x0F == _OP_PONG and self.autoPingPending is None:
+            return
+        self._dataReceived(frame)
 
     def dataReceived(self, data: bytes) -> None:
         frames = self._frames

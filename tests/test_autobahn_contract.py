@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +292,42 @@ class ParserStateTests(SynchronousTestCase):
             self.fail(broken("failedByMe", "a message was delivered after the oversize hook set it"))
         if len(protocol.oversize) != 1:
             self.fail(broken("failedByMe", f"the oversize hook was called again after it was set: {protocol.oversize}"))
+
+
+class SharedStateTests(SynchronousTestCase):
+    """What a relay socket assumes to keep its own dict small (websocket.py, C{RelayProtocol._compact})."""
+
+    def test_options_copied_only_when_missing(self) -> None:
+        """C{_connectionMade} copies a C{CONFIG_ATTRS} option only into a protocol that has none (C{hasattr})."""
+
+        class FromFactory(RecordingServer):
+            def __getattr__(self, name: str) -> Any:
+                if name in WebSocketServerProtocol.CONFIG_ATTRS and "factory" in self.__dict__:
+                    return getattr(self.factory, name)
+                raise AttributeError(name)
+
+        protocol, _, _ = open_server(self, FromFactory, autoPingInterval=7)
+        copied = set(WebSocketServerProtocol.CONFIG_ATTRS) & set(vars(protocol))
+        if copied:
+            self.fail(broken("CONFIG_ATTRS", f"copied although the protocol had them: {sorted(copied)}"))
+        self.assertEqual(protocol.autoPingInterval, 7)
+
+    def test_send_queue_unused(self) -> None:
+        """C{sendData} appends to C{send_queue} only when asked for a synchronous or chopped write."""
+        protocol, transport, _ = open_server(self)
+        appended: list[Any] = []
+
+        class Watching(deque):
+            def append(self, item: Any) -> None:
+                appended.append(item)
+
+        protocol.send_queue = Watching()
+        protocol.sendMessage(b"x" * 100, True)
+        protocol.sendPing(b"p")
+        protocol.sendClose(1000)
+        if appended:
+            self.fail(broken("send_queue", f"a plain write was queued: {appended}"))
+        self.assertTrue(transport.value())
 
 
 class TimerTests(SynchronousTestCase):

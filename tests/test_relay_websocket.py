@@ -255,6 +255,41 @@ class PairingTests(RelayTestCase):
         self.assertEqual(paired["op"], "paired")
 
 
+class IdleMemoryTests(RelayTestCase):
+    """What an idle paired socket keeps in its own dict (RelayProtocol._compact)."""
+
+    @inlineCallbacks
+    def test_compact_after_pairing(self) -> Any:
+        """
+        A paired socket's dict fits a 64-slot table (at most 42 entries,
+        against Autobahn's ~100), its factory options are read from the
+        factory, its write queue is the shared empty one, and it still pipes
+        and closes as before.
+        """
+        from autobahn.websocket.protocol import WebSocketServerProtocol
+
+        from pluresync.relay.server.websocket import _NO_WRITE_QUEUE, _SHARED_START, RelayProtocol
+
+        _, connector, acceptor = yield self.pair()
+        paired = [s for s in self.factory.sockets if s._partner is not None]
+        self.assertEqual(len(paired), 2)
+        for socket in paired:
+            self.assertLessEqual(len(vars(socket)), 42, sorted(vars(socket)))
+            self.assertIs(socket.send_queue, _NO_WRITE_QUEUE)
+            self.assertEqual(socket.autoPingInterval, self.factory.autoPingInterval)
+            self.assertNotIn("autoPingInterval", vars(socket))
+            self.assertIsNone(socket.http_headers)
+        # The shared start values are plain attributes of Autobahn's, never methods.
+        for name in _SHARED_START:
+            self.assertFalse(callable(getattr(WebSocketServerProtocol, name, None)), name)
+            self.assertFalse(isinstance(getattr(WebSocketServerProtocol, name, None), property), name)
+        self.assertFalse(hasattr(RelayProtocol, "send_queue"))
+        yield self.assertPipes(connector, acceptor)
+        connector.sendClose(1000)
+        clean, code, _ = yield _within(acceptor.closed)
+        self.assertEqual(code, 1000)
+
+
 class TimeoutTests(RelayTestCase):
     """Waits and timeouts, with short limits."""
 

@@ -20,8 +20,9 @@ from pluresync.version import __version__
 class HealthResource(Resource):
     """
     C{GET /health} → C{{"status":"ok","version":...,"uptime":seconds,
-    "ready":true,"checks":{},"connections":N,"listeners":N,"sessions":N,
-    "pending":N}}.
+    "ready":true,"checks":{},"fd_limit":N,"connections":N,"listeners":N,
+    "sessions":N,"pending":N}}} (C{fd_limit} once the relay service started:
+    its soft file descriptor limit, L{pluresync.relay.server.fdlimit}).
 
     C{ready} is true while the relay takes new WebSockets (not shutting
     down) and every readiness check passes; C{checks} gives each check's
@@ -52,6 +53,8 @@ class HealthResource(Resource):
         self._started = clock.seconds()
         self._accepting = accepting
         self.checks: dict[str, Callable[[], bool]] = {}
+        #: Fixed facts about the process (C{fd_limit}: its soft file descriptor limit, set at start).
+        self.info: dict[str, Any] = {}
 
     def render_GET(self, request: Any) -> bytes:
         checks = {name: _passes(check) for name, check in self.checks.items()}
@@ -65,6 +68,7 @@ class HealthResource(Resource):
             "ready": ready,
             "checks": checks,
         }
+        body.update(self.info)
         body.update(self._stats())
         probe = (request.args or {}).get(b"ready")
         if not ready and probe and probe[-1].lower() not in (b"0", b"false", b"no"):

@@ -18,6 +18,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from pluresync.interfaces import IPairEnd
+from pluresync.tcpwrite import send_now
 from pluresync.wsframes import frame_header
 
 from ..core.pairing import Connector
@@ -43,6 +44,15 @@ class TransportEnd:
     def writeData(self, payload: bytes, opcode: int, fin: bool) -> None:
         if self.writable:
             self.transport.writeSequence((frame_header(len(payload), opcode, fin), payload))
+
+    def writeFrames(self, frames: list) -> None:
+        """
+        Bytes that are already server frames (from L{pluresync.wsframes.FrameForwarder}):
+        written as they are, in this reactor turn when nothing waits before
+        them (L{pluresync.tcpwrite.send_now}).
+        """
+        if self.writable:
+            send_now(self.transport, frames)
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         self.transport.registerProducer(producer, streaming)

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from pluresync.relay.core.limits import RelayLimits
+from pluresync.relay.server.fdlimit import raise_nofile
 from pluresync.version import __version__
 
 log = Logger(namespace="pluresync.relay")
@@ -367,6 +368,11 @@ class RelayService(MultiService):
             nvx=nvx,
         )
         _log_authentication(self.factory.authenticator, self.auth_warnings)
+        # Each WebSocket is a file descriptor: tens of thousands of them.
+        limit = raise_nofile()
+        log.info("{limit}", limit=limit.describe())
+        if limit.soft is not None:
+            self.site.health.info["fd_limit"] = limit.soft
         if self.udp_port is not None:
             log.info(
                 "STUN on UDP ports {first} and {second} ({interface})",

@@ -18,6 +18,7 @@ This is the only module of the relay that imports Autobahn's server side.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -71,6 +72,96 @@ UNAUTHORIZED_REASON = "Unauthorized: this relay requires a valid token"
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 _STATE_CLOSED = WebSocketProtocol.STATE_CLOSED
 _STATE_CLOSING = WebSocketProtocol.STATE_CLOSING
+
+
+#: What the upgrade alone reads (Autobahn's handshake parse and answer): a
+#: relay socket drops them once open.  Each reads C{None} afterwards.
+_HANDSHAKE_ONLY = (
+    "http_request_data",
+    "http_response_data",
+    "http_headers",
+    "http_status_line",
+    "http_request_uri",
+    "http_request_path",
+    "http_request_params",
+    "http_request_host",
+    "websocket_origin",
+    "websocket_protocols",
+    "websocket_extensions",
+    "_wskey",
+    "current_frame_masker",
+)
+
+#: The value every relay socket starts with, for Autobahn's per-socket flags
+#: and slots (set in its C{_connectionMade} and handshake) that stay at it
+#: through most of a socket's life: as class attributes, a socket's own
+#: dict need not hold them (L{RelayProtocol._compact}).
+_SHARED_START = {
+    **dict.fromkeys(_HANDSHAKE_ONLY),
+    **dict.fromkeys(
+        (
+            "_perMessageCompress",
+            "trackedTimings",
+            "wasNotCleanReason",
+            "localCloseCode",
+            "localCloseReason",
+            "remoteCloseCode",
+            "remoteCloseReason",
+            "openHandshakeTimeoutCall",
+            "closeHandshakeTimeoutCall",
+            "autoPingTimeoutCall",
+            "autoPingPending",
+            "autoPingPendingSent",
+            "current_frame",
+            "message_data",
+            "frame_data",
+            "tenant",
+        )
+    ),
+    **dict.fromkeys(
+        (
+            "triggered",
+            "wasMaxFramePayloadSizeExceeded",
+            "wasMaxMessagePayloadSizeExceeded",
+            "closedByMe",
+            "failedByMe",
+            "droppedByMe",
+            "wasClean",
+            "wasServerConnectionDropTimeout",
+            "wasOpenHandshakeTimeout",
+            "wasCloseHandshakeTimeout",
+            "wasServingFlashSocketPolicyFile",
+            "inside_message",
+            "_isMessageCompressed",
+            "message_is_binary",
+        ),
+        False,
+    ),
+    "send_state": WebSocketProtocol.SEND_STATE_GROUND,
+    "autoPingPendingSeq": 0,
+    "data": b"",
+}
+
+#: Autobahn's factory options, which its C{_connectionMade} copies into
+#: every protocol that lacks them (about 30 dict entries a socket): a relay
+#: socket reads them from its factory instead (L{RelayProtocol.__getattr__}).
+_FACTORY_OPTIONS = frozenset(WebSocketServerProtocol.CONFIG_ATTRS)
+
+
+class _NoWriteQueue(deque):
+    """
+    Autobahn's queue of chopped or synchronous writes (C{send_queue}),
+    which the relay never makes: one empty queue shared by every socket
+    (an empty C{deque} costs 0.75 KiB a socket), refusing any entry.
+    """
+
+    __slots__ = ()
+
+    def append(self, item: Any) -> None:
+        raise RuntimeError("relay sockets never queue writes (no sync or chopsize)")
+
+
+_NO_WRITE_QUEUE = _NoWriteQueue()
 
 
 class ReadGate:
@@ -165,6 +256,27 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
         super().__init__()
         self.session: RelaySession | None = None
 
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for what neither the socket nor its class holds.
+        if name in _FACTORY_OPTIONS:
+            factory = self.__dict__.get("factory")
+            if factory is not None:
+                return getattr(factory, name)
+        raise AttributeError(name)
+
+    def _compact(self) -> None:
+        """
+        Keep in this socket's own dict only what differs from every other
+        socket's: a relay holds tens of thousands of idle ones, and a dict
+        of Autobahn's 100-odd entries costs 3.3 KiB where one of 40 costs 1.
+        (Deleting entries never shrinks a dict; a new one is sized to fit.)
+        """
+        cls = type(self)
+        missing = object()
+        if self.send_queue is not _NO_WRITE_QUEUE and not self.send_queue:
+            self.send_queue = _NO_WRITE_QUEUE
+        self.__dict__ = {k: v for k, v in self.__dict__.items() if getattr(cls, k, missing) is not v}
+
     # -- Autobahn callbacks ----------------------------------------------------
 
     def connectionMade(self) -> None:
@@ -213,7 +325,9 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
     def onOpen(self) -> None:
         # The upgrade's request and response are read only during the
         # handshake; a relay holds tens of thousands of idle sockets.
-        self.http_request_data = self.http_response_data = self.http_headers = None
+        for name in _HANDSHAKE_ONLY:
+            setattr(self, name, None)
+        self._compact()
         self.session.opened(self.tenant)
 
     def framingFailed(self, error: FrameError) -> None:
@@ -238,6 +352,15 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
             self.received += len(payload)
             partner.writeData(payload, opcode, fin)
             delay = self._bucket.take(len(payload))
+            if delay:
+                self._rate_wait(delay)
+
+    def _forward_frames(self, frames: list, moved: int) -> None:
+        partner = self._partner
+        if partner is not None:
+            self.received += moved
+            partner.writeFrames(frames)
+            delay = self._bucket.take(moved)
             if delay:
                 self._rate_wait(delay)
 
@@ -440,13 +563,22 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
     def _join(self, pair: Pair, partner: IPairEnd) -> None:
         """
         This side's part of a pair: its partner, its limits, and from now on
-        each frame costs a header parse, an unmask and one write (wsframes);
-        Autobahn sees only control frames.
+        each read costs a header parse per frame, one unmasking pass and one
+        write (L{pluresync.wsframes.FrameForwarder}); Autobahn sees only
+        control frames.
         """
         self._pair = pair
         self._partner = partner
         self._start_limits(pair.budget)
-        self.startFastDataPath(masked=True, max_message=self.factory.limits.max_message, on_data=self._forward)
+        max_message = self.factory.limits.max_message
+        if isinstance(partner, TransportEnd):
+            # A socket or a cluster link: both take server frames as they are.
+            self.startForwarding(max_message=max_message, on_frames=self._forward_frames)
+        else:
+            self.startFastDataPath(masked=True, max_message=max_message, on_data=self._forward)
+        # The socket is now what it stays until the pair ends: idle, mostly.
+        self.current_frame_masker = None
+        self._compact()
 
     # -- IPairEnd --------------------------------------------------------------
 
@@ -530,6 +662,11 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
         """A session cap (C{bytes} or C{duration}) is reached: both sides close with 4029."""
         self._cap_call = None
         self.session.cap_reached(what, self.factory.limits.rate.retry)
+
+
+for _name, _value in _SHARED_START.items():
+    setattr(RelayProtocol, _name, _value)
+del _name, _value
 
 
 def _log_line(text: str) -> None:
