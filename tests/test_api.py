@@ -15,6 +15,7 @@ from pluresync.interfaces import ISyncConnection, ISyncTransport
 from pluresync.keys import PeerIdentity, SyncKey
 
 from .localrelay import LocalRelay
+from .relayprocess import poll
 
 
 class CreateTransportTests(SynchronousTestCase):
@@ -171,10 +172,19 @@ class MessageAPITests(TestCase):
         order, on the same connection.
         """
         conn, peer = await self.pair()
+        session = conn.transport.session
         messages = [bytes([i]) * (i * 9973) for i in range(40)]
+        dropped = None
         for i, message in enumerate(messages):
             if i in (10, 25):
-                conn.transport.session.links[0].abort()
+                # The second drop waits until the first was noticed and the
+                # session runs on a new link: sends that the pipe takes at
+                # once give the reactor no turn in between by themselves.
+                await poll(
+                    lambda gone=dropped: session.links and session.links[-1] is not gone, timeout=10, what="a new link"
+                )
+                dropped = session.links[-1]  # the link we send on
+                dropped.abort()
             await conn.send(message)
         await conn.close()
         got = [m async for m in peer.receive()]

@@ -64,6 +64,7 @@ from pluresync.relay.core.wire import (
     encode_decline,
     parse_relay_message,
 )
+from pluresync.tcpwrite import send_now
 from pluresync.wsframes import FastDataPath, FrameError, client_frame
 
 #: What the relay answers a hello with: C{ready} to a listener, C{paired}
@@ -251,7 +252,9 @@ class WebSocketPipe:
 
     def write(self, data: bytes) -> None:
         if self._protocol.state == _STATE_OPEN:
-            self._transport.writeSequence(client_frame(data))
+            # Sent in this reactor turn when nothing waits (tcpwrite.py): a
+            # small record is not held for the next turn.
+            send_now(self._transport, list(client_frame(data)))
 
     def pauseReading(self) -> None:
         self._transport.pauseProducing()
