@@ -51,20 +51,17 @@ from pluresync.relay.core.httpwire import (
     parse_close,
     parse_seq,
 )
-from pluresync.relay.core.pairing import Connector, Listener, Pairing
+from pluresync.relay.core.pairing import Connector, Pairing
 from pluresync.relay.core.ratelimit import UNLIMITED, SessionBudget, SessionMeter, TokenBucket, client_address
 from pluresync.relay.core.session import Phase, RelaySession
 from pluresync.relay.core.wire import (
     CLOSE_NORMAL,
     Accept,
-    Connect,
-    Decline,
     ErrorCode,
-    Listen,
     ProtocolError,
-    encode_ready,
 )
 from pluresync.relay.server.pair import Pair
+from pluresync.relay.server.rendezvous import RendezvousFront
 from pluresync.relay.server.websocket import UNAUTHORIZED_REASON, ReadGate, RelayFactory, RelayProtocol
 
 log = Logger(namespace="pluresync.relay")
@@ -113,7 +110,7 @@ class UpstreamValve:
 
 
 @implementer(IPairEnd)
-class HttpPipe:
+class HttpPipe(RendezvousFront):
     """
     One HTTP pipe at the relay: the L{SessionFront} of its L{RelaySession}
     and, once paired, an L{IPairEnd}.
@@ -125,8 +122,7 @@ class HttpPipe:
     _gate: ReadGate | None = None
     _pair: Pair | None = None
     _partner: IPairEnd | None = None
-    _listener: Listener | None = None
-    _connector: Connector | None = None
+    front_label = " (HTTP pipe)"
     #: the registry entry of this pipe's connector when a WebSocket accepted it (unpaired here)
     _own_pairing: Connector | None = None
 
@@ -136,7 +132,6 @@ class HttpPipe:
         self.factory = factory
         self.token = new_pipe_token()
         self.tenant = tenant
-        self.connect_at = 0.0
         self._address = address
         self._request = request
         #: the downstream's TCP transport (what shutdown aborts when time is up)
@@ -338,25 +333,6 @@ class HttpPipe:
             self._send(encode_close(code, reason))
             self._end()
 
-    def listen(self, session: RelaySession, message: Listen) -> None:
-        factory = self.factory
-        cap = factory.limits.rate.listeners_per_rdv
-        if cap and factory.registry.listeners_of(message.rdv) >= cap:
-            session.failed(ProtocolError(ErrorCode.RATE_LIMITED, f"at most {cap} listeners per rendezvous id"))
-            return
-        self.send_control(encode_ready(factory.announced_limits, decline=True))
-        log.info("listener ready {label} (HTTP pipe)", label=session.label)
-        self._listener = factory.registry.listen(message.rdv, message.peer, session)
-
-    def connect(self, session: RelaySession, message: Connect) -> None:
-        self.connect_at = self.factory.reactor.seconds()
-        try:
-            self._connector = self.factory.registry.connect(
-                message.rdv, message.peer, message.from_, message.wait, session
-            )
-        except ProtocolError as error:
-            session.failed(error)
-
     def accept(self, session: RelaySession, message: Accept) -> None:
         factory = self.factory
         try:
@@ -452,16 +428,6 @@ class HttpPipe:
         self._partner = partner
         self._start_limits(pair.budget if pair is not None else SessionBudget(self.factory.limits.rate.session_bytes))
 
-    def decline(self, session: RelaySession, message: Decline) -> None:
-        listener = self._listener
-        if listener is None:
-            return
-        reason = f": {message.reason}" if message.reason else ""
-        if self.factory.registry.decline(
-            message.session, listener, message.code, f"the listener could not accept{reason}", message.retry
-        ):
-            log.info("declined {label} session={session}", label=session.label, session=message.session[:8])
-
     def unpaired(self, how: str) -> None:
         self._partner = None
         self._stop_limits()
@@ -471,19 +437,6 @@ class HttpPipe:
         owned, self._own_pairing = self._own_pairing, None
         if owned is not None:
             self.factory.registry.unpair(owned)
-
-    def forget(self) -> None:
-        registry = self.factory.registry
-        if self._listener is not None:
-            listener, self._listener = self._listener, None
-            registry.remove_listener(listener)
-            log.info("listener gone {label}", label=self.session.label)
-        if self._connector is not None:
-            connector, self._connector = self._connector, None
-            registry.remove_connector(connector)
-
-    def counted(self, code: ErrorCode) -> None:
-        self.factory.metrics.error(code.value)
 
     @property
     def can_pair(self) -> bool:

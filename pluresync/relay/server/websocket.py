@@ -37,7 +37,7 @@ from pluresync.interfaces import IPairEnd
 from pluresync.reactortimers import BatchedTimers
 from pluresync.relay.core.auth import Authenticator, OpenAuth
 from pluresync.relay.core.limits import RelayLimits
-from pluresync.relay.core.pairing import Connector, Listener, Registry
+from pluresync.relay.core.pairing import Connector, Registry
 from pluresync.relay.core.ratelimit import (
     UNLIMITED,
     ConnectionLimiter,
@@ -51,17 +51,14 @@ from pluresync.relay.core.wire import (
     CLOSE_NORMAL,
     SUBPROTOCOL,
     Accept,
-    Connect,
-    Decline,
     ErrorCode,
-    Listen,
     ProtocolError,
-    encode_ready,
 )
 from pluresync.relay.server.logpolicy import RELAY_LIBRARY_LOG
 from pluresync.relay.server.metrics import RelayMetrics
 from pluresync.relay.server.opening import OpeningConnections
 from pluresync.relay.server.pair import Pair, TransportEnd
+from pluresync.relay.server.rendezvous import RendezvousFront
 from pluresync.wsframes import OP_BINARY, PROTOCOL, FastDataPath, FrameError
 
 log = Logger(namespace="pluresync.relay")
@@ -226,7 +223,7 @@ class ReadGate:
 
 
 @implementer(IPairEnd)
-class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
+class RelayProtocol(RendezvousFront, TransportEnd, FastDataPath, WebSocketServerProtocol):
     """
     One relay WebSocket: the L{SessionFront} of its L{RelaySession}, and,
     once paired, an L{IPairEnd} of its pair.
@@ -248,9 +245,6 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
     _gate: ReadGate | None = None
     _pair: Pair | None = None
     _partner: IPairEnd | None = None
-    _listener: Listener | None = None
-    _connector: Connector | None = None
-    _connect_at = 0.0
 
     def __init__(self) -> None:
         super().__init__()
@@ -439,25 +433,6 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
         elif self.state != _STATE_CLOSED and self.state != _STATE_CLOSING:
             self.dropConnection(abort=True)
 
-    def listen(self, session: RelaySession, message: Listen) -> None:
-        factory = self.factory
-        cap = factory.limits.rate.listeners_per_rdv
-        if cap and factory.registry.listeners_of(message.rdv) >= cap:
-            session.failed(ProtocolError(ErrorCode.RATE_LIMITED, f"at most {cap} listeners per rendezvous id"))
-            return
-        self.send_control(encode_ready(factory.announced_limits, decline=True))
-        log.info("listener ready {label}", label=session.label)
-        self._listener = factory.registry.listen(message.rdv, message.peer, session)
-
-    def connect(self, session: RelaySession, message: Connect) -> None:
-        self._connect_at = self.factory.reactor.seconds()
-        try:
-            self._connector = self.factory.registry.connect(
-                message.rdv, message.peer, message.from_, message.wait, session
-            )
-        except ProtocolError as error:
-            session.failed(error)
-
     def accept(self, session: RelaySession, message: Accept) -> None:
         factory = self.factory
         try:
@@ -480,7 +455,7 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
             factory.registry.unpair(pairing.connector)
             session.failed(ProtocolError(ErrorCode.PEER_GONE, "the connector went away"))
             return
-        factory.metrics.paired(factory.reactor.seconds() - other._connect_at)
+        factory.metrics.paired(factory.reactor.seconds() - other.connect_at)
         # Both sides are named after the connector (rdv, from), then the session.
         connector_label = other_session.label
         other_session.paired(self, pairing.listener_peer, pairing.session)
@@ -489,39 +464,12 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
         other._join(pair, self)
         log.info("paired {label}", label=pair.label)
 
-    def decline(self, session: RelaySession, message: Decline) -> None:
-        listener = self._listener
-        if listener is None:
-            return
-        reason = f": {message.reason}" if message.reason else ""
-        if self.factory.registry.decline(
-            message.session,
-            listener,
-            message.code,
-            f"the listener could not accept{reason}",
-            message.retry,
-        ):
-            log.info("declined {label} session={session}", label=session.label, session=message.session[:8])
-
     def unpaired(self, how: str) -> None:
         self._partner = None
         self._stop_limits()
         pair, self._pair = self._pair, None
         if pair is not None:
             pair.end(how, self)
-
-    def forget(self) -> None:
-        registry = self.factory.registry
-        if self._listener is not None:
-            listener, self._listener = self._listener, None
-            registry.remove_listener(listener)
-            log.info("listener gone {label}", label=self.session.label)
-        if self._connector is not None:
-            connector, self._connector = self._connector, None
-            registry.remove_connector(connector)
-
-    def counted(self, code: ErrorCode) -> None:
-        self.factory.metrics.error(code.value)
 
     # -- pairing ---------------------------------------------------------------
 
@@ -539,7 +487,7 @@ class RelayProtocol(TransportEnd, FastDataPath, WebSocketServerProtocol):
         """
         factory = self.factory
         if connector is not None:
-            factory.metrics.paired(factory.reactor.seconds() - self._connect_at)
+            factory.metrics.paired(factory.reactor.seconds() - self.connect_at)
         self.session.paired(end, peer, session)
         pair = self._couple(end, connector, self.session.label)
         log.info("paired {label} (cluster link)", label=pair.label)
