@@ -105,6 +105,26 @@ class SharedSessionTests(TestCase):
         self.assertIsNot(second.transport.session, first.transport.session)
         self.assertEqual(self.metric("pluresync_relay_pairings_total"), 2)
 
+    async def test_reuse_keeps_an_idle_session(self):
+        """With reuse=SECONDS a connect made after the last stream closed still finds the session."""
+        listening = Listening()
+        await self.listen(listening.factory)
+        first = await self.connect(reuse="30")
+        first.transport.loseConnection()
+        await first.lost
+        first.reason.trap(ConnectionDone)
+        session = first.transport.session
+        self.assertTrue(session.mux.accepting)
+        second = await self.connect(reuse="30")
+        self.assertIs(second.transport.session, session)
+        self.assertEqual(second.transport.stream_id, 2)
+        self.assertEqual(self.metric("pluresync_relay_pairings_total"), 1)
+        second.transport.loseConnection()
+        await second.lost
+        session.mux.closeIdle()  # as a reactor that shuts down does
+        await session.whenEnded()
+        self.assertNotIn(session, pool_for(reactor))
+
     async def test_concurrent_connects_wait_for_one_session(self):
         """Connects made while the first is still opening its session share it, not open their own."""
         listening = Listening()
