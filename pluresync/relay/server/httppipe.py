@@ -52,7 +52,7 @@ from pluresync.relay.core.httpwire import (
     parse_seq,
 )
 from pluresync.relay.core.pairing import Connector, Pairing
-from pluresync.relay.core.ratelimit import UNLIMITED, SessionBudget, SessionMeter, TokenBucket, client_address
+from pluresync.relay.core.ratelimit import SessionBudget, client_address
 from pluresync.relay.core.session import Phase, RelaySession
 from pluresync.relay.core.wire import (
     CLOSE_NORMAL,
@@ -61,8 +61,9 @@ from pluresync.relay.core.wire import (
     ProtocolError,
 )
 from pluresync.relay.server.pair import Pair
+from pluresync.relay.server.pairlimits import PairLimits
 from pluresync.relay.server.rendezvous import RendezvousFront
-from pluresync.relay.server.websocket import UNAUTHORIZED_REASON, ReadGate, RelayFactory, RelayProtocol
+from pluresync.relay.server.websocket import UNAUTHORIZED_REASON, RelayFactory, RelayProtocol
 
 log = Logger(namespace="pluresync.relay")
 
@@ -110,16 +111,13 @@ class UpstreamValve:
 
 
 @implementer(IPairEnd)
-class HttpPipe(RendezvousFront):
+class HttpPipe(RendezvousFront, PairLimits):
     """
     One HTTP pipe at the relay: the L{SessionFront} of its L{RelaySession}
     and, once paired, an L{IPairEnd}.
     """
 
     received = 0
-    _bucket: Any = UNLIMITED
-    _cap_call: Any = None
-    _gate: ReadGate | None = None
     _pair: Pair | None = None
     _partner: IPairEnd | None = None
     front_label = " (HTTP pipe)"
@@ -480,36 +478,9 @@ class HttpPipe(RendezvousFront):
 
     # -- rate limits -----------------------------------------------------------------
 
-    def _start_limits(self, budget: SessionBudget) -> None:
-        factory = self.factory
-        rate = factory.limits.rate
-        self._gate = ReadGate(self._valve)
-        if rate.session_bytes_per_second or factory.global_bucket is not None or budget.cap:
-            bucket = None
-            if rate.session_bytes_per_second:
-                bucket = TokenBucket(rate.session_bytes_per_second, None, factory.reactor.seconds)
-            self._bucket = SessionMeter(bucket, factory.global_bucket, budget)
-        if rate.session_seconds:
-            self._cap_call = factory.reactor.callLater(rate.session_seconds, self._cap_reached, "duration")
-
-    def _stop_limits(self) -> None:
-        self._bucket = UNLIMITED
-        if self._cap_call is not None:
-            if self._cap_call.active():
-                self._cap_call.cancel()
-            self._cap_call = None
-        if self._gate is not None:
-            self._gate.release()
-
-    def _rate_wait(self, delay: float) -> None:
-        if delay == float("inf"):
-            self._cap_reached("bytes")
-        elif self._gate is not None:
-            self._gate.limit(delay, self.factory.reactor)
-
-    def _cap_reached(self, what: str) -> None:
-        self._cap_call = None
-        self.session.cap_reached(what, self.factory.limits.rate.retry)
+    def _read_source(self) -> Any:
+        """What a rate limit or a full partner pauses: the valve on this pipe's upstream requests."""
+        return self._valve
 
 
 class HttpPipes:

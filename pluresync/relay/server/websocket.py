@@ -39,10 +39,8 @@ from pluresync.relay.core.auth import Authenticator, OpenAuth
 from pluresync.relay.core.limits import RelayLimits
 from pluresync.relay.core.pairing import Connector, Registry
 from pluresync.relay.core.ratelimit import (
-    UNLIMITED,
     ConnectionLimiter,
     SessionBudget,
-    SessionMeter,
     TokenBucket,
     client_address,
 )
@@ -58,6 +56,7 @@ from pluresync.relay.server.logpolicy import RELAY_LIBRARY_LOG
 from pluresync.relay.server.metrics import RelayMetrics
 from pluresync.relay.server.opening import OpeningConnections
 from pluresync.relay.server.pair import Pair, TransportEnd
+from pluresync.relay.server.pairlimits import PairLimits
 from pluresync.relay.server.rendezvous import RendezvousFront
 from pluresync.wsframes import OP_BINARY, PROTOCOL, FastDataPath, FrameError
 
@@ -161,69 +160,8 @@ class _NoWriteQueue(deque):
 _NO_WRITE_QUEUE = _NoWriteQueue()
 
 
-class ReadGate:
-    """
-    Whether one socket's transport is read, for two independent reasons: flow
-    control (the partner's send buffer is full) and rate limits (a bucket
-    asked this side to wait).  The transport is paused while either holds: a
-    flow-control resume never lifts a rate-limit pause, nor the other way
-    round.
-    """
-
-    __slots__ = ("_transport", "paused", "limited", "_until", "_call")
-
-    def __init__(self, transport: Any) -> None:
-        self._transport = transport
-        self.paused = False
-        self.limited = False
-        self._until = 0.0
-        self._call: Any = None
-
-    def pause(self) -> None:
-        if not self.paused:
-            self.paused = True
-            if not self.limited:
-                self._transport.pauseProducing()
-
-    def resume(self) -> None:
-        if self.paused:
-            self.paused = False
-            if not self.limited:
-                self._transport.resumeProducing()
-
-    def limit(self, delay: float, reactor: Any) -> None:
-        """Stop reading for C{delay} seconds (extending a pause under way)."""
-        until = reactor.seconds() + delay
-        if self._call is not None:
-            if until > self._until:
-                self._until = until
-                self._call.reset(delay)
-            return
-        self._until = until
-        self._call = reactor.callLater(delay, self._unlimit)
-        self.limited = True
-        if not self.paused:
-            self._transport.pauseProducing()
-
-    def _unlimit(self) -> None:
-        self._call = None
-        if self.limited:
-            self.limited = False
-            if not self.paused:
-                self._transport.resumeProducing()
-
-    def release(self) -> None:
-        """The pair ended: cancel any rate-limit pause and read again."""
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
-        if self.paused or self.limited:
-            self.paused = self.limited = False
-            self._transport.resumeProducing()
-
-
 @implementer(IPairEnd)
-class RelayProtocol(RendezvousFront, TransportEnd, FastDataPath, WebSocketServerProtocol):
+class RelayProtocol(RendezvousFront, PairLimits, TransportEnd, FastDataPath, WebSocketServerProtocol):
     """
     One relay WebSocket: the L{SessionFront} of its L{RelaySession}, and,
     once paired, an L{IPairEnd} of its pair.
@@ -236,13 +174,9 @@ class RelayProtocol(RendezvousFront, TransportEnd, FastDataPath, WebSocketServer
     tenant: str | None = None
     #: Bytes of data frames read from this client while paired.
     received = 0
-    #: What each forwarded frame draws from (L{pluresync.relay.core.ratelimit}).
-    _bucket: Any = UNLIMITED
     #: The address counted against the per-address limits (never logged).
     _address: str | None = None
-    _cap_call: Any = None
     _retry_after = 1
-    _gate: ReadGate | None = None
     _pair: Pair | None = None
     _partner: IPairEnd | None = None
 
@@ -577,39 +511,9 @@ class RelayProtocol(RendezvousFront, TransportEnd, FastDataPath, WebSocketServer
             raise ConnectionDeny(429, f"Too Many Requests ({why} limit per client address)")
         self._address = address
 
-    def _start_limits(self, budget: SessionBudget) -> None:
-        """Pairing: set up the read gate, what this side's frames draw from, and the duration cap."""
-        factory = self.factory
-        rate = factory.limits.rate
-        self._gate = ReadGate(self.transport)
-        if rate.session_bytes_per_second or factory.global_bucket is not None or budget.cap:
-            bucket = None
-            if rate.session_bytes_per_second:
-                bucket = TokenBucket(rate.session_bytes_per_second, None, factory.reactor.seconds)
-            self._bucket = SessionMeter(bucket, factory.global_bucket, budget)
-        if rate.session_seconds:
-            self._cap_call = factory.reactor.callLater(rate.session_seconds, self._cap_reached, "duration")
-
-    def _stop_limits(self) -> None:
-        self._bucket = UNLIMITED
-        if self._cap_call is not None:
-            if self._cap_call.active():
-                self._cap_call.cancel()
-            self._cap_call = None
-        if self._gate is not None:
-            self._gate.release()
-
-    def _rate_wait(self, delay: float) -> None:
-        """A bucket asked this side to wait C{delay} seconds (C{inf}: byte cap reached)."""
-        if delay == float("inf"):
-            self._cap_reached("bytes")
-        elif self._gate is not None:
-            self._gate.limit(delay, self.factory.reactor)
-
-    def _cap_reached(self, what: str) -> None:
-        """A session cap (C{bytes} or C{duration}) is reached: both sides close with 4029."""
-        self._cap_call = None
-        self.session.cap_reached(what, self.factory.limits.rate.retry)
+    def _read_source(self) -> Any:
+        """What a rate limit or a full partner pauses: this socket's transport."""
+        return self.transport
 
 
 for _name, _value in _SHARED_START.items():
