@@ -33,7 +33,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import wrapClientTLS
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
@@ -47,7 +46,6 @@ from zope.interface import implementer
 from pluresync.dial.proxy import ProxyConfig, ProxyTunnelEndpoint
 from pluresync.dial.tcp import tcp_endpoint
 from pluresync.errors import (
-    PeerGoneError,
     RelayBusyError,
     RelayError,
     RelayLostError,
@@ -55,7 +53,7 @@ from pluresync.errors import (
 )
 from pluresync.interfaces import IPipe, IPipeReceiver
 from pluresync.pipes.httpupstream import BytesBody, HttpUpstream
-from pluresync.pipes.websocket import Answer, RelayURL, auth_error, busy_error
+from pluresync.pipes.websocket import Answer, RelayURL, auth_error, busy_error, carrier_end
 from pluresync.relay.core.httpwire import (
     BINARY,
     CLOSE,
@@ -578,16 +576,8 @@ class HttpRelaySocket:
         return RelayError(f"the relay at {relay.host} closed the HTTP pipe (code {code}: {reason})")
 
     def _pipe_end(self, code: int) -> Failure:
-        relay = self.relay.host
-        if code == CLOSE_NORMAL and self._relay_error is None:
-            return Failure(ConnectionDone())
-        if ErrorCode.from_close_code(code) is ErrorCode.PEER_GONE:
-            return Failure(PeerGoneError("the peer vanished (its connection to the relay ended without a clean close)"))
-        if self._relay_error is not None:
-            return Failure(RelayLostError(str(self._relay_error)))
-        if code == CLOSE_GOING_AWAY:
-            return Failure(RelayLostError(f"the relay at {relay} is shutting down (going away)"))
-        return Failure(RelayLostError(f"the HTTP pipe to the relay at {relay} was lost (close code {code})"))
+        # An HTTP pipe has no close handshake: its end is clean unless the relay reported an error.
+        return carrier_end(self.relay.host, self._relay_error is None, code, self._relay_error, "the HTTP pipe")
 
 
 def open_http_relay_socket(

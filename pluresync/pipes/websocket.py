@@ -510,16 +510,24 @@ class RelaySocketProtocol(FastDataPath, WebSocketClientProtocol):
         return _refused(error) if code in (None, 1006) else error
 
     def _pipeEnd(self, wasClean: bool, code: int | None) -> Failure:
-        relay = self.factory.relay.host
-        if wasClean and code == CLOSE_NORMAL:
-            return Failure(ConnectionDone())
-        if ErrorCode.from_close_code(code) is ErrorCode.PEER_GONE:
-            return Failure(PeerGoneError("the peer vanished (its connection to the relay ended without a clean close)"))
-        if self._relay_error is not None:
-            return Failure(RelayLostError(str(self._relay_error)))
-        if code == CLOSE_GOING_AWAY:
-            return Failure(RelayLostError(f"the relay at {relay} is shutting down (going away)"))
-        return Failure(RelayLostError(f"the connection to the relay at {relay} was lost (close code {code})"))
+        return carrier_end(self.factory.relay.host, wasClean, code, self._relay_error, "the connection")
+
+
+def carrier_end(relay: str, clean: bool, code: int | None, relay_error: Exception | None, carrier: str) -> Failure:
+    """
+    How a paired relay socket's end reaches its link, whatever carried it
+    (C{carrier}: "the connection" for a WebSocket, "the HTTP pipe"): clean,
+    the peer gone, the relay's own error, the relay going away, or lost.
+    """
+    if clean and code == CLOSE_NORMAL:
+        return Failure(ConnectionDone())
+    if ErrorCode.from_close_code(code) is ErrorCode.PEER_GONE:
+        return Failure(PeerGoneError("the peer vanished (its connection to the relay ended without a clean close)"))
+    if relay_error is not None:
+        return Failure(RelayLostError(str(relay_error)))
+    if code == CLOSE_GOING_AWAY:
+        return Failure(RelayLostError(f"the relay at {relay} is shutting down (going away)"))
+    return Failure(RelayLostError(f"{carrier} to the relay at {relay} was lost (close code {code})"))
 
 
 class RelaySocketFactory(WebSocketClientFactory):
