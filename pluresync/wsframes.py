@@ -272,6 +272,34 @@ class FrameError(Exception):
         self.message = message
 
 
+def payload_length(buf, pos: int, n: int) -> tuple[int, int] | None:
+    """
+    A frame header's payload length and where its header's length field
+    ends (the mask, if any, follows), from the frame starting at C{pos} of
+    C{buf} (C{n} bytes are there); C{None} while the length field is not
+    all there.  Both frame readers' path, once per frame.
+
+    @raise FrameError: a length not in its shortest form (RFC 6455 5.2).
+    """
+    length = buf[pos + 1] & 0x7F
+    h = pos + 2
+    if length == 126:
+        if n - h < 2:
+            return None
+        length = (buf[h] << 8) | buf[h + 1]
+        if length < 126:
+            raise FrameError(PROTOCOL, "a WebSocket frame length not in its shortest form")
+        return length, h + 2
+    if length == 127:
+        if n - h < 8:
+            return None
+        length = _U64.unpack_from(buf, h)[0]
+        if length < 0x10000 or length >> 63:
+            raise FrameError(PROTOCOL, "a WebSocket frame length not in its shortest form")
+        return length, h + 8
+    return length, h
+
+
 def frame_header(length: int, opcode: int = OP_BINARY, fin: bool = True, mask: bytes | None = None) -> bytes:
     """The header of one frame (with its masking key when C{mask} is given)."""
     first = (0x80 if fin else 0) | opcode
@@ -360,22 +388,10 @@ class FrameReader:
         while n - pos >= 2:
             b0 = buf[pos]
             b1 = buf[pos + 1]
-            length = b1 & 0x7F
-            h = pos + 2
-            if length == 126:
-                if n - h < 2:
-                    break
-                length = (buf[h] << 8) | buf[h + 1]
-                h += 2
-                if length < 126:
-                    raise FrameError(PROTOCOL, "a WebSocket frame length not in its shortest form")
-            elif length == 127:
-                if n - h < 8:
-                    break
-                length = _U64.unpack_from(buf, h)[0]
-                h += 8
-                if length < 0x10000 or length >> 63:
-                    raise FrameError(PROTOCOL, "a WebSocket frame length not in its shortest form")
+            header = payload_length(buf, pos, n)
+            if header is None:
+                break
+            length, h = header
             opcode = b0 & 0x0F
             if b0 & 0x70:
                 raise FrameError(PROTOCOL, "reserved WebSocket frame bits are set")
@@ -525,22 +541,10 @@ class FrameForwarder:
             while n - pos >= 2:
                 b0 = data[pos]
                 b1 = data[pos + 1]
-                length = b1 & 0x7F
-                h = pos + 2
-                if length == 126:
-                    if n - h < 2:
-                        break
-                    length = (data[h] << 8) | data[h + 1]
-                    h += 2
-                    if length < 126:
-                        raise FrameError(PROTOCOL, "a WebSocket frame length not in its shortest form")
-                elif length == 127:
-                    if n - h < 8:
-                        break
-                    length = _U64.unpack_from(data, h)[0]
-                    h += 8
-                    if length < 0x10000 or length >> 63:
-                        raise FrameError(PROTOCOL, "a WebSocket frame length not in its shortest form")
+                header = payload_length(data, pos, n)
+                if header is None:
+                    break
+                length, h = header
                 opcode = b0 & 0x0F
                 if b0 & 0x70:
                     raise FrameError(PROTOCOL, "reserved WebSocket frame bits are set")
