@@ -15,7 +15,6 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.protocol import Factory
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from pluresync.errors import StreamResetError
@@ -45,6 +44,35 @@ class Counting(Collector):
             self.got.callback(self)
 
 
+class Accepting(Factory):
+    """The listener's factory: a L{Counting} per stream, kept in order; C{reaches(n)} fires once n are connected."""
+
+    def __init__(self, pause_first: bool = False) -> None:
+        self.accepted: list[Counting] = []
+        self._pause_first = pause_first
+        self._waiting: list[tuple[int, Deferred]] = []
+
+    def buildProtocol(self, addr) -> Counting:
+        protocol = Counting()
+        self.accepted.append(protocol)
+        if self._pause_first and len(self.accepted) == 1:
+            protocol.made.addCallback(lambda p: p.transport.pauseProducing())  # it never reads
+        protocol.made.addCallback(self._made)
+        return protocol
+
+    def _made(self, _) -> None:
+        made = sum(1 for p in self.accepted if p.made.called)
+        for waiter in [w for w in self._waiting if made >= w[0]]:
+            self._waiting.remove(waiter)
+            waiter[1].callback(self.accepted)
+
+    def reaches(self, count: int) -> Deferred:
+        d: Deferred = Deferred()
+        self._waiting.append((count, d))
+        self._made(None)
+        return d.addTimeout(10, reactor)
+
+
 class SharedSessionTests(TestCase):
     timeout = 60
 
@@ -67,14 +95,6 @@ class SharedSessionTests(TestCase):
         connected = await endpoint.connect(Factory.forProtocol(protocol))
         self.addCleanup(connected.transport.abortConnection)
         return connected
-
-    async def until(self, condition, what: str, seconds: float = 10.0) -> None:
-        """Wait (bounded) for a condition that no Deferred announces, e.g. a relay counter."""
-        for _ in range(int(seconds / 0.02)):
-            if condition():
-                return
-            await deferLater(reactor, 0.02, lambda: None)
-        self.fail(f"timed out waiting for {what}")
 
     async def test_same_string_shares_the_session(self):
         """A second endpoint from the same string opens a stream on the first's session: no new pair."""
@@ -161,19 +181,11 @@ class SharedSessionTests(TestCase):
         """
         size = 64 * 1024
         Counting.expect = size
-        accepted: list[Counting] = []
-
-        def build():
-            protocol = Counting()
-            accepted.append(protocol)
-            if len(accepted) == 1:
-                protocol.connectionMade = lambda: protocol.transport.pauseProducing()
-            return protocol
-
-        await self.listen(Factory.forProtocol(build))
+        factory = Accepting(pause_first=True)
+        await self.listen(factory)
         clients = await gatherResults([Deferred.fromCoroutine(self.connect()) for _ in range(200)])
         self.assertEqual(len({id(c.transport.session) for c in clients}), 1)
-        await self.until(lambda: len(accepted) == 200, "200 accepted streams")
+        accepted = await factory.reaches(200)
         stalled = accepted[0]
         by_stream = {p.transport.stream_id: p for p in accepted}
         sent = {}
@@ -191,18 +203,12 @@ class SharedSessionTests(TestCase):
         self.assertEqual(self.metric("pluresync_relay_pairings_total"), 1)
 
     async def test_reset_mid_transfer(self):
-        accepted: list[Counting] = []
         Counting.expect = 1 << 20
-
-        def build():
-            protocol = Counting()
-            accepted.append(protocol)
-            return protocol
-
-        await self.listen(Factory.forProtocol(build))
+        factory = Accepting()
+        await self.listen(factory)
         one = await self.connect()
         two = await self.connect()
-        await self.until(lambda: len(accepted) == 2, "two streams")
+        accepted = await factory.reaches(2)
         one.transport.write(blob(4 << 20, seed=1))
         two.transport.write(blob(1 << 20, seed=2))
         one.transport.abortConnection()
@@ -215,17 +221,11 @@ class SharedSessionTests(TestCase):
         self.assertFalse(two.lost.called)
 
     async def test_streams_outlive_the_relay_dropping_every_socket(self):
-        accepted: list[Counting] = []
         Counting.expect = 2 << 20
-
-        def build():
-            protocol = Counting()
-            accepted.append(protocol)
-            return protocol
-
-        await self.listen(Factory.forProtocol(build))
+        factory = Accepting()
+        await self.listen(factory)
         clients = [await self.connect() for _ in range(3)]
-        await self.until(lambda: len(accepted) == 3, "three streams")
+        accepted = await factory.reaches(3)
         data = [blob(2 << 20, seed=10 + n) for n in range(3)]
         for client, chunk in zip(clients, data, strict=True):
             client.transport.write(chunk[: 1 << 20])
